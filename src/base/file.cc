@@ -1,0 +1,146 @@
+#include "base/file.h"
+
+#include <fcntl.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <random>
+
+namespace deltavm {
+
+Fd& Fd::operator=(Fd&& other) noexcept {
+  if (this != &other) {
+    if (fd_ >= 0) ::close(fd_);
+    fd_ = other.release();
+  }
+  return *this;
+}
+
+Fd::~Fd() {
+  if (fd_ >= 0) ::close(fd_);
+}
+
+int Fd::release() {
+  int fd = fd_;
+  fd_ = -1;
+  return fd;
+}
+
+Result<Fd> open_file(const std::filesystem::path& path, int flags, int mode) {
+  int fd = ::open(path.c_str(), flags | O_CLOEXEC, mode);
+  if (fd < 0) return errno_error(fmt::format("open {}", path.string()), errno);
+  return Fd(fd);
+}
+
+Mapping::Mapping(Mapping&& other) noexcept : data_(other.data_), size_(other.size_) {
+  other.data_ = nullptr;
+  other.size_ = 0;
+}
+
+Mapping& Mapping::operator=(Mapping&& other) noexcept {
+  if (this != &other) {
+    if (data_ != nullptr) ::munmap(data_, size_);
+    data_ = other.data_;
+    size_ = other.size_;
+    other.data_ = nullptr;
+    other.size_ = 0;
+  }
+  return *this;
+}
+
+Mapping::~Mapping() {
+  if (data_ != nullptr) ::munmap(data_, size_);
+}
+
+Result<Mapping> Mapping::map_file_readonly(const std::filesystem::path& path) {
+  DELTAVM_ASSIGN_OR_RETURN(Fd fd, open_file(path, O_RDONLY));
+  struct stat st {};
+  if (::fstat(fd.get(), &st) != 0) return errno_error(fmt::format("stat {}", path.string()), errno);
+  if (!S_ISREG(st.st_mode)) {
+    return make_error(ErrorCode::kInvalidArgument, "{}: not a regular file", path.string());
+  }
+  if (st.st_size == 0) return Mapping();
+  void* data = ::mmap(nullptr, static_cast<size_t>(st.st_size), PROT_READ, MAP_PRIVATE, fd.get(), 0);
+  if (data == MAP_FAILED) return errno_error(fmt::format("mmap {}", path.string()), errno);
+  return Mapping(static_cast<uint8_t*>(data), static_cast<size_t>(st.st_size));
+}
+
+Result<Mapping> Mapping::map_anonymous(size_t size_bytes) {
+  if (size_bytes == 0) return Mapping();
+  void* data = ::mmap(nullptr, size_bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  if (data == MAP_FAILED) return errno_error(fmt::format("mmap {} anonymous bytes", size_bytes), errno);
+  return Mapping(static_cast<uint8_t*>(data), size_bytes);
+}
+
+Result<std::vector<uint8_t>> read_file(const std::filesystem::path& path) {
+  DELTAVM_ASSIGN_OR_RETURN(Fd fd, open_file(path, O_RDONLY));
+  std::vector<uint8_t> bytes;
+  uint8_t buffer[1 << 16];
+  for (;;) {
+    ssize_t n = ::read(fd.get(), buffer, sizeof buffer);
+    if (n < 0) {
+      if (errno == EINTR) continue;
+      return errno_error(fmt::format("read {}", path.string()), errno);
+    }
+    if (n == 0) break;
+    bytes.insert(bytes.end(), buffer, buffer + n);
+  }
+  return bytes;
+}
+
+Status write_all(int fd, std::span<const uint8_t> bytes, const std::filesystem::path& path) {
+  while (!bytes.empty()) {
+    ssize_t n = ::write(fd, bytes.data(), bytes.size());
+    if (n < 0) {
+      if (errno == EINTR) continue;
+      return errno_error(fmt::format("write {}", path.string()), errno);
+    }
+    bytes = bytes.subspan(static_cast<size_t>(n));
+  }
+  return {};
+}
+
+Status fsync_directory(const std::filesystem::path& directory) {
+  DELTAVM_ASSIGN_OR_RETURN(Fd fd, open_file(directory, O_RDONLY | O_DIRECTORY));
+  if (::fsync(fd.get()) != 0) return errno_error(fmt::format("fsync {}", directory.string()), errno);
+  return {};
+}
+
+Result<AtomicFileWriter> AtomicFileWriter::create(const std::filesystem::path& final_path) {
+  static thread_local std::mt19937_64 random{std::random_device{}()};
+  std::filesystem::path temporary = final_path;
+  temporary += fmt::format("{}{}-{:016x}", kTemporaryMarker, ::getpid(), random());
+  DELTAVM_ASSIGN_OR_RETURN(Fd fd, open_file(temporary, O_WRONLY | O_CREAT | O_EXCL, 0644));
+  return AtomicFileWriter(std::move(fd), std::move(temporary), final_path);
+}
+
+AtomicFileWriter::~AtomicFileWriter() {
+  if (!committed_ && !temporary_.empty()) ::unlink(temporary_.c_str());
+}
+
+Status AtomicFileWriter::append(std::span<const uint8_t> bytes) {
+  DELTAVM_TRY(write_all(fd_.get(), bytes, temporary_));
+  size_bytes_ += bytes.size();
+  return {};
+}
+
+Status AtomicFileWriter::commit() {
+  if (::fsync(fd_.get()) != 0) return errno_error(fmt::format("fsync {}", temporary_.string()), errno);
+  fd_ = Fd();
+  if (::rename(temporary_.c_str(), final_.c_str()) != 0) {
+    return errno_error(fmt::format("rename {} to {}", temporary_.string(), final_.string()), errno);
+  }
+  committed_ = true;
+  std::filesystem::path directory = final_.parent_path();
+  return fsync_directory(directory.empty() ? std::filesystem::path(".") : directory);
+}
+
+Status write_file_atomic(const std::filesystem::path& path, std::span<const uint8_t> bytes) {
+  DELTAVM_ASSIGN_OR_RETURN(AtomicFileWriter writer, AtomicFileWriter::create(path));
+  DELTAVM_TRY(writer.append(bytes));
+  return writer.commit();
+}
+
+}  // namespace deltavm

@@ -1,0 +1,14 @@
+// The subcommands of `deltavm`, grouped by the layer they drive.
+#pragma once
+
+#include <CLI/CLI.hpp>
+
+#include "cli/output.h"
+
+namespace deltavm::cli {
+
+// Each adds its subcommands to `app`; a subcommand sets `exit_status` when it runs.
+void add_image_commands(CLI::App& app, const GlobalOptions& options, int& exit_status);
+void add_store_commands(CLI::App& app, const GlobalOptions& options, int& exit_status);
+
+}  // namespace deltavm::cli

@@ -1,0 +1,24 @@
+// deltavm: loads virtual machines from delta-chained memory images.
+#include <CLI/CLI.hpp>
+
+#include "cli/commands.h"
+
+int main(int argc, char** argv) {
+  CLI::App app{"deltavm: store guest RAM images as delta chains and load VMs from them"};
+  app.require_subcommand(1);
+  app.fallthrough();
+  app.set_version_flag("--version", "deltavm 0.1");
+  deltavm::cli::GlobalOptions options;
+  app.add_flag("--json", options.json, "Print machine-readable JSON instead of tables");
+  app.add_option("--store", options.store_directory,
+                 "Store directory (default: $DELTAVM_STORE, else ~/.local/share/deltavm)");
+  int exit_status = 0;
+  deltavm::cli::add_image_commands(app, options, exit_status);
+  deltavm::cli::add_store_commands(app, options, exit_status);
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::ParseError& error) {
+    return app.exit(error);
+  }
+  return exit_status;
+}

@@ -1,0 +1,68 @@
+#include "cli/output.h"
+
+#include <fmt/format.h>
+
+#include <algorithm>
+#include <cctype>
+#include <cstdio>
+
+namespace deltavm::cli {
+namespace {
+
+bool looks_numeric(const std::string& cell) {
+  return !cell.empty() && (std::isdigit(static_cast<unsigned char>(cell[0])) || cell[0] == '-');
+}
+
+}  // namespace
+
+void Table::print() const {
+  std::vector<size_t> widths(headers_.size());
+  std::vector<bool> numeric(headers_.size(), true);
+  for (size_t c = 0; c < headers_.size(); ++c) widths[c] = headers_[c].size();
+  for (const auto& row : rows_) {
+    for (size_t c = 0; c < row.size() && c < widths.size(); ++c) {
+      widths[c] = std::max(widths[c], row[c].size());
+      if (!looks_numeric(row[c])) numeric[c] = false;
+    }
+  }
+  auto print_row = [&](const std::vector<std::string>& cells) {
+    std::string line;
+    for (size_t c = 0; c < headers_.size(); ++c) {
+      const std::string cell = c < cells.size() ? cells[c] : "";
+      if (c > 0) line += "  ";
+      if (numeric[c] && !rows_.empty()) line += fmt::format("{:>{}}", cell, widths[c]);
+      else line += fmt::format("{:<{}}", cell, widths[c]);
+    }
+    while (!line.empty() && line.back() == ' ') line.pop_back();
+    fmt::print("{}\n", line);
+  };
+  print_row(headers_);
+  for (const auto& row : rows_) print_row(row);
+}
+
+std::string human_bytes(uint64_t bytes) {
+  if (bytes < 1024) return fmt::format("{} B", bytes);
+  const char* units[] = {"KiB", "MiB", "GiB", "TiB"};
+  double value = static_cast<double>(bytes) / 1024;
+  int unit = 0;
+  while (value >= 1024 && unit < 3) {
+    value /= 1024;
+    ++unit;
+  }
+  return fmt::format("{:.1f} {}", value, units[unit]);
+}
+
+std::string human_duration_ms(double milliseconds) {
+  if (milliseconds < 1) return fmt::format("{:.0f} us", milliseconds * 1000);
+  if (milliseconds < 1000) return fmt::format("{:.1f} ms", milliseconds);
+  return fmt::format("{:.2f} s", milliseconds / 1000);
+}
+
+void print_json(const nlohmann::json& value) { fmt::print("{}\n", value.dump(2)); }
+
+int report_error(const Error& error) {
+  fmt::print(stderr, "deltavm: {}: {}\n", error_code_name(error.code), error.message);
+  return error.code == ErrorCode::kInvalidArgument ? 2 : 1;
+}
+
+}  // namespace deltavm::cli

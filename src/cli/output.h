@@ -1,0 +1,41 @@
+// What the command prints: aligned tables for people, JSON for machines, one-line errors.
+#pragma once
+
+#include <nlohmann/json.hpp>
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "base/error.h"
+
+namespace deltavm::cli {
+
+// Options every command shares.
+struct GlobalOptions {
+  bool json = false;
+  std::string store_directory;  // Empty: default_store_directory().
+};
+
+// A table printed with columns padded to their widest cell; numeric columns right-aligned.
+class Table {
+ public:
+  explicit Table(std::vector<std::string> headers) : headers_(std::move(headers)) {}
+  void add_row(std::vector<std::string> cells) { rows_.push_back(std::move(cells)); }
+  void print() const;
+
+ private:
+  std::vector<std::string> headers_;
+  std::vector<std::vector<std::string>> rows_;
+};
+
+// "1.5 MiB", "256.0 MiB", "812 B".
+std::string human_bytes(uint64_t bytes);
+std::string human_duration_ms(double milliseconds);
+
+void print_json(const nlohmann::json& value);
+
+// Prints "deltavm: <kind>: <message>" on stderr and returns the exit status for it.
+int report_error(const Error& error);
+
+}  // namespace deltavm::cli

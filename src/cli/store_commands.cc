@@ -1,0 +1,199 @@
+// deltavm store ls | put | get | rm | verify | gc | fsck
+#include <ctime>
+
+#include "base/progress.h"
+#include "cli/commands.h"
+#include "store/store.h"
+
+namespace deltavm::cli {
+namespace {
+
+Result<Store> open_store(const GlobalOptions& options) {
+  std::filesystem::path directory =
+      options.store_directory.empty() ? default_store_directory() : std::filesystem::path(options.store_directory);
+  return Store::open(directory);
+}
+
+nlohmann::json record_json(const ImageRecord& record) {
+  return {{"name", record.name},
+          {"parent", record.parent ? nlohmann::json(*record.parent) : nlohmann::json()},
+          {"chain_depth", record.chain_depth},
+          {"object_id", record.object_id},
+          {"image_size_bytes", record.image_size_bytes},
+          {"stored_size_bytes", record.stored_size_bytes},
+          {"digest", record.digest},
+          {"created_at_unix", record.created_at_unix}};
+}
+
+std::string format_time(int64_t unix_seconds) {
+  std::time_t time = unix_seconds;
+  std::tm utc{};
+  gmtime_r(&time, &utc);
+  char buffer[32];
+  std::strftime(buffer, sizeof buffer, "%Y-%m-%d %H:%M:%S", &utc);
+  return buffer;
+}
+
+Status run_ls(const GlobalOptions& options) {
+  DELTAVM_ASSIGN_OR_RETURN(Store store, open_store(options));
+  DELTAVM_ASSIGN_OR_RETURN(std::vector<ImageRecord> records, store.list());
+  if (options.json) {
+    nlohmann::json images = nlohmann::json::array();
+    for (const auto& record : records) images.push_back(record_json(record));
+    print_json({{"store", store.directory().string()}, {"images", images}});
+    return {};
+  }
+  Table table({"name", "parent", "depth", "image", "stored", "ratio", "created (UTC)"});
+  uint64_t total_image = 0, total_stored = 0;
+  for (const auto& record : records) {
+    total_image += record.image_size_bytes;
+    total_stored += record.stored_size_bytes;
+    double ratio = record.image_size_bytes == 0 ? 0 : 100.0 * record.stored_size_bytes / record.image_size_bytes;
+    table.add_row({record.name, record.parent.value_or("-"), std::to_string(record.chain_depth),
+                   human_bytes(record.image_size_bytes), human_bytes(record.stored_size_bytes),
+                   fmt::format("{:.2f}%", ratio), format_time(record.created_at_unix)});
+  }
+  table.print();
+  fmt::print("{} image(s): {} stored for {} of images\n", records.size(), human_bytes(total_stored),
+             human_bytes(total_image));
+  return {};
+}
+
+Status run_put(const GlobalOptions& options, const std::string& name, const std::string& path,
+               const std::string& parent) {
+  DELTAVM_ASSIGN_OR_RETURN(Store store, open_store(options));
+  DELTAVM_ASSIGN_OR_RETURN(Mapping image, Mapping::map_file_readonly(path));
+  std::optional<std::string> parent_name;
+  if (!parent.empty()) parent_name = parent;
+  DELTAVM_ASSIGN_OR_RETURN(ImageRecord record, store.put_image(name, image.bytes(), parent_name));
+  if (options.json) {
+    print_json(record_json(record));
+  } else {
+    fmt::print("stored {} ({} as {}, chain depth {}, object {})\n", record.name,
+               human_bytes(record.image_size_bytes), human_bytes(record.stored_size_bytes),
+               record.chain_depth, record.object_id);
+  }
+  return {};
+}
+
+Status run_get(const GlobalOptions& options, const std::string& name, const std::string& output) {
+  DELTAVM_ASSIGN_OR_RETURN(Store store, open_store(options));
+  DELTAVM_ASSIGN_OR_RETURN(Mapping image, store.get_image(name));
+  DELTAVM_ASSIGN_OR_RETURN(AtomicFileWriter writer, AtomicFileWriter::create(output));
+  Progress progress("writing " + output, image.size(), !options.json);
+  constexpr size_t kChunk = 16 << 20;
+  for (size_t offset = 0; offset < image.size(); offset += kChunk) {
+    DELTAVM_TRY(writer.append(image.bytes().subspan(offset, std::min(kChunk, image.size() - offset))));
+    progress.update(offset);
+  }
+  DELTAVM_TRY(writer.commit());
+  if (options.json) print_json({{"name", name}, {"output", output}, {"image_size_bytes", image.size()}});
+  else fmt::print("wrote {} ({})\n", output, human_bytes(image.size()));
+  return {};
+}
+
+Status run_rm(const GlobalOptions& options, const std::string& name) {
+  DELTAVM_ASSIGN_OR_RETURN(Store store, open_store(options));
+  DELTAVM_TRY(store.remove_image(name));
+  if (options.json) print_json({{"removed", name}});
+  else fmt::print("removed {} (its object is freed by the next gc)\n", name);
+  return {};
+}
+
+Status run_verify(const GlobalOptions& options, const std::string& name) {
+  DELTAVM_ASSIGN_OR_RETURN(Store store, open_store(options));
+  DELTAVM_ASSIGN_OR_RETURN(std::vector<ImageRecord> chain, store.chain(name));
+  DELTAVM_ASSIGN_OR_RETURN(Mapping image, store.get_image(name));
+  if (options.json) {
+    print_json({{"name", name}, {"ok", true}, {"chain_length", chain.size()}, {"digest", chain.back().digest}});
+  } else {
+    fmt::print("{}: ok (chain of {} object(s) verified, image digest {})\n", name, chain.size(),
+               chain.back().digest);
+  }
+  return {};
+}
+
+Status run_gc(const GlobalOptions& options) {
+  DELTAVM_ASSIGN_OR_RETURN(Store store, open_store(options));
+  DELTAVM_ASSIGN_OR_RETURN(GcReport report, store.gc());
+  if (options.json) {
+    print_json({{"objects_removed", report.objects_removed}, {"temporaries_removed", report.temporaries_removed},
+                {"bytes_freed", report.bytes_freed}});
+  } else {
+    fmt::print("removed {} unreferenced object(s) and {} temporary file(s), freed {}\n", report.objects_removed,
+               report.temporaries_removed, human_bytes(report.bytes_freed));
+  }
+  return {};
+}
+
+// Returns the exit status: 0 when the store is clean, 1 when fsck found corruption.
+Result<int> run_fsck(const GlobalOptions& options) {
+  DELTAVM_ASSIGN_OR_RETURN(Store store, open_store(options));
+  DELTAVM_ASSIGN_OR_RETURN(FsckReport report, store.fsck());
+  if (options.json) {
+    print_json({{"clean", report.clean()}, {"images_checked", report.images_checked},
+                {"objects_checked", report.objects_checked}, {"problems", report.problems},
+                {"unreferenced_objects", report.unreferenced}, {"temporaries", report.temporaries}});
+  } else {
+    fmt::print("checked {} image(s) and {} object(s) in {}\n", report.images_checked, report.objects_checked,
+               store.directory().string());
+    for (const auto& id : report.unreferenced) fmt::print("unreferenced object {} (gc removes it)\n", id);
+    for (const auto& path : report.temporaries) fmt::print("leftover temporary {} (gc removes it)\n", path);
+    for (const auto& problem : report.problems) fmt::print(stderr, "problem: {}\n", problem);
+    fmt::print("{}\n", report.clean() ? "clean" : fmt::format("NOT CLEAN: {} problem(s)", report.problems.size()));
+  }
+  return report.clean() ? 0 : 1;
+}
+
+}  // namespace
+
+void add_store_commands(CLI::App& app, const GlobalOptions& options, int& exit_status) {
+  CLI::App* store = app.add_subcommand("store", "List, check and collect the image store");
+  store->require_subcommand(1);
+  auto finish = [&exit_status](const Status& status) {
+    exit_status = status ? 0 : report_error(status.error());
+  };
+
+  store->add_subcommand("ls", "List the stored images with their chains and sizes")
+      ->callback([&options, finish] { finish(run_ls(options)); });
+
+  struct PutArguments {
+    std::string name, image, parent;
+  };
+  auto put = std::make_shared<PutArguments>();
+  CLI::App* put_command = store->add_subcommand("put", "Store a raw RAM image, as a delta from --parent if given");
+  put_command->add_option("NAME", put->name, "Name of the new image")->required();
+  put_command->add_option("IMAGE", put->image, "Raw RAM image file")->required()->check(CLI::ExistingFile);
+  put_command->add_option("--parent", put->parent, "Stored image to diff against");
+  put_command->callback([&options, put, finish] { finish(run_put(options, put->name, put->image, put->parent)); });
+
+  struct GetArguments {
+    std::string name, output;
+  };
+  auto get = std::make_shared<GetArguments>();
+  CLI::App* get_command = store->add_subcommand("get", "Rebuild a stored image into a raw file");
+  get_command->add_option("NAME", get->name)->required();
+  get_command->add_option("-o,--output", get->output, "Raw image file to write")->required();
+  get_command->callback([&options, get, finish] { finish(run_get(options, get->name, get->output)); });
+
+  auto rm_name = std::make_shared<std::string>();
+  CLI::App* rm_command = store->add_subcommand("rm", "Remove an image that no other image depends on");
+  rm_command->add_option("NAME", *rm_name)->required();
+  rm_command->callback([&options, rm_name, finish] { finish(run_rm(options, *rm_name)); });
+
+  auto verify_name = std::make_shared<std::string>();
+  CLI::App* verify_command = store->add_subcommand("verify", "Rebuild an image and check every object and digest");
+  verify_command->add_option("NAME", *verify_name)->required();
+  verify_command->callback([&options, verify_name, finish] { finish(run_verify(options, *verify_name)); });
+
+  store->add_subcommand("gc", "Remove unreferenced objects and leftover temporaries")
+      ->callback([&options, finish] { finish(run_gc(options)); });
+
+  store->add_subcommand("fsck", "Check the catalog and every object; exit 1 on corruption")
+      ->callback([&options, &exit_status] {
+        Result<int> status = run_fsck(options);
+        exit_status = status ? *status : report_error(status.error());
+      });
+}
+
+}  // namespace deltavm::cli

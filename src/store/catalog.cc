@@ -1,0 +1,202 @@
+#include "store/catalog.h"
+
+#include <sqlite3.h>
+
+namespace deltavm {
+namespace {
+
+constexpr int kSchemaVersion = 1;
+
+constexpr const char* kSchema = R"sql(
+CREATE TABLE IF NOT EXISTS images (
+  name              TEXT PRIMARY KEY,
+  parent            TEXT REFERENCES images(name),
+  chain_depth       INTEGER NOT NULL CHECK (chain_depth >= 0),
+  object_id         TEXT NOT NULL,
+  image_size_bytes  INTEGER NOT NULL CHECK (image_size_bytes >= 0),
+  stored_size_bytes INTEGER NOT NULL CHECK (stored_size_bytes >= 0),
+  digest            TEXT NOT NULL,
+  created_at_unix   INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS images_by_parent ON images(parent);
+)sql";
+
+Error sqlite_error(sqlite3* db, std::string_view what) {
+  return make_error(ErrorCode::kIo, "catalog: {}: {}", what, sqlite3_errmsg(db));
+}
+
+// Owns one prepared statement.
+class Statement {
+ public:
+  Statement(sqlite3* db, const char* sql) : db_(db) {
+    if (sqlite3_prepare_v2(db, sql, -1, &statement_, nullptr) != SQLITE_OK) statement_ = nullptr;
+  }
+  ~Statement() { sqlite3_finalize(statement_); }
+  Statement(const Statement&) = delete;
+  Statement& operator=(const Statement&) = delete;
+
+  bool ok() const { return statement_ != nullptr; }
+  sqlite3_stmt* get() { return statement_; }
+  void bind(int index, const std::string& text) {
+    sqlite3_bind_text(statement_, index, text.data(), static_cast<int>(text.size()), SQLITE_TRANSIENT);
+  }
+  void bind(int index, int64_t value) { sqlite3_bind_int64(statement_, index, value); }
+  void bind_null(int index) { sqlite3_bind_null(statement_, index); }
+  // SQLITE_ROW, SQLITE_DONE or an error code.
+  int step() { return sqlite3_step(statement_); }
+  std::string text(int column) {
+    const unsigned char* value = sqlite3_column_text(statement_, column);
+    return value == nullptr ? std::string() : reinterpret_cast<const char*>(value);
+  }
+  int64_t integer(int column) { return sqlite3_column_int64(statement_, column); }
+  bool is_null(int column) { return sqlite3_column_type(statement_, column) == SQLITE_NULL; }
+
+ private:
+  sqlite3* db_;
+  sqlite3_stmt* statement_ = nullptr;
+};
+
+Status execute(sqlite3* db, const char* sql) {
+  char* message = nullptr;
+  if (sqlite3_exec(db, sql, nullptr, nullptr, &message) != SQLITE_OK) {
+    Error error = make_error(ErrorCode::kIo, "catalog: {}", message ? message : "unknown error");
+    sqlite3_free(message);
+    return error;
+  }
+  return {};
+}
+
+constexpr const char* kSelectColumns =
+    "SELECT name, parent, chain_depth, object_id, image_size_bytes, stored_size_bytes, digest, "
+    "created_at_unix FROM images";
+
+ImageRecord read_record(Statement& statement) {
+  ImageRecord record;
+  record.name = statement.text(0);
+  if (!statement.is_null(1)) record.parent = statement.text(1);
+  record.chain_depth = static_cast<uint32_t>(statement.integer(2));
+  record.object_id = statement.text(3);
+  record.image_size_bytes = static_cast<uint64_t>(statement.integer(4));
+  record.stored_size_bytes = static_cast<uint64_t>(statement.integer(5));
+  record.digest = statement.text(6);
+  record.created_at_unix = statement.integer(7);
+  return record;
+}
+
+}  // namespace
+
+Result<Catalog> Catalog::open(const std::filesystem::path& path) {
+  sqlite3* db = nullptr;
+  int rc = sqlite3_open_v2(path.c_str(), &db, SQLITE_OPEN_READWRITE | SQLITE_OPEN_CREATE, nullptr);
+  Catalog catalog(db);  // Closes db on every return below.
+  catalog.path_ = path;
+  if (rc != SQLITE_OK) return sqlite_error(db, fmt::format("open {}", path.string()));
+  sqlite3_busy_timeout(db, 30000);
+  DELTAVM_TRY(execute(db, "PRAGMA journal_mode=WAL; PRAGMA synchronous=FULL; PRAGMA foreign_keys=ON;"));
+  Statement version(db, "PRAGMA user_version");
+  if (!version.ok() || version.step() != SQLITE_ROW) return sqlite_error(db, "read user_version");
+  int64_t found = version.integer(0);
+  if (found > kSchemaVersion) {
+    return make_error(ErrorCode::kUnsupported, "catalog {}: schema version {}, this build knows {}",
+                      path.string(), found, kSchemaVersion);
+  }
+  if (found < kSchemaVersion) {
+    DELTAVM_TRY(execute(db, "BEGIN IMMEDIATE"));
+    DELTAVM_TRY(execute(db, kSchema));
+    DELTAVM_TRY(execute(db, fmt::format("PRAGMA user_version = {}", kSchemaVersion).c_str()));
+    DELTAVM_TRY(execute(db, "COMMIT"));
+  }
+  return catalog;
+}
+
+Catalog::Catalog(Catalog&& other) noexcept : db_(other.db_), path_(std::move(other.path_)) {
+  other.db_ = nullptr;
+}
+
+Catalog& Catalog::operator=(Catalog&& other) noexcept {
+  if (this != &other) {
+    sqlite3_close(db_);
+    db_ = other.db_;
+    path_ = std::move(other.path_);
+    other.db_ = nullptr;
+  }
+  return *this;
+}
+
+Catalog::~Catalog() { sqlite3_close(db_); }
+
+Result<std::optional<ImageRecord>> Catalog::find(const std::string& name) {
+  Statement statement(db_, fmt::format("{} WHERE name = ?1", kSelectColumns).c_str());
+  if (!statement.ok()) return sqlite_error(db_, "prepare find");
+  statement.bind(1, name);
+  int rc = statement.step();
+  if (rc == SQLITE_DONE) return std::optional<ImageRecord>();
+  if (rc != SQLITE_ROW) return sqlite_error(db_, fmt::format("find image {}", name));
+  return std::optional<ImageRecord>(read_record(statement));
+}
+
+Result<std::vector<ImageRecord>> Catalog::list() {
+  Statement statement(db_, fmt::format("{} ORDER BY created_at_unix, name", kSelectColumns).c_str());
+  if (!statement.ok()) return sqlite_error(db_, "prepare list");
+  std::vector<ImageRecord> records;
+  int rc;
+  while ((rc = statement.step()) == SQLITE_ROW) records.push_back(read_record(statement));
+  if (rc != SQLITE_DONE) return sqlite_error(db_, "list images");
+  return records;
+}
+
+Status Catalog::insert(const ImageRecord& record) {
+  Statement statement(db_,
+                      "INSERT INTO images (name, parent, chain_depth, object_id, image_size_bytes, "
+                      "stored_size_bytes, digest, created_at_unix) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)");
+  if (!statement.ok()) return sqlite_error(db_, "prepare insert");
+  statement.bind(1, record.name);
+  if (record.parent) statement.bind(2, *record.parent);
+  else statement.bind_null(2);
+  statement.bind(3, static_cast<int64_t>(record.chain_depth));
+  statement.bind(4, record.object_id);
+  statement.bind(5, static_cast<int64_t>(record.image_size_bytes));
+  statement.bind(6, static_cast<int64_t>(record.stored_size_bytes));
+  statement.bind(7, record.digest);
+  statement.bind(8, record.created_at_unix);
+  int rc = statement.step();
+  if (rc == SQLITE_CONSTRAINT) {
+    return make_error(ErrorCode::kAlreadyExists, "catalog: image {} already exists", record.name);
+  }
+  if (rc != SQLITE_DONE) return sqlite_error(db_, fmt::format("insert image {}", record.name));
+  return {};
+}
+
+Status Catalog::remove(const std::string& name) {
+  Statement statement(db_, "DELETE FROM images WHERE name = ?1");
+  if (!statement.ok()) return sqlite_error(db_, "prepare remove");
+  statement.bind(1, name);
+  if (statement.step() != SQLITE_DONE) return sqlite_error(db_, fmt::format("remove image {}", name));
+  return {};
+}
+
+Result<std::vector<std::string>> Catalog::children(const std::string& name) {
+  Statement statement(db_, "SELECT name FROM images WHERE parent = ?1 ORDER BY name");
+  if (!statement.ok()) return sqlite_error(db_, "prepare children");
+  statement.bind(1, name);
+  std::vector<std::string> names;
+  int rc;
+  while ((rc = statement.step()) == SQLITE_ROW) names.push_back(statement.text(0));
+  if (rc != SQLITE_DONE) return sqlite_error(db_, fmt::format("children of {}", name));
+  return names;
+}
+
+Result<std::vector<std::string>> Catalog::integrity_check() {
+  Statement statement(db_, "PRAGMA integrity_check");
+  if (!statement.ok()) return sqlite_error(db_, "prepare integrity_check");
+  std::vector<std::string> problems;
+  int rc;
+  while ((rc = statement.step()) == SQLITE_ROW) {
+    std::string line = statement.text(0);
+    if (line != "ok") problems.push_back(line);
+  }
+  if (rc != SQLITE_DONE) return sqlite_error(db_, "integrity_check");
+  return problems;
+}
+
+}  // namespace deltavm

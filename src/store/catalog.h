@@ -1,0 +1,51 @@
+// The store's catalog: one SQLite database listing every image, its parent, the object that
+// holds its delta, and its sizes and digest. SQLite in WAL mode with synchronous=FULL makes
+// each change atomic and durable once the call returns.
+#pragma once
+
+#include <cstdint>
+#include <filesystem>
+#include <memory>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "base/error.h"
+
+struct sqlite3;
+
+namespace deltavm {
+
+struct ImageRecord {
+  std::string name;
+  std::optional<std::string> parent;  // None for a base image.
+  uint32_t chain_depth = 0;           // Number of deltas between the base and this image.
+  std::string object_id;              // The object holding the delta from the parent.
+  uint64_t image_size_bytes = 0;      // The size of the whole image.
+  uint64_t stored_size_bytes = 0;     // The size of its object.
+  std::string digest;                 // ImageDigest::hex() of the whole image.
+  int64_t created_at_unix = 0;
+};
+
+class Catalog {
+ public:
+  static Result<Catalog> open(const std::filesystem::path& path);
+  Catalog(Catalog&&) noexcept;
+  Catalog& operator=(Catalog&&) noexcept;
+  ~Catalog();
+
+  Result<std::optional<ImageRecord>> find(const std::string& name);
+  Result<std::vector<ImageRecord>> list();
+  Status insert(const ImageRecord& record);
+  Status remove(const std::string& name);
+  Result<std::vector<std::string>> children(const std::string& name);
+  // SQLite's own consistency check: an empty list means the database is sound.
+  Result<std::vector<std::string>> integrity_check();
+
+ private:
+  explicit Catalog(sqlite3* db) : db_(db) {}
+  sqlite3* db_ = nullptr;
+  std::filesystem::path path_;
+};
+
+}  // namespace deltavm

@@ -1,0 +1,348 @@
+#include "store/store.h"
+
+#include <fcntl.h>
+#include <sys/file.h>
+#include <unistd.h>
+#include <xxhash.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cstdlib>
+#include <map>
+#include <set>
+
+#include "image/delta_file.h"
+
+namespace deltavm {
+namespace {
+
+// A chain longer than this is taken as a corrupt catalog (a parent cycle).
+constexpr uint32_t kMaxChainDepth = 4096;
+
+std::string object_id_of(std::span<const uint8_t> bytes) {
+  XXH128_hash_t hash = XXH3_128bits(bytes.data(), bytes.size());
+  return ImageDigest{hash.high64, hash.low64}.hex();
+}
+
+bool is_object_id(std::string_view text) { return ImageDigest::from_hex(text).has_value(); }
+
+int64_t now_unix() {
+  return std::chrono::duration_cast<std::chrono::seconds>(
+             std::chrono::system_clock::now().time_since_epoch())
+      .count();
+}
+
+Status check_name(const std::string& name) {
+  if (name.empty() || name.size() > 200) {
+    return make_error(ErrorCode::kInvalidArgument, "image name must be 1 to 200 characters");
+  }
+  for (char c : name) {
+    bool allowed = (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') ||
+                   c == '-' || c == '_' || c == '.' || c == ':' || c == '/';
+    if (!allowed) {
+      return make_error(ErrorCode::kInvalidArgument,
+                        "image name {:?} has character {:?}; allowed: letters, digits, - _ . : /",
+                        name, c);
+    }
+  }
+  return {};
+}
+
+}  // namespace
+
+std::filesystem::path default_store_directory() {
+  if (const char* store = std::getenv("DELTAVM_STORE"); store != nullptr && *store != '\0') {
+    return store;
+  }
+  const char* home = std::getenv("HOME");
+  return std::filesystem::path(home != nullptr ? home : "/root") / ".local/share/deltavm";
+}
+
+Result<StoreLock> StoreLock::acquire(const std::filesystem::path& directory, Mode mode) {
+  DELTAVM_ASSIGN_OR_RETURN(Fd fd, open_file(directory / "lock", O_RDWR | O_CREAT, 0644));
+  int operation = mode == Mode::kShared ? LOCK_SH : LOCK_EX;
+  while (::flock(fd.get(), operation) != 0) {
+    if (errno != EINTR) return errno_error(fmt::format("flock {}/lock", directory.string()), errno);
+  }
+  return StoreLock(std::move(fd));
+}
+
+Result<Store> Store::open(const std::filesystem::path& directory) {
+  std::error_code error;
+  std::filesystem::create_directories(directory / "objects", error);
+  if (error) {
+    return make_error(ErrorCode::kIo, "create store directory {}: {}", directory.string(),
+                      error.message());
+  }
+  DELTAVM_ASSIGN_OR_RETURN(Catalog catalog, Catalog::open(directory / "catalog.sqlite"));
+  return Store(directory, std::move(catalog));
+}
+
+std::filesystem::path Store::object_path(const std::string& object_id) const {
+  return directory_ / "objects" / object_id.substr(0, 2) / object_id;
+}
+
+Result<std::string> Store::put_object(std::span<const uint8_t> bytes) {
+  std::string id = object_id_of(bytes);
+  std::filesystem::path path = object_path(id);
+  std::error_code error;
+  if (std::filesystem::exists(path, error)) {
+    // Same hash: the same content is stored already, if the object is sound. A damaged one is
+    // replaced by the good bytes in hand.
+    if (read_object(id, bytes.size())) return id;
+  }
+  std::filesystem::path shard = path.parent_path();
+  if (!std::filesystem::exists(shard, error)) {
+    std::filesystem::create_directories(shard, error);
+    if (error) return make_error(ErrorCode::kIo, "create {}: {}", shard.string(), error.message());
+    DELTAVM_TRY(fsync_directory(shard.parent_path()));
+  }
+  DELTAVM_TRY(write_file_atomic(path, bytes));
+  return id;
+}
+
+Result<std::vector<uint8_t>> Store::read_object(const std::string& object_id, uint64_t expected_size) {
+  std::filesystem::path path = object_path(object_id);
+  DELTAVM_ASSIGN_OR_RETURN(std::vector<uint8_t> bytes, read_file(path));
+  if (bytes.size() != expected_size) {
+    return make_error(ErrorCode::kCorruption, "object {}: size {} bytes, catalog says {}",
+                      object_id, bytes.size(), expected_size);
+  }
+  std::string actual = object_id_of(bytes);
+  if (actual != object_id) {
+    return make_error(ErrorCode::kCorruption, "object {}: content hash is {}: the object is damaged",
+                      object_id, actual);
+  }
+  return bytes;
+}
+
+Result<Delta> Store::read_delta(const ImageRecord& record) {
+  DELTAVM_ASSIGN_OR_RETURN(std::vector<uint8_t> bytes,
+                           read_object(record.object_id, record.stored_size_bytes));
+  DELTAVM_ASSIGN_OR_RETURN(Delta delta, decode_delta(bytes, fmt::format("object {}", record.object_id)));
+  if (delta.image_size_bytes != record.image_size_bytes) {
+    return make_error(ErrorCode::kCorruption, "image {}: object {} is for {}-byte images, catalog says {}",
+                      record.name, record.object_id, delta.image_size_bytes, record.image_size_bytes);
+  }
+  return delta;
+}
+
+Result<ImageRecord> Store::put_image(const std::string& name, std::span<const uint8_t> image,
+                                     const std::optional<std::string>& parent) {
+  DELTAVM_TRY(check_name(name));
+  DELTAVM_TRY(check_image_size(image.size(), fmt::format("image {}", name)));
+  DELTAVM_ASSIGN_OR_RETURN(StoreLock lock, StoreLock::acquire(directory_, StoreLock::Mode::kExclusive));
+  DELTAVM_ASSIGN_OR_RETURN(std::optional<ImageRecord> existing, catalog_.find(name));
+  if (existing) return make_error(ErrorCode::kAlreadyExists, "image {} already exists in the store", name);
+
+  ImageRecord record;
+  record.name = name;
+  record.image_size_bytes = image.size();
+  Mapping base_memory;
+  if (parent) {
+    DELTAVM_ASSIGN_OR_RETURN(std::optional<ImageRecord> parent_record, catalog_.find(*parent));
+    if (!parent_record) return make_error(ErrorCode::kNotFound, "parent image {} is not in the store", *parent);
+    if (parent_record->image_size_bytes != image.size()) {
+      return make_error(ErrorCode::kInvalidArgument,
+                        "image {} is {} bytes but its parent {} is {} bytes", name, image.size(),
+                        *parent, parent_record->image_size_bytes);
+    }
+    DELTAVM_ASSIGN_OR_RETURN(base_memory, rebuild_image(*parent));
+    record.parent = *parent;
+    record.chain_depth = parent_record->chain_depth + 1;
+  } else {
+    DELTAVM_ASSIGN_OR_RETURN(base_memory, Mapping::map_anonymous(image.size()));
+  }
+  DELTAVM_ASSIGN_OR_RETURN(Delta delta, diff(base_memory.bytes(), image));
+  std::vector<uint8_t> encoded = encode_delta(delta);
+  DELTAVM_ASSIGN_OR_RETURN(record.object_id, put_object(encoded));
+  record.stored_size_bytes = encoded.size();
+  record.digest = delta.target_digest->hex();
+  record.created_at_unix = now_unix();
+  DELTAVM_TRY(catalog_.insert(record));
+  return record;
+}
+
+Result<ImageRecord> Store::find(const std::string& name) {
+  DELTAVM_ASSIGN_OR_RETURN(std::optional<ImageRecord> record, catalog_.find(name));
+  if (!record) return make_error(ErrorCode::kNotFound, "image {} is not in the store {}", name, directory_.string());
+  return *record;
+}
+
+Result<std::vector<ImageRecord>> Store::list() { return catalog_.list(); }
+
+Result<std::vector<ImageRecord>> Store::chain(const std::string& name) {
+  std::vector<ImageRecord> records;
+  DELTAVM_ASSIGN_OR_RETURN(ImageRecord record, find(name));
+  records.push_back(record);
+  while (records.back().parent) {
+    if (records.size() > kMaxChainDepth) {
+      return make_error(ErrorCode::kCorruption, "image {}: chain longer than {}: parent cycle in the catalog",
+                        name, kMaxChainDepth);
+    }
+    DELTAVM_ASSIGN_OR_RETURN(std::optional<ImageRecord> parent, catalog_.find(*records.back().parent));
+    if (!parent) {
+      return make_error(ErrorCode::kCorruption, "image {}: parent {} is missing from the catalog",
+                        records.back().name, *records.back().parent);
+    }
+    records.push_back(*parent);
+  }
+  std::reverse(records.begin(), records.end());
+  return records;
+}
+
+Result<Mapping> Store::get_image(const std::string& name) {
+  DELTAVM_ASSIGN_OR_RETURN(StoreLock lock, StoreLock::acquire(directory_, StoreLock::Mode::kShared));
+  return rebuild_image(name);
+}
+
+Result<Mapping> Store::rebuild_image(const std::string& name) {
+  DELTAVM_ASSIGN_OR_RETURN(std::vector<ImageRecord> records, chain(name));
+  DELTAVM_ASSIGN_OR_RETURN(Mapping memory, Mapping::map_anonymous(records.back().image_size_bytes));
+  std::optional<ImageDigest> previous_target;
+  for (const ImageRecord& record : records) {
+    DELTAVM_ASSIGN_OR_RETURN(Delta delta, read_delta(record));
+    if (previous_target && delta.base_digest && *delta.base_digest != *previous_target) {
+      return make_error(ErrorCode::kCorruption,
+                        "image {}: its delta applies to image {} but its parent is image {}",
+                        record.name, delta.base_digest->hex(), previous_target->hex());
+    }
+    DELTAVM_TRY(apply_delta(delta, memory.writable_bytes()));
+    previous_target = ImageDigest::from_hex(record.digest);
+  }
+  std::string digest = digest_image(memory.bytes()).hex();
+  if (digest != records.back().digest) {
+    return make_error(ErrorCode::kCorruption, "image {}: rebuilt image has digest {}, catalog says {}",
+                      name, digest, records.back().digest);
+  }
+  return memory;
+}
+
+Status Store::remove_image(const std::string& name) {
+  DELTAVM_ASSIGN_OR_RETURN(StoreLock lock, StoreLock::acquire(directory_, StoreLock::Mode::kExclusive));
+  DELTAVM_ASSIGN_OR_RETURN(ImageRecord record, find(name));
+  DELTAVM_ASSIGN_OR_RETURN(std::vector<std::string> children, catalog_.children(name));
+  if (!children.empty()) {
+    return make_error(ErrorCode::kInvalidArgument, "image {} is the parent of {} other image(s), first {}",
+                      name, children.size(), children.front());
+  }
+  return catalog_.remove(name);
+}
+
+namespace {
+
+struct DiskObject {
+  std::string id;
+  std::filesystem::path path;
+  uint64_t size_bytes;
+};
+
+// Walks DIR/objects: sound-looking object files go to `objects`, temporaries and stray files to
+// `temporaries`.
+Status scan_objects(const std::filesystem::path& objects_directory, std::vector<DiskObject>& objects,
+                    std::vector<std::filesystem::path>& temporaries) {
+  std::error_code error;
+  for (auto it = std::filesystem::recursive_directory_iterator(objects_directory, error);
+       !error && it != std::filesystem::recursive_directory_iterator(); it.increment(error)) {
+    if (!it->is_regular_file()) continue;
+    std::string file_name = it->path().filename().string();
+    if (is_object_id(file_name) && it->path().parent_path().filename() == file_name.substr(0, 2)) {
+      objects.push_back({file_name, it->path(), it->file_size()});
+    } else {
+      temporaries.push_back(it->path());
+    }
+  }
+  if (error) return make_error(ErrorCode::kIo, "scan {}: {}", objects_directory.string(), error.message());
+  return {};
+}
+
+}  // namespace
+
+Result<GcReport> Store::gc() {
+  DELTAVM_ASSIGN_OR_RETURN(StoreLock lock, StoreLock::acquire(directory_, StoreLock::Mode::kExclusive));
+  DELTAVM_ASSIGN_OR_RETURN(std::vector<ImageRecord> records, catalog_.list());
+  std::set<std::string> referenced;
+  for (const ImageRecord& record : records) referenced.insert(record.object_id);
+  std::vector<DiskObject> objects;
+  std::vector<std::filesystem::path> temporaries;
+  DELTAVM_TRY(scan_objects(directory_ / "objects", objects, temporaries));
+  GcReport report;
+  for (const DiskObject& object : objects) {
+    if (referenced.count(object.id)) continue;
+    if (::unlink(object.path.c_str()) != 0) return errno_error(fmt::format("unlink {}", object.path.string()), errno);
+    ++report.objects_removed;
+    report.bytes_freed += object.size_bytes;
+  }
+  for (const std::filesystem::path& path : temporaries) {
+    std::error_code error;
+    uint64_t size = std::filesystem::file_size(path, error);
+    if (::unlink(path.c_str()) != 0) return errno_error(fmt::format("unlink {}", path.string()), errno);
+    ++report.temporaries_removed;
+    if (!error) report.bytes_freed += size;
+  }
+  return report;
+}
+
+Result<FsckReport> Store::fsck() {
+  DELTAVM_ASSIGN_OR_RETURN(StoreLock lock, StoreLock::acquire(directory_, StoreLock::Mode::kShared));
+  FsckReport report;
+  DELTAVM_ASSIGN_OR_RETURN(std::vector<std::string> sqlite_problems, catalog_.integrity_check());
+  for (const std::string& problem : sqlite_problems) report.problems.push_back("catalog: " + problem);
+  DELTAVM_ASSIGN_OR_RETURN(std::vector<ImageRecord> records, catalog_.list());
+
+  std::map<std::string, const ImageRecord*> by_name;
+  for (const ImageRecord& record : records) by_name[record.name] = &record;
+  std::set<std::string> referenced;
+  for (const ImageRecord& record : records) {
+    ++report.images_checked;
+    referenced.insert(record.object_id);
+    if (record.parent) {
+      auto parent = by_name.find(*record.parent);
+      if (parent == by_name.end()) {
+        report.problems.push_back(fmt::format("image {}: parent {} is missing", record.name, *record.parent));
+      } else if (parent->second->chain_depth + 1 != record.chain_depth) {
+        report.problems.push_back(fmt::format("image {}: chain depth {} but its parent's is {}",
+                                              record.name, record.chain_depth, parent->second->chain_depth));
+      } else if (parent->second->image_size_bytes != record.image_size_bytes) {
+        report.problems.push_back(fmt::format("image {}: {} bytes but its parent is {} bytes",
+                                              record.name, record.image_size_bytes,
+                                              parent->second->image_size_bytes));
+      }
+    } else if (record.chain_depth != 0) {
+      report.problems.push_back(fmt::format("image {}: a base with chain depth {}", record.name, record.chain_depth));
+    }
+    Result<Delta> delta = read_delta(record);
+    if (!delta) {
+      report.problems.push_back(fmt::format("image {}: {}", record.name, delta.error().message));
+      continue;
+    }
+    if (delta->target_digest && delta->target_digest->hex() != record.digest) {
+      report.problems.push_back(fmt::format("image {}: object {} produces image {}, catalog says {}",
+                                            record.name, record.object_id, delta->target_digest->hex(),
+                                            record.digest));
+    }
+    if (record.parent && delta->base_digest) {
+      auto parent = by_name.find(*record.parent);
+      if (parent != by_name.end() && delta->base_digest->hex() != parent->second->digest) {
+        report.problems.push_back(fmt::format("image {}: its delta applies to image {}, not to its parent {} ({})",
+                                              record.name, delta->base_digest->hex(), *record.parent,
+                                              parent->second->digest));
+      }
+    }
+  }
+
+  std::vector<DiskObject> objects;
+  std::vector<std::filesystem::path> temporaries;
+  DELTAVM_TRY(scan_objects(directory_ / "objects", objects, temporaries));
+  for (const DiskObject& object : objects) {
+    ++report.objects_checked;
+    if (referenced.count(object.id)) continue;  // Verified above through its image.
+    report.unreferenced.push_back(object.id);
+    Result<std::vector<uint8_t>> bytes = read_object(object.id, object.size_bytes);
+    if (!bytes) report.problems.push_back(bytes.error().message);
+  }
+  for (const std::filesystem::path& path : temporaries) report.temporaries.push_back(path.string());
+  return report;
+}
+
+}  // namespace deltavm

@@ -1,0 +1,105 @@
+// The embedded store: a directory of immutable, content-addressed objects plus a SQLite catalog.
+// Every image is stored as a delta: a base as the delta from the all-zero image, any other as
+// the delta from its parent. Objects are named by the XXH3-128 of their bytes and verified
+// against that name whenever they are read.
+//
+// Layout:  DIR/catalog.sqlite   the catalog (catalog.h)
+//          DIR/objects/ab/abcd…  one object per file, named by its hash
+//          DIR/lock              flock: readers shared, writers exclusive
+//
+// Crash safety: an object is written under a temporary name, fsync'ed and renamed, and only
+// then recorded in the catalog, so a crash leaves at worst an unreferenced object (which gc
+// removes) or a temporary (likewise); never a catalog entry without its complete object.
+#pragma once
+
+#include <cstdint>
+#include <filesystem>
+#include <optional>
+#include <span>
+#include <string>
+#include <vector>
+
+#include "base/error.h"
+#include "base/file.h"
+#include "image/delta.h"
+#include "store/catalog.h"
+
+namespace deltavm {
+
+// The store directory: --store DIR, else $DELTAVM_STORE, else ~/.local/share/deltavm.
+std::filesystem::path default_store_directory();
+
+struct FsckReport {
+  uint64_t images_checked = 0;
+  uint64_t objects_checked = 0;
+  std::vector<std::string> problems;         // Corruption: the store is not sound.
+  std::vector<std::string> unreferenced;     // Objects no image uses (gc removes them).
+  std::vector<std::string> temporaries;      // Leftovers of interrupted writes (gc removes them).
+  bool clean() const { return problems.empty(); }
+};
+
+struct GcReport {
+  uint64_t objects_removed = 0;
+  uint64_t temporaries_removed = 0;
+  uint64_t bytes_freed = 0;
+};
+
+class Store {
+ public:
+  // Opens the store at `directory`, creating it if it does not exist.
+  static Result<Store> open(const std::filesystem::path& directory);
+
+  const std::filesystem::path& directory() const { return directory_; }
+
+  // Stores `image` under `name`: as a delta from `parent` when given (its content is rebuilt
+  // and verified from the store first), else as a base.
+  Result<ImageRecord> put_image(const std::string& name, std::span<const uint8_t> image,
+                                const std::optional<std::string>& parent);
+
+  Result<ImageRecord> find(const std::string& name);
+  Result<std::vector<ImageRecord>> list();
+  // The records from the base to `name`, base first.
+  Result<std::vector<ImageRecord>> chain(const std::string& name);
+
+  // Rebuilds the whole image `name` into fresh memory: zeros, then every delta of its chain in
+  // order. Every object is verified on the way and the result is checked against the image's
+  // digest, so the returned memory is exactly the image that was stored.
+  Result<Mapping> get_image(const std::string& name);
+
+  // Removes an image with no children from the catalog; its object goes at the next gc.
+  Status remove_image(const std::string& name);
+
+  Result<GcReport> gc();
+  Result<FsckReport> fsck();
+
+  std::filesystem::path object_path(const std::string& object_id) const;
+
+ private:
+  Store(std::filesystem::path directory, Catalog catalog)
+      : directory_(std::move(directory)), catalog_(std::move(catalog)) {}
+
+  // Writes `bytes` as an object (if no object with that hash exists yet); returns its id.
+  Result<std::string> put_object(std::span<const uint8_t> bytes);
+  // The object's bytes after checking them against its id and expected size.
+  Result<std::vector<uint8_t>> read_object(const std::string& object_id, uint64_t expected_size);
+  // Reads, verifies and decodes the delta object of one image.
+  Result<Delta> read_delta(const ImageRecord& record);
+  // get_image without taking the lock. REQUIRES: the caller holds the store lock.
+  Result<Mapping> rebuild_image(const std::string& name);
+
+  std::filesystem::path directory_;
+  Catalog catalog_;
+};
+
+// An flock on DIR/lock held for the life of the object.
+class StoreLock {
+ public:
+  enum class Mode { kShared, kExclusive };
+  static Result<StoreLock> acquire(const std::filesystem::path& directory, Mode mode);
+
+ private:
+  explicit StoreLock(Fd fd) : fd_(std::move(fd)) {}
+  Fd fd_;
+};
+
+}  // namespace deltavm

@@ -1,0 +1,1 @@
+int deltavm_placeholder_tests_base_file_test_cc;

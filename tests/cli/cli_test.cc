@@ -1,0 +1,1 @@
+int deltavm_placeholder_tests_cli_cli_test_cc;

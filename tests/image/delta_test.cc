@@ -1,0 +1,1 @@
+int deltavm_placeholder_tests_image_delta_test_cc;

@@ -1,0 +1,1 @@
+int deltavm_placeholder_tests_image_test_images_cc;

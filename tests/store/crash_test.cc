@@ -1,0 +1,1 @@
+int deltavm_placeholder_tests_store_crash_test_cc;

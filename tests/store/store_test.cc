@@ -1,0 +1,1 @@
+int deltavm_placeholder_tests_store_store_test_cc;
