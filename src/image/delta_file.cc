@@ -321,8 +321,7 @@ Status decode_edits(std::span<const uint8_t> raw, uint64_t edit_count, Delta& de
 }  // namespace
 
 std::vector<uint8_t> encode_delta(const Delta& delta, int compression_level) {
-  std::vector<uint8_t> out;
-  out.insert(out.end(), kDeltaMagic, kDeltaMagic + sizeof kDeltaMagic);
+  std::vector<uint8_t> out(std::begin(kDeltaMagic), std::end(kDeltaMagic));
   put_u32_le(out, kDeltaFormatVersion);
   put_u32_le(out, kPageSize);
   put_u64_le(out, delta.image_size_bytes);

@@ -21,7 +21,7 @@ inline constexpr size_t kDeltaSectionHeaderBytes = 40;
 
 // zstd level for deltas: the smallest output that keeps encoding well inside the time of one
 // pass over the images (bench/delta measures it).
-inline constexpr int kDefaultDeltaCompressionLevel = 9;
+inline constexpr int kDefaultDeltaCompressionLevel = 6;
 
 std::vector<uint8_t> encode_delta(const Delta& delta,
                                   int compression_level = kDefaultDeltaCompressionLevel);
