@@ -1,1 +1,183 @@
-int deltavm_placeholder_tests_store_store_test_cc;
+#include "store/store.h"
+
+#include <gtest/gtest.h>
+
+#include <cstring>
+
+#include "image/test_images.h"
+
+namespace deltavm {
+namespace {
+
+std::filesystem::path fresh_store_directory(const std::string& name) {
+  std::filesystem::path directory = std::filesystem::path(::testing::TempDir()) / name;
+  std::filesystem::remove_all(directory);
+  return directory;
+}
+
+std::vector<uint8_t> bytes_of(const Mapping& mapping) {
+  return std::vector<uint8_t>(mapping.bytes().begin(), mapping.bytes().end());
+}
+
+class StoreTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    directory_ = fresh_store_directory(::testing::UnitTest::GetInstance()->current_test_info()->name());
+    Result<Store> store = Store::open(directory_);
+    ASSERT_TRUE(store) << store.error().message;
+    store_.emplace(std::move(*store));
+    std::mt19937_64 random(42);
+    a_ = testing::random_image(64, random);
+    b_ = testing::mutate_image(a_, 0.2, random);
+    c_ = testing::mutate_image(b_, 0.2, random);
+  }
+  std::filesystem::path directory_;
+  std::optional<Store> store_;
+  std::vector<uint8_t> a_, b_, c_;
+};
+
+TEST_F(StoreTest, PutAndGetAChainOfThree) {
+  ASSERT_TRUE(store_->put_image("a", a_, std::nullopt));
+  Result<ImageRecord> b = store_->put_image("b", b_, std::string("a"));
+  ASSERT_TRUE(b) << b.error().message;
+  Result<ImageRecord> c = store_->put_image("c", c_, std::string("b"));
+  ASSERT_TRUE(c);
+  EXPECT_EQ(c->chain_depth, 2u);
+  EXPECT_EQ(c->parent, "b");
+  EXPECT_LT(c->stored_size_bytes, c_.size() / 4);
+  Result<Mapping> image = store_->get_image("c");
+  ASSERT_TRUE(image) << image.error().message;
+  EXPECT_EQ(bytes_of(*image), c_);
+  Result<std::vector<ImageRecord>> chain = store_->chain("c");
+  ASSERT_TRUE(chain);
+  ASSERT_EQ(chain->size(), 3u);
+  EXPECT_EQ((*chain)[0].name, "a");
+}
+
+TEST_F(StoreTest, CatalogPersistsAcrossOpens) {
+  ASSERT_TRUE(store_->put_image("a", a_, std::nullopt));
+  store_.reset();
+  Result<Store> reopened = Store::open(directory_);
+  ASSERT_TRUE(reopened);
+  Result<Mapping> image = reopened->get_image("a");
+  ASSERT_TRUE(image);
+  EXPECT_EQ(bytes_of(*image), a_);
+}
+
+TEST_F(StoreTest, IdenticalContentIsStoredOnce) {
+  ASSERT_TRUE(store_->put_image("a", a_, std::nullopt));
+  ASSERT_TRUE(store_->put_image("a-again", a_, std::nullopt));
+  Result<std::vector<ImageRecord>> records = store_->list();
+  ASSERT_TRUE(records);
+  ASSERT_EQ(records->size(), 2u);
+  EXPECT_EQ((*records)[0].object_id, (*records)[1].object_id);
+}
+
+TEST_F(StoreTest, RefusesDuplicateNamesMissingParentsAndBadNames) {
+  ASSERT_TRUE(store_->put_image("a", a_, std::nullopt));
+  Result<ImageRecord> duplicate = store_->put_image("a", b_, std::nullopt);
+  ASSERT_FALSE(duplicate);
+  EXPECT_EQ(duplicate.error().code, ErrorCode::kAlreadyExists);
+  Result<ImageRecord> orphan = store_->put_image("x", b_, std::string("nope"));
+  ASSERT_FALSE(orphan);
+  EXPECT_EQ(orphan.error().code, ErrorCode::kNotFound);
+  Result<ImageRecord> bad = store_->put_image("a b", b_, std::nullopt);
+  ASSERT_FALSE(bad);
+  EXPECT_EQ(bad.error().code, ErrorCode::kInvalidArgument);
+}
+
+TEST_F(StoreTest, CorruptObjectIsRefusedWithItsName) {
+  ASSERT_TRUE(store_->put_image("a", a_, std::nullopt));
+  ImageRecord record = *store_->find("a");
+  std::filesystem::path path = store_->object_path(record.object_id);
+  std::vector<uint8_t> bytes = *read_file(path);
+  bytes[bytes.size() / 2] ^= 0x40;
+  ASSERT_TRUE(write_file_atomic(path, bytes));
+  Result<Mapping> image = store_->get_image("a");
+  ASSERT_FALSE(image);
+  EXPECT_EQ(image.error().code, ErrorCode::kCorruption);
+  EXPECT_NE(image.error().message.find(record.object_id), std::string::npos);
+  Result<FsckReport> report = store_->fsck();
+  ASSERT_TRUE(report);
+  EXPECT_FALSE(report->clean());
+}
+
+TEST_F(StoreTest, TruncatedObjectIsRefused) {
+  ASSERT_TRUE(store_->put_image("a", a_, std::nullopt));
+  ImageRecord record = *store_->find("a");
+  std::filesystem::resize_file(store_->object_path(record.object_id), record.stored_size_bytes - 1);
+  Result<Mapping> image = store_->get_image("a");
+  ASSERT_FALSE(image);
+  EXPECT_NE(image.error().message.find("size"), std::string::npos);
+}
+
+TEST_F(StoreTest, MissingObjectMakesFsckReportAProblem) {
+  ASSERT_TRUE(store_->put_image("a", a_, std::nullopt));
+  ImageRecord record = *store_->find("a");
+  std::filesystem::remove(store_->object_path(record.object_id));
+  Result<FsckReport> report = store_->fsck();
+  ASSERT_TRUE(report);
+  ASSERT_EQ(report->problems.size(), 1u);
+  EXPECT_NE(report->problems[0].find("image a"), std::string::npos);
+}
+
+TEST_F(StoreTest, GcRemovesUnreferencedObjectsAndTemporariesOnly) {
+  ASSERT_TRUE(store_->put_image("a", a_, std::nullopt));
+  ASSERT_TRUE(store_->put_image("b", b_, std::string("a")));
+  ASSERT_FALSE(store_->remove_image("a"));  // Parent of b.
+  ASSERT_TRUE(store_->remove_image("b"));
+  std::filesystem::path leftover = directory_ / "objects" / "ab" / "abc.tmp-1-2";
+  std::filesystem::create_directories(leftover.parent_path());
+  ASSERT_TRUE(write_file_atomic(leftover, std::vector<uint8_t>(10)));
+  Result<FsckReport> before = store_->fsck();
+  ASSERT_TRUE(before);
+  EXPECT_TRUE(before->clean());
+  EXPECT_EQ(before->unreferenced.size(), 1u);
+  EXPECT_EQ(before->temporaries.size(), 1u);
+  Result<GcReport> gc = store_->gc();
+  ASSERT_TRUE(gc);
+  EXPECT_EQ(gc->objects_removed, 1u);
+  EXPECT_EQ(gc->temporaries_removed, 1u);
+  Result<Mapping> a = store_->get_image("a");
+  ASSERT_TRUE(a);
+  EXPECT_EQ(bytes_of(*a), a_);
+  Result<FsckReport> after = store_->fsck();
+  ASSERT_TRUE(after);
+  EXPECT_TRUE(after->clean());
+  EXPECT_TRUE(after->unreferenced.empty());
+}
+
+TEST_F(StoreTest, ImageOfTheWrongSizeForItsParentIsRefused) {
+  ASSERT_TRUE(store_->put_image("a", a_, std::nullopt));
+  std::vector<uint8_t> small(kPageSize * 2);
+  Result<ImageRecord> record = store_->put_image("small", small, std::string("a"));
+  ASSERT_FALSE(record);
+  EXPECT_NE(record.error().message.find("parent"), std::string::npos);
+  EXPECT_FALSE(store_->find("small"));
+}
+
+TEST(StoreRealImages, ChainOfRealGuestImagesIsSmallAndExact) {
+  if (std::getenv("DELTAVM_TEST_IMAGES") == nullptr) GTEST_SKIP() << "DELTAVM_TEST_IMAGES not set";
+  auto directory = testing::real_image_directory();
+  ASSERT_TRUE(directory) << "DELTAVM_TEST_IMAGES is set but the images are missing";
+  Result<Store> store = Store::open(fresh_store_directory("real_images_store"));
+  ASSERT_TRUE(store);
+  std::optional<std::string> parent;
+  std::vector<Mapping> images;
+  for (int i = 0; i < 3; ++i) {
+    images.push_back(std::move(*Mapping::map_file_readonly(*directory / ("guest-" + std::to_string(i) + ".ram"))));
+    std::string name = "guest-" + std::to_string(i);
+    Result<ImageRecord> record = store->put_image(name, images.back().bytes(), parent);
+    ASSERT_TRUE(record) << record.error().message;
+    if (parent) {
+      EXPECT_LT(record->stored_size_bytes, record->image_size_bytes / 50);
+    }
+    parent = name;
+  }
+  Result<Mapping> rebuilt = store->get_image("guest-2");
+  ASSERT_TRUE(rebuilt);
+  EXPECT_EQ(std::memcmp(rebuilt->bytes().data(), images[2].bytes().data(), images[2].size()), 0);
+}
+
+}  // namespace
+}  // namespace deltavm
