@@ -123,7 +123,7 @@ int main(int argc, char** argv) {
   uint64_t deltavm_bytes = 0;
   volatile uint64_t sink = 0;
   for (int run = 0; run < runs; ++run) {
-    if (!json) fmt::print(stderr, "\rrun {}/{}", run + 1, runs);
+    if (!json && isatty(STDERR_FILENO)) fmt::print(stderr, "\rrun {}/{}", run + 1, runs);
     times["floor"].push_back(time_ms([&] {
       sink = sink + XXH3_64bits(base.bytes().data(), size) + XXH3_64bits(target.bytes().data(), size);
     }));
@@ -163,7 +163,7 @@ int main(int argc, char** argv) {
       run_command({"zstd", "-q", "-d", "-f", "--patch-from=" + base_path, zstd_file, "-o", zstd_out});
     }));
   }
-  if (!json) fmt::print(stderr, "\n");
+  if (!json && isatty(STDERR_FILENO)) fmt::print(stderr, "\n");
 
   // Every tool must have reproduced the target exactly, or its numbers mean nothing.
   if (!same_file(xdelta_out, target_path)) fail("xdelta3 did not reproduce the target");

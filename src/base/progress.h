@@ -1,5 +1,6 @@
-// Progress for long operations, on stderr. Silent for the first second, so that quick
-// operations print nothing; after that a single line is redrawn at most ten times a second.
+// Progress for long operations, on stderr when it is a terminal. Silent for the first second,
+// so that quick operations print nothing; after that one line is redrawn at most ten times a
+// second.
 #pragma once
 
 #include <chrono>

@@ -23,7 +23,7 @@ nlohmann::json stats_json(const DeltaStats& stats) {
 
 void print_stats_table(const Delta& delta, uint64_t file_bytes) {
   DeltaStats stats = delta.stats();
-  Table table({"field", "value"});
+  Table table({"field", "value"}, Table::Kind::kFieldValue);
   table.add_row({"image size", human_bytes(delta.image_size_bytes)});
   table.add_row({"pages changed", fmt::format("{} of {}", delta.edits.size(), page_count(delta.image_size_bytes))});
   table.add_row({"  zero pages", std::to_string(stats.zero_pages)});
@@ -164,7 +164,7 @@ Status run_inspect(const GlobalOptions& options, const std::string& path) {
     return {};
   }
   fmt::print("{}: raw RAM image\n", path);
-  Table table({"field", "value"});
+  Table table({"field", "value"}, Table::Kind::kFieldValue);
   table.add_row({"size", human_bytes(file.size())});
   table.add_row({"pages", std::to_string(page_count(file.size()))});
   table.add_row({"zero pages", std::to_string(zero_pages)});

@@ -17,7 +17,7 @@ bool looks_numeric(const std::string& cell) {
 
 void Table::print() const {
   std::vector<size_t> widths(headers_.size());
-  std::vector<bool> numeric(headers_.size(), true);
+  std::vector<bool> numeric(headers_.size(), kind_ == Kind::kRows);
   for (size_t c = 0; c < headers_.size(); ++c) widths[c] = headers_[c].size();
   for (const auto& row : rows_) {
     for (size_t c = 0; c < row.size() && c < widths.size(); ++c) {

@@ -17,16 +17,20 @@ struct GlobalOptions {
   std::string store_directory;  // Empty: default_store_directory().
 };
 
-// A table printed with columns padded to their widest cell; numeric columns right-aligned.
+// A table printed with columns padded to their widest cell. Columns whose cells all start with
+// a digit are right-aligned, unless the table is a field/value listing.
 class Table {
  public:
-  explicit Table(std::vector<std::string> headers) : headers_(std::move(headers)) {}
+  enum class Kind { kRows, kFieldValue };
+  explicit Table(std::vector<std::string> headers, Kind kind = Kind::kRows)
+      : headers_(std::move(headers)), kind_(kind) {}
   void add_row(std::vector<std::string> cells) { rows_.push_back(std::move(cells)); }
   void print() const;
 
  private:
   std::vector<std::string> headers_;
   std::vector<std::vector<std::string>> rows_;
+  Kind kind_;
 };
 
 // "1.5 MiB", "256.0 MiB", "812 B".
