@@ -10,5 +10,6 @@ namespace deltavm::cli {
 // Each adds its subcommands to `app`; a subcommand sets `exit_status` when it runs.
 void add_image_commands(CLI::App& app, const GlobalOptions& options, int& exit_status);
 void add_store_commands(CLI::App& app, const GlobalOptions& options, int& exit_status);
+void add_vm_commands(CLI::App& app, const GlobalOptions& options, int& exit_status);
 
 }  // namespace deltavm::cli

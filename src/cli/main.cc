@@ -12,9 +12,12 @@ int main(int argc, char** argv) {
   app.add_flag("--json", options.json, "Print machine-readable JSON instead of tables");
   app.add_option("--store", options.store_directory,
                  "Store directory (default: $DELTAVM_STORE, else ~/.local/share/deltavm)");
+  app.add_option("--runtime", options.runtime_directory,
+                 "Directory of running VMs (default: $DELTAVM_RUNTIME, else /run/deltavm as root)");
   int exit_status = 0;
   deltavm::cli::add_image_commands(app, options, exit_status);
   deltavm::cli::add_store_commands(app, options, exit_status);
+  deltavm::cli::add_vm_commands(app, options, exit_status);
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& error) {

@@ -14,7 +14,8 @@ namespace deltavm::cli {
 // Options every command shares.
 struct GlobalOptions {
   bool json = false;
-  std::string store_directory;  // Empty: default_store_directory().
+  std::string store_directory;    // Empty: default_store_directory().
+  std::string runtime_directory;  // Empty: default_runtime_directory().
 };
 
 // A table printed with columns padded to their widest cell. Columns whose cells all start with

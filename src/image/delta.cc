@@ -164,9 +164,6 @@ Result<Delta> diff(std::span<const uint8_t> base, std::span<const uint8_t> targe
   return delta;
 }
 
-namespace {
-
-// Writes the edit onto `page` (a page of the image the edit applies to).
 void apply_edit(const Delta& delta, const PageEdit& edit, uint8_t* page) {
   const uint8_t* bytes = delta.data.data() + edit.data_offset;
   switch (edit.encoding) {
@@ -180,6 +177,8 @@ void apply_edit(const Delta& delta, const PageEdit& edit, uint8_t* page) {
       break;
   }
 }
+
+namespace {
 
 // Appends to `builder` the composition of two edits of the same page: first, then second.
 void compose_edits(const Delta& first, const PageEdit& a, const Delta& second, const PageEdit& b,

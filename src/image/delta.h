@@ -94,6 +94,10 @@ Result<Delta> diff(std::span<const uint8_t> base, std::span<const uint8_t> targe
 // compare digest_image(memory) with delta.base_digest).
 Status apply_delta(const Delta& delta, std::span<uint8_t> memory);
 
+// Applies one edit of `delta` to `page`, which holds the base image's page. REQUIRES: `edit`
+// is one of delta.edits.
+void apply_edit(const Delta& delta, const PageEdit& edit, uint8_t* page);
+
 // The delta equal to applying `first` and then `second`. Refused if the images differ in size
 // or if both record digests and first's target is not second's base.
 Result<Delta> squash(const Delta& first, const Delta& second);

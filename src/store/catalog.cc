@@ -16,9 +16,18 @@ CREATE TABLE IF NOT EXISTS images (
   image_size_bytes  INTEGER NOT NULL CHECK (image_size_bytes >= 0),
   stored_size_bytes INTEGER NOT NULL CHECK (stored_size_bytes >= 0),
   digest            TEXT NOT NULL,
-  created_at_unix   INTEGER NOT NULL
+  created_at_unix   INTEGER NOT NULL,
+  metadata          TEXT NOT NULL DEFAULT '{}',
+  page_sample       BLOB NOT NULL DEFAULT x''
 );
 CREATE INDEX IF NOT EXISTS images_by_parent ON images(parent);
+CREATE TABLE IF NOT EXISTS attachments (
+  image      TEXT NOT NULL REFERENCES images(name) ON DELETE CASCADE,
+  role       TEXT NOT NULL,
+  object_id  TEXT NOT NULL,
+  size_bytes INTEGER NOT NULL CHECK (size_bytes >= 0),
+  PRIMARY KEY (image, role)
+);
 )sql";
 
 Error sqlite_error(sqlite3* db, std::string_view what) {
@@ -42,6 +51,14 @@ class Statement {
   }
   void bind(int index, int64_t value) { sqlite3_bind_int64(statement_, index, value); }
   void bind_null(int index) { sqlite3_bind_null(statement_, index); }
+  void bind_blob(int index, const std::vector<uint8_t>& bytes) {
+    sqlite3_bind_blob(statement_, index, bytes.data(), static_cast<int>(bytes.size()), SQLITE_TRANSIENT);
+  }
+  std::vector<uint8_t> blob(int column) {
+    const auto* data = static_cast<const uint8_t*>(sqlite3_column_blob(statement_, column));
+    int size = sqlite3_column_bytes(statement_, column);
+    return data == nullptr ? std::vector<uint8_t>() : std::vector<uint8_t>(data, data + size);
+  }
   // SQLITE_ROW, SQLITE_DONE or an error code.
   int step() { return sqlite3_step(statement_); }
   std::string text(int column) {
@@ -68,7 +85,7 @@ Status execute(sqlite3* db, const char* sql) {
 
 constexpr const char* kSelectColumns =
     "SELECT name, parent, chain_depth, object_id, image_size_bytes, stored_size_bytes, digest, "
-    "created_at_unix FROM images";
+    "created_at_unix, metadata, page_sample FROM images";
 
 ImageRecord read_record(Statement& statement) {
   ImageRecord record;
@@ -80,6 +97,8 @@ ImageRecord read_record(Statement& statement) {
   record.stored_size_bytes = static_cast<uint64_t>(statement.integer(5));
   record.digest = statement.text(6);
   record.created_at_unix = statement.integer(7);
+  record.metadata = statement.text(8);
+  record.page_sample = statement.blob(9);
   return record;
 }
 
@@ -132,7 +151,22 @@ Result<std::optional<ImageRecord>> Catalog::find(const std::string& name) {
   int rc = statement.step();
   if (rc == SQLITE_DONE) return std::optional<ImageRecord>();
   if (rc != SQLITE_ROW) return sqlite_error(db_, fmt::format("find image {}", name));
-  return std::optional<ImageRecord>(read_record(statement));
+  ImageRecord record = read_record(statement);
+  DELTAVM_TRY(load_attachments(record));
+  return std::optional<ImageRecord>(std::move(record));
+}
+
+Status Catalog::load_attachments(ImageRecord& record) {
+  Statement statement(db_, "SELECT role, object_id, size_bytes FROM attachments WHERE image = ?1 ORDER BY role");
+  if (!statement.ok()) return sqlite_error(db_, "prepare attachments");
+  statement.bind(1, record.name);
+  int rc;
+  while ((rc = statement.step()) == SQLITE_ROW) {
+    record.attachments.push_back(
+        Attachment{statement.text(0), statement.text(1), static_cast<uint64_t>(statement.integer(2))});
+  }
+  if (rc != SQLITE_DONE) return sqlite_error(db_, fmt::format("attachments of {}", record.name));
+  return {};
 }
 
 Result<std::vector<ImageRecord>> Catalog::list() {
@@ -142,13 +176,25 @@ Result<std::vector<ImageRecord>> Catalog::list() {
   int rc;
   while ((rc = statement.step()) == SQLITE_ROW) records.push_back(read_record(statement));
   if (rc != SQLITE_DONE) return sqlite_error(db_, "list images");
+  for (ImageRecord& record : records) DELTAVM_TRY(load_attachments(record));
   return records;
 }
 
 Status Catalog::insert(const ImageRecord& record) {
+  DELTAVM_TRY(execute(db_, "BEGIN IMMEDIATE"));
+  Status status = insert_rows(record);
+  if (!status) {
+    (void)execute(db_, "ROLLBACK");
+    return status;
+  }
+  return execute(db_, "COMMIT");
+}
+
+Status Catalog::insert_rows(const ImageRecord& record) {
   Statement statement(db_,
                       "INSERT INTO images (name, parent, chain_depth, object_id, image_size_bytes, "
-                      "stored_size_bytes, digest, created_at_unix) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)");
+                      "stored_size_bytes, digest, created_at_unix, metadata, page_sample) "
+                      "VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)");
   if (!statement.ok()) return sqlite_error(db_, "prepare insert");
   statement.bind(1, record.name);
   if (record.parent) statement.bind(2, *record.parent);
@@ -159,11 +205,24 @@ Status Catalog::insert(const ImageRecord& record) {
   statement.bind(6, static_cast<int64_t>(record.stored_size_bytes));
   statement.bind(7, record.digest);
   statement.bind(8, record.created_at_unix);
+  statement.bind(9, record.metadata);
+  statement.bind_blob(10, record.page_sample);
   int rc = statement.step();
   if (rc == SQLITE_CONSTRAINT) {
     return make_error(ErrorCode::kAlreadyExists, "catalog: image {} already exists", record.name);
   }
   if (rc != SQLITE_DONE) return sqlite_error(db_, fmt::format("insert image {}", record.name));
+  for (const Attachment& attachment : record.attachments) {
+    Statement insert(db_, "INSERT INTO attachments (image, role, object_id, size_bytes) VALUES (?1, ?2, ?3, ?4)");
+    if (!insert.ok()) return sqlite_error(db_, "prepare insert attachment");
+    insert.bind(1, record.name);
+    insert.bind(2, attachment.role);
+    insert.bind(3, attachment.object_id);
+    insert.bind(4, static_cast<int64_t>(attachment.size_bytes));
+    if (insert.step() != SQLITE_DONE) {
+      return sqlite_error(db_, fmt::format("insert attachment {} of {}", attachment.role, record.name));
+    }
+  }
   return {};
 }
 

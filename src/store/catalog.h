@@ -16,6 +16,14 @@ struct sqlite3;
 
 namespace deltavm {
 
+// A named object stored with an image, opaque to the store (a VM's machine state, the
+// initramfs it booted from). Kept and verified like the image's own delta.
+struct Attachment {
+  std::string role;
+  std::string object_id;
+  uint64_t size_bytes = 0;
+};
+
 struct ImageRecord {
   std::string name;
   std::optional<std::string> parent;  // None for a base image.
@@ -25,6 +33,9 @@ struct ImageRecord {
   uint64_t stored_size_bytes = 0;     // The size of its object.
   std::string digest;                 // ImageDigest::hex() of the whole image.
   int64_t created_at_unix = 0;
+  std::string metadata = "{}";            // JSON owned by the caller; the store keeps it as is.
+  std::vector<uint8_t> page_sample;       // Hashes of sampled pages, for finding similar images.
+  std::vector<Attachment> attachments;
 };
 
 class Catalog {
@@ -36,6 +47,7 @@ class Catalog {
 
   Result<std::optional<ImageRecord>> find(const std::string& name);
   Result<std::vector<ImageRecord>> list();
+  // Inserts the record and its attachments in one transaction.
   Status insert(const ImageRecord& record);
   Status remove(const std::string& name);
   Result<std::vector<std::string>> children(const std::string& name);
@@ -44,6 +56,8 @@ class Catalog {
 
  private:
   explicit Catalog(sqlite3* db) : db_(db) {}
+  Status load_attachments(ImageRecord& record);
+  Status insert_rows(const ImageRecord& record);
   sqlite3* db_ = nullptr;
   std::filesystem::path path_;
 };

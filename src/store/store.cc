@@ -7,6 +7,7 @@
 
 #include <algorithm>
 #include <chrono>
+#include <cstring>
 #include <cstdlib>
 #include <map>
 #include <set>
@@ -46,6 +47,18 @@ Status check_name(const std::string& name) {
     }
   }
   return {};
+}
+
+// One page in kSampleStride is sampled: enough to rank images by likeness at a tiny cost.
+constexpr uint64_t kSampleStride = 64;
+
+std::vector<uint8_t> sample_pages(std::span<const uint8_t> image) {
+  std::vector<uint8_t> sample;
+  for (uint64_t page = 0; page < page_count(image.size()); page += kSampleStride) {
+    uint64_t hash = page_hash(image.data() + page * kPageSize);
+    for (int shift = 0; shift < 64; shift += 8) sample.push_back(static_cast<uint8_t>(hash >> shift));
+  }
+  return sample;
 }
 
 }  // namespace
@@ -128,7 +141,7 @@ Result<Delta> Store::read_delta(const ImageRecord& record) {
 }
 
 Result<ImageRecord> Store::put_image(const std::string& name, std::span<const uint8_t> image,
-                                     const std::optional<std::string>& parent) {
+                                     const std::optional<std::string>& parent, const PutOptions& options) {
   DELTAVM_TRY(check_name(name));
   DELTAVM_TRY(check_image_size(image.size(), fmt::format("image {}", name)));
   DELTAVM_ASSIGN_OR_RETURN(StoreLock lock, StoreLock::acquire(directory_, StoreLock::Mode::kExclusive));
@@ -159,8 +172,46 @@ Result<ImageRecord> Store::put_image(const std::string& name, std::span<const ui
   record.stored_size_bytes = encoded.size();
   record.digest = delta.target_digest->hex();
   record.created_at_unix = now_unix();
+  record.metadata = options.metadata;
+  record.page_sample = sample_pages(image);
+  for (const auto& [role, bytes] : options.attachments) {
+    DELTAVM_ASSIGN_OR_RETURN(std::string id, put_object(bytes));
+    record.attachments.push_back(Attachment{role, id, bytes.size()});
+  }
   DELTAVM_TRY(catalog_.insert(record));
   return record;
+}
+
+Result<std::optional<Similarity>> Store::most_similar(std::span<const uint8_t> image) {
+  std::vector<uint8_t> sample = sample_pages(image);
+  DELTAVM_ASSIGN_OR_RETURN(std::vector<ImageRecord> records, catalog_.list());
+  std::optional<Similarity> best;
+  for (const ImageRecord& record : records) {
+    if (record.image_size_bytes != image.size() || record.page_sample.size() != sample.size() || sample.empty()) continue;
+    uint64_t equal = 0;
+    for (size_t i = 0; i < sample.size(); i += 8) {
+      if (std::memcmp(&sample[i], &record.page_sample[i], 8) == 0) ++equal;
+    }
+    double fraction = static_cast<double>(equal) / static_cast<double>(sample.size() / 8);
+    if (!best || fraction > best->fraction_equal) best = Similarity{record.name, fraction};
+  }
+  return best;
+}
+
+Result<std::vector<uint8_t>> Store::read_attachment(const ImageRecord& record, std::string_view role) {
+  for (const Attachment& attachment : record.attachments) {
+    if (attachment.role == role) return read_object(attachment.object_id, attachment.size_bytes);
+  }
+  return make_error(ErrorCode::kNotFound, "image {} has no {} attachment", record.name, role);
+}
+
+Result<std::filesystem::path> Store::attachment_path(const ImageRecord& record, std::string_view role) {
+  for (const Attachment& attachment : record.attachments) {
+    if (attachment.role != role) continue;
+    DELTAVM_TRY(read_object(attachment.object_id, attachment.size_bytes));
+    return object_path(attachment.object_id);
+  }
+  return make_error(ErrorCode::kNotFound, "image {} has no {} attachment", record.name, role);
 }
 
 Result<ImageRecord> Store::find(const std::string& name) {
@@ -262,7 +313,10 @@ Result<GcReport> Store::gc() {
   DELTAVM_ASSIGN_OR_RETURN(StoreLock lock, StoreLock::acquire(directory_, StoreLock::Mode::kExclusive));
   DELTAVM_ASSIGN_OR_RETURN(std::vector<ImageRecord> records, catalog_.list());
   std::set<std::string> referenced;
-  for (const ImageRecord& record : records) referenced.insert(record.object_id);
+  for (const ImageRecord& record : records) {
+    referenced.insert(record.object_id);
+    for (const Attachment& attachment : record.attachments) referenced.insert(attachment.object_id);
+  }
   std::vector<DiskObject> objects;
   std::vector<std::filesystem::path> temporaries;
   DELTAVM_TRY(scan_objects(directory_ / "objects", objects, temporaries));
@@ -296,6 +350,11 @@ Result<FsckReport> Store::fsck() {
   for (const ImageRecord& record : records) {
     ++report.images_checked;
     referenced.insert(record.object_id);
+    for (const Attachment& attachment : record.attachments) {
+      referenced.insert(attachment.object_id);
+      Result<std::vector<uint8_t>> bytes = read_object(attachment.object_id, attachment.size_bytes);
+      if (!bytes) report.problems.push_back(fmt::format("image {}: attachment {}: {}", record.name, attachment.role, bytes.error().message));
+    }
     if (record.parent) {
       auto parent = by_name.find(*record.parent);
       if (parent == by_name.end()) {

@@ -44,6 +44,19 @@ struct GcReport {
   uint64_t bytes_freed = 0;
 };
 
+// What put_image stores beside the image itself.
+struct PutOptions {
+  // Opaque objects kept with the image under a role name (role -> bytes).
+  std::vector<std::pair<std::string, std::span<const uint8_t>>> attachments;
+  std::string metadata = "{}";  // JSON, kept as is.
+};
+
+// How alike two images are: the fraction of sampled pages equal at the same address.
+struct Similarity {
+  std::string name;
+  double fraction_equal = 0;
+};
+
 class Store {
  public:
   // Opens the store at `directory`, creating it if it does not exist.
@@ -54,7 +67,18 @@ class Store {
   // Stores `image` under `name`: as a delta from `parent` when given (its content is rebuilt
   // and verified from the store first), else as a base.
   Result<ImageRecord> put_image(const std::string& name, std::span<const uint8_t> image,
-                                const std::optional<std::string>& parent);
+                                const std::optional<std::string>& parent, const PutOptions& options = {});
+
+  // The stored image most like `image` (same size, most sampled pages equal), if any.
+  Result<std::optional<Similarity>> most_similar(std::span<const uint8_t> image);
+
+  // The path of an attachment's object after verifying its bytes against its id. Objects are
+  // immutable, so the path can be handed to another program to read.
+  Result<std::filesystem::path> attachment_path(const ImageRecord& record, std::string_view role);
+  Result<std::vector<uint8_t>> read_attachment(const ImageRecord& record, std::string_view role);
+
+  // Reads, verifies and decodes the delta object of one image (the delta from its parent).
+  Result<Delta> read_delta(const ImageRecord& record);
 
   Result<ImageRecord> find(const std::string& name);
   Result<std::vector<ImageRecord>> list();
@@ -82,8 +106,6 @@ class Store {
   Result<std::string> put_object(std::span<const uint8_t> bytes);
   // The object's bytes after checking them against its id and expected size.
   Result<std::vector<uint8_t>> read_object(const std::string& object_id, uint64_t expected_size);
-  // Reads, verifies and decodes the delta object of one image.
-  Result<Delta> read_delta(const ImageRecord& record);
   // get_image without taking the lock. REQUIRES: the caller holds the store lock.
   Result<Mapping> rebuild_image(const std::string& name);
 

@@ -1,0 +1,79 @@
+// The interface every backend implements (qemu now, kvm next): boot a machine, pause and
+// capture it, restore a machine from captured state onto RAM the loader builds, stop it.
+// Backends know nothing of the store: RAM comes to them as a file to map privately plus pages
+// to write over it, and machine state as opaque bytes they produced themselves.
+#pragma once
+
+#include <cstdint>
+#include <filesystem>
+#include <functional>
+#include <memory>
+#include <span>
+#include <string>
+#include <vector>
+
+#include "backends/vm_directory.h"
+#include "base/error.h"
+
+namespace deltavm {
+
+// The machine a template describes, as a backend needs it.
+struct MachineSpec {
+  std::filesystem::path kernel;
+  std::filesystem::path initramfs;
+  std::string command_line;  // Complete kernel command line.
+  uint64_t memory_bytes = 0;
+  uint32_t vcpus = 1;
+  bool deterministic = true;  // Fixed guest clock start.
+};
+
+// One guest page to write over the base RAM before a restored VM starts.
+struct PageWrite {
+  uint64_t guest_physical_address;
+  const uint8_t* bytes;  // kPageSize bytes.
+};
+
+// Writes pages into a VM's RAM before it runs; provided by the backend to the loader.
+class GuestMemoryWriter {
+ public:
+  virtual ~GuestMemoryWriter() = default;
+  virtual Status write_pages(std::span<const PageWrite> pages) = 0;
+};
+
+// The loader's part of a restore: writes whatever the chain changes over the base RAM.
+using FillMemory = std::function<Status(GuestMemoryWriter&)>;
+
+// Timings of a restore, for the benchmark and `deltavm run --json`.
+struct RestoreTimings {
+  double launch_ms = 0;  // Process start to control channel ready.
+  double fill_ms = 0;    // Writing the chain's pages.
+  double state_ms = 0;   // Loading the machine state.
+};
+
+class Backend {
+ public:
+  virtual ~Backend() = default;
+  virtual std::string name() const = 0;
+  // One line on how this backend runs guests here, e.g. "qemu 7.2 with TCG: /dev/kvm is ...".
+  virtual std::string describe() const = 0;
+
+  // Boots `machine` with its RAM written through to `ram_file` (created by the backend), so
+  // that after pause() the file holds the guest's RAM image exactly.
+  virtual Status boot(const MachineSpec& machine, const std::filesystem::path& ram_file,
+                      const VmDirectory& vm) = 0;
+  // Stops the guest's vCPUs; RAM and devices stay as they are.
+  virtual Status pause(const VmDirectory& vm) = 0;
+  // The machine state (vCPUs, devices, clocks) of a paused VM, without RAM.
+  virtual Result<std::vector<uint8_t>> save_machine_state(const VmDirectory& vm) = 0;
+  // Starts a VM from `machine_state` whose RAM is `base_ram_file` mapped privately (never
+  // written) with `fill`'s pages over it. The VM runs when this returns.
+  virtual Result<RestoreTimings> restore(const MachineSpec& machine, const std::filesystem::path& base_ram_file,
+                                         const FillMemory& fill, std::span<const uint8_t> machine_state,
+                                         const VmDirectory& vm) = 0;
+  // Ends the VM's process. Safe on a VM that has already exited.
+  virtual Status stop(const VmDirectory& vm) = 0;
+};
+
+Result<std::unique_ptr<Backend>> make_backend(std::string_view name);
+
+}  // namespace deltavm

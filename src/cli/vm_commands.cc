@@ -1,0 +1,286 @@
+// deltavm template build | ls, run, exec, console, ps, stop, doctor
+#include <poll.h>
+#include <termios.h>
+#include <unistd.h>
+
+#include <ctime>
+
+#include "backends/agent_client.h"
+#include "backends/qemu/qemu_backend.h"
+#include "base/socket.h"
+#include "cli/commands.h"
+#include "templates/initramfs.h"
+#include "templates/templates.h"
+
+namespace deltavm::cli {
+namespace {
+
+std::filesystem::path runtime_directory(const GlobalOptions& options) {
+  return options.runtime_directory.empty() ? default_runtime_directory()
+                                           : std::filesystem::path(options.runtime_directory);
+}
+
+Result<Store> open_store(const GlobalOptions& options) {
+  return Store::open(options.store_directory.empty() ? default_store_directory()
+                                                     : std::filesystem::path(options.store_directory));
+}
+
+Status run_template_build(const GlobalOptions& options, const std::string& spec_path, const std::string& backend_name) {
+  DELTAVM_ASSIGN_OR_RETURN(TemplateSpec spec, read_template_spec(spec_path));
+  DELTAVM_ASSIGN_OR_RETURN(std::unique_ptr<Backend> backend, make_backend(backend_name));
+  DELTAVM_ASSIGN_OR_RETURN(Store store, open_store(options));
+  bool show = !options.json && ::isatty(STDERR_FILENO);
+  DELTAVM_ASSIGN_OR_RETURN(TemplateBuild build,
+                           build_template(spec, store, *backend, runtime_directory(options), [&](std::string_view phase) {
+                             if (show) fmt::print(stderr, "template {}: {}...\n", spec.name, phase);
+                           }));
+  const ImageRecord& record = build.record;
+  if (options.json) {
+    print_json({{"template", record.name}, {"parent", record.parent ? nlohmann::json(*record.parent) : nlohmann::json()},
+                {"parent_reason", build.parent_reason}, {"chain_depth", record.chain_depth},
+                {"image_size_bytes", record.image_size_bytes}, {"stored_size_bytes", record.stored_size_bytes},
+                {"boot_ms", build.boot_ms}, {"capture_ms", build.capture_ms}, {"store_ms", build.store_ms}});
+    return {};
+  }
+  fmt::print("template {}: stored {} as {} against {} ({}); boot {}, capture {}, store {}\n", record.name,
+             human_bytes(record.image_size_bytes), human_bytes(record.stored_size_bytes),
+             record.parent.value_or("nothing"), build.parent_reason, human_duration_ms(build.boot_ms),
+             human_duration_ms(build.capture_ms), human_duration_ms(build.store_ms));
+  return {};
+}
+
+Status run_template_ls(const GlobalOptions& options) {
+  DELTAVM_ASSIGN_OR_RETURN(Store store, open_store(options));
+  DELTAVM_ASSIGN_OR_RETURN(std::vector<ImageRecord> records, store.list());
+  nlohmann::json templates = nlohmann::json::array();
+  Table table({"template", "chain", "depth", "full size", "stored", "chain stored"});
+  for (const ImageRecord& record : records) {
+    nlohmann::json metadata = nlohmann::json::parse(record.metadata, nullptr, false);
+    if (metadata.is_discarded() || !metadata.contains("machine")) continue;
+    DELTAVM_ASSIGN_OR_RETURN(std::vector<ImageRecord> chain, store.chain(record.name));
+    std::string chain_text;
+    uint64_t chain_bytes = 0;
+    std::vector<std::string> names;
+    for (const ImageRecord& link : chain) {
+      chain_text += (chain_text.empty() ? "" : " <- ") + link.name;
+      chain_bytes += link.stored_size_bytes;
+      names.push_back(link.name);
+    }
+    templates.push_back({{"template", record.name}, {"chain", names}, {"chain_depth", record.chain_depth},
+                         {"image_size_bytes", record.image_size_bytes}, {"stored_size_bytes", record.stored_size_bytes},
+                         {"chain_stored_bytes", chain_bytes}});
+    table.add_row({record.name, chain_text, std::to_string(record.chain_depth), human_bytes(record.image_size_bytes),
+                   human_bytes(record.stored_size_bytes), human_bytes(chain_bytes)});
+  }
+  if (options.json) print_json({{"templates", templates}});
+  else table.print();
+  return {};
+}
+
+Status run_run(const GlobalOptions& options, const std::string& name, const std::string& backend_name,
+               const std::string& strategy_name) {
+  DELTAVM_ASSIGN_OR_RETURN(RamStrategy strategy, parse_ram_strategy(strategy_name));
+  DELTAVM_ASSIGN_OR_RETURN(std::unique_ptr<Backend> backend, make_backend(backend_name));
+  DELTAVM_ASSIGN_OR_RETURN(Store store, open_store(options));
+  DELTAVM_ASSIGN_OR_RETURN(StartedVm vm, start_vm(name, store, *backend, runtime_directory(options), strategy));
+  if (options.json) {
+    print_json({{"id", vm.id}, {"template", vm.template_name}, {"strategy", ram_strategy_name(vm.strategy)},
+                {"prepare_ms", vm.prepare_ms}, {"launch_ms", vm.restore.launch_ms}, {"fill_ms", vm.restore.fill_ms},
+                {"state_ms", vm.restore.state_ms}, {"total_ms", vm.total_ms}});
+  } else {
+    fmt::print("{}\n", vm.id);
+  }
+  return {};
+}
+
+// One argument is a shell command line as it is; several are quoted and joined.
+std::string command_line(const std::vector<std::string>& arguments) {
+  if (arguments.size() == 1) return arguments[0];
+  std::string joined;
+  for (const std::string& argument : arguments) {
+    std::string quoted = "'";
+    for (char c : argument) quoted += c == '\'' ? std::string("'\\''") : std::string(1, c);
+    joined += (joined.empty() ? "" : " ") + quoted + "'";
+  }
+  return joined;
+}
+
+Result<int> run_exec(const GlobalOptions& options, const std::string& id, const std::vector<std::string>& arguments,
+                     int timeout_s) {
+  DELTAVM_ASSIGN_OR_RETURN(VmDirectory vm, VmDirectory::open(runtime_directory(options), id));
+  if (!vm.running()) return make_error(ErrorCode::kNotFound, "VM {} is not running", id);
+  DELTAVM_ASSIGN_OR_RETURN(ExecResult result,
+                           agent_exec(vm.agent_socket(), command_line(arguments), std::chrono::seconds(timeout_s)));
+  if (options.json) {
+    print_json({{"exit_status", result.exit_status}, {"stdout", result.stdout_bytes}, {"stderr", result.stderr_bytes}});
+  } else {
+    fwrite(result.stdout_bytes.data(), 1, result.stdout_bytes.size(), stdout);
+    fwrite(result.stderr_bytes.data(), 1, result.stderr_bytes.size(), stderr);
+  }
+  return result.exit_status;
+}
+
+// Relays the terminal to the VM's serial console until Ctrl-] or the VM goes away.
+Status run_console(const GlobalOptions& options, const std::string& id) {
+  DELTAVM_ASSIGN_OR_RETURN(VmDirectory vm, VmDirectory::open(runtime_directory(options), id));
+  DELTAVM_ASSIGN_OR_RETURN(Fd console, connect_unix(vm.console_socket(), deadline_after(std::chrono::seconds(5))));
+  bool terminal = ::isatty(STDIN_FILENO);
+  termios saved{};
+  if (terminal) {
+    ::tcgetattr(STDIN_FILENO, &saved);
+    termios raw = saved;
+    ::cfmakeraw(&raw);
+    ::tcsetattr(STDIN_FILENO, TCSANOW, &raw);
+    fmt::print(stderr, "connected to VM {} console; Ctrl-] to leave\r\n", id);
+  }
+  Status status;
+  pollfd fds[2] = {{STDIN_FILENO, POLLIN, 0}, {console.get(), POLLIN, 0}};
+  char buffer[4096];
+  bool input_open = true;
+  for (;;) {
+    fds[0].fd = input_open ? STDIN_FILENO : -1;
+    if (::poll(fds, 2, -1) < 0) {
+      if (errno == EINTR) continue;
+      status = errno_error("poll", errno);
+      break;
+    }
+    if (fds[1].revents & (POLLIN | POLLHUP | POLLERR)) {
+      ssize_t n = ::read(console.get(), buffer, sizeof buffer);
+      if (n <= 0) break;
+      (void)!::write(STDOUT_FILENO, buffer, static_cast<size_t>(n));
+    }
+    if (input_open && (fds[0].revents & (POLLIN | POLLHUP))) {
+      ssize_t n = ::read(STDIN_FILENO, buffer, sizeof buffer);
+      if (n <= 0) {
+        input_open = false;  // Keep showing output until the VM closes the console.
+        if (!terminal) break;
+        continue;
+      }
+      if (terminal && std::memchr(buffer, 0x1d, static_cast<size_t>(n)) != nullptr) break;
+      status = send_all(console.get(), std::string_view(buffer, static_cast<size_t>(n)), "console");
+      if (!status) break;
+    }
+  }
+  if (terminal) {
+    ::tcsetattr(STDIN_FILENO, TCSANOW, &saved);
+    fmt::print(stderr, "\n");
+  }
+  return status;
+}
+
+Status run_ps(const GlobalOptions& options) {
+  DELTAVM_ASSIGN_OR_RETURN(std::vector<VmDirectory> vms, VmDirectory::list(runtime_directory(options)));
+  nlohmann::json rows = nlohmann::json::array();
+  Table table({"id", "template", "backend", "pid", "state"});
+  for (const VmDirectory& vm : vms) {
+    Result<nlohmann::json> record = vm.read_record();
+    nlohmann::json r = record ? *record : nlohmann::json::object();
+    std::string state = vm.running() ? "running" : "exited";
+    rows.push_back({{"id", vm.id()}, {"template", r.value("template", "")}, {"backend", r.value("backend", "")},
+                    {"pid", vm.pid()}, {"state", state}});
+    table.add_row({vm.id(), r.value("template", "?"), r.value("backend", "?"), std::to_string(vm.pid()), state});
+  }
+  if (options.json) print_json({{"vms", rows}});
+  else table.print();
+  return {};
+}
+
+Status run_stop(const GlobalOptions& options, const std::vector<std::string>& ids, bool all) {
+  DELTAVM_ASSIGN_OR_RETURN(std::unique_ptr<Backend> backend, make_backend("qemu"));
+  std::vector<std::string> targets = ids;
+  if (all) {
+    DELTAVM_ASSIGN_OR_RETURN(std::vector<VmDirectory> vms, VmDirectory::list(runtime_directory(options)));
+    for (const VmDirectory& vm : vms) targets.push_back(vm.id());
+  }
+  for (const std::string& id : targets) {
+    DELTAVM_TRY(stop_vm(id, *backend, runtime_directory(options)));
+    if (!options.json) fmt::print("stopped {}\n", id);
+  }
+  if (options.json) print_json({{"stopped", targets}});
+  return {};
+}
+
+Status run_doctor(const GlobalOptions& options) {
+  Accelerator accelerator = choose_accelerator();
+  Result<GuestKit> kit = GuestKit::locate();
+  bool qemu_found = std::system("command -v qemu-system-x86_64 >/dev/null 2>&1") == 0;
+  if (options.json) {
+    print_json({{"qemu", qemu_found}, {"accelerator", accelerator.name}, {"reason", accelerator.reason},
+                {"guest_kit", kit ? nlohmann::json(kit->kernel.parent_path().string()) : nlohmann::json()},
+                {"runtime", runtime_directory(options).string()}});
+    return {};
+  }
+  Table table({"check", "result"}, Table::Kind::kFieldValue);
+  table.add_row({"qemu-system-x86_64", qemu_found ? "found" : "MISSING (apt-get install qemu-system-x86)"});
+  table.add_row({"accelerator", fmt::format("{}: {}", accelerator.name, accelerator.reason)});
+  table.add_row({"guest kit", kit ? kit->kernel.parent_path().string() : kit.error().message});
+  table.add_row({"runtime directory", runtime_directory(options).string()});
+  table.print();
+  return {};
+}
+
+}  // namespace
+
+void add_vm_commands(CLI::App& app, const GlobalOptions& options, int& exit_status) {
+  auto finish = [&exit_status](const Status& status) { exit_status = status ? 0 : report_error(status.error()); };
+
+  CLI::App* templates = app.add_subcommand("template", "Build and list VM templates");
+  templates->require_subcommand(1);
+  struct BuildArguments {
+    std::string spec, backend = "qemu";
+  };
+  auto build = std::make_shared<BuildArguments>();
+  CLI::App* build_command = templates->add_subcommand("build", "Boot a template spec, capture it and store it");
+  build_command->add_option("SPEC", build->spec, "Template spec (JSON)")->required()->check(CLI::ExistingFile);
+  build_command->add_option("--backend", build->backend, "qemu");
+  build_command->callback([&options, build, finish] { finish(run_template_build(options, build->spec, build->backend)); });
+  templates->add_subcommand("ls", "List templates with their chains and stored sizes")
+      ->callback([&options, finish] { finish(run_template_ls(options)); });
+
+  struct RunArguments {
+    std::string name, backend = "qemu", strategy = "base+deltas";
+  };
+  auto run = std::make_shared<RunArguments>();
+  CLI::App* run_command = app.add_subcommand("run", "Start a new VM equivalent to a template; prints its id");
+  run_command->add_option("TEMPLATE", run->name)->required();
+  run_command->add_option("--backend", run->backend, "qemu");
+  run_command->add_option("--ram", run->strategy, "How RAM is built: base+deltas (default) or flat");
+  run_command->callback([&options, run, finish] { finish(run_run(options, run->name, run->backend, run->strategy)); });
+
+  struct ExecArguments {
+    std::string id;
+    std::vector<std::string> command;
+    int timeout_s = 60;
+  };
+  auto exec = std::make_shared<ExecArguments>();
+  CLI::App* exec_command = app.add_subcommand("exec", "Run a command in a VM: deltavm exec ID -- CMD ...");
+  exec_command->add_option("ID", exec->id)->required();
+  exec_command->add_option("COMMAND", exec->command, "Command (after --)")->required();
+  exec_command->add_option("--timeout", exec->timeout_s, "Seconds to wait for the answer");
+  exec_command->callback([&options, &exit_status, exec] {
+    Result<int> status = run_exec(options, exec->id, exec->command, exec->timeout_s);
+    exit_status = status ? *status : report_error(status.error());
+  });
+
+  auto console_id = std::make_shared<std::string>();
+  CLI::App* console_command = app.add_subcommand("console", "Attach to a VM's serial console (Ctrl-] leaves)");
+  console_command->add_option("ID", *console_id)->required();
+  console_command->callback([&options, console_id, finish] { finish(run_console(options, *console_id)); });
+
+  app.add_subcommand("ps", "List VMs")->callback([&options, finish] { finish(run_ps(options)); });
+
+  struct StopArguments {
+    std::vector<std::string> ids;
+    bool all = false;
+  };
+  auto stop = std::make_shared<StopArguments>();
+  CLI::App* stop_command = app.add_subcommand("stop", "Stop VMs");
+  stop_command->add_option("ID", stop->ids);
+  stop_command->add_flag("--all", stop->all, "Stop every VM");
+  stop_command->callback([&options, stop, finish] { finish(run_stop(options, stop->ids, stop->all)); });
+
+  app.add_subcommand("doctor", "Check QEMU, the accelerator and the guest kit")
+      ->callback([&options, finish] { finish(run_doctor(options)); });
+}
+
+}  // namespace deltavm::cli

@@ -1,0 +1,209 @@
+#include "templates/templates.h"
+
+#include <nlohmann/json.hpp>
+
+#include <chrono>
+
+#include "backends/agent_client.h"
+#include "base/socket.h"
+#include "templates/initramfs.h"
+
+namespace deltavm {
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+double elapsed_ms(Clock::time_point start) {
+  return std::chrono::duration<double, std::milli>(Clock::now() - start).count();
+}
+
+constexpr std::string_view kReadyMarker = "DELTAVM-READY";
+constexpr std::string_view kSetupFailedMarker = "DELTAVM-SETUP-FAILED";
+
+std::string last_lines(const std::string& text, size_t count) {
+  size_t position = text.size();
+  for (size_t lines = 0; position > 0 && lines <= count; --position) {
+    if (text[position - 1] == '\n') ++lines;
+  }
+  std::string tail = text.substr(position);
+  std::erase(tail, '\r');
+  return tail;
+}
+
+// Reads the console until the guest's /init announces readiness.
+Status wait_until_ready(const VmDirectory& vm, const TemplateSpec& spec) {
+  Deadline deadline = deadline_after(std::chrono::seconds(spec.ready_timeout_s));
+  DELTAVM_ASSIGN_OR_RETURN(Fd console, connect_unix(vm.console_socket(), deadline));
+  std::string output;
+  for (;;) {
+    Status status = read_some(console.get(), output, deadline, "console");
+    if (output.find(kReadyMarker) != std::string::npos) return {};
+    if (output.find(kSetupFailedMarker) != std::string::npos) {
+      return make_error(ErrorCode::kInvalidArgument, "template {}: a setup command failed; console:\n{}", spec.name,
+                        last_lines(output, 15));
+    }
+    if (!status) {
+      return make_error(ErrorCode::kIo, "template {}: guest not ready after {} s ({}); console:\n{}", spec.name,
+                        spec.ready_timeout_s, status.error().message, last_lines(output, 15));
+    }
+  }
+}
+
+MachineSpec machine_for(const TemplateSpec& spec, std::filesystem::path kernel, std::filesystem::path initramfs) {
+  MachineSpec machine;
+  machine.kernel = std::move(kernel);
+  machine.initramfs = std::move(initramfs);
+  machine.command_line = "console=ttyS0 panic=-1 quiet";
+  if (spec.deterministic) machine.command_line += " nokaslr norandmaps";
+  if (!spec.command_line.empty()) machine.command_line += " " + spec.command_line;
+  machine.memory_bytes = static_cast<uint64_t>(spec.memory_mib) << 20;
+  machine.vcpus = spec.vcpus;
+  machine.deterministic = spec.deterministic;
+  return machine;
+}
+
+nlohmann::json machine_json(const MachineSpec& machine) {
+  return {{"command_line", machine.command_line}, {"memory_bytes", machine.memory_bytes},
+          {"vcpus", machine.vcpus}, {"deterministic", machine.deterministic}};
+}
+
+Result<MachineSpec> machine_from_metadata(const ImageRecord& record) {
+  nlohmann::json metadata = nlohmann::json::parse(record.metadata, nullptr, false);
+  if (metadata.is_discarded() || !metadata.contains("machine") || !metadata["machine"].is_object()) {
+    return make_error(ErrorCode::kInvalidArgument, "image {} is not a template (no machine in its metadata)", record.name);
+  }
+  const nlohmann::json& m = metadata["machine"];
+  MachineSpec machine;
+  try {
+    machine.command_line = m.at("command_line").get<std::string>();
+    machine.memory_bytes = m.at("memory_bytes").get<uint64_t>();
+    machine.vcpus = m.at("vcpus").get<uint32_t>();
+    machine.deterministic = m.at("deterministic").get<bool>();
+  } catch (const nlohmann::json::exception& error) {
+    return make_error(ErrorCode::kCorruption, "image {}: machine metadata: {}", record.name, error.what());
+  }
+  return machine;
+}
+
+// Stops and removes a VM when a build or start fails half-way.
+class VmGuard {
+ public:
+  VmGuard(Backend& backend, VmDirectory vm) : backend_(backend), vm_(std::move(vm)) {}
+  ~VmGuard() {
+    if (!armed_) return;
+    (void)backend_.stop(vm_);
+    (void)vm_.remove();
+  }
+  void release() { armed_ = false; }
+  const VmDirectory& vm() const { return vm_; }
+
+ private:
+  Backend& backend_;
+  VmDirectory vm_;
+  bool armed_ = true;
+};
+
+}  // namespace
+
+Result<TemplateBuild> build_template(const TemplateSpec& spec, Store& store, Backend& backend,
+                                     const std::filesystem::path& runtime, const PhaseCallback& phase) {
+  auto report = [&](std::string_view text) {
+    if (phase) phase(text);
+  };
+  if (Result<ImageRecord> existing = store.find(spec.name); existing) {
+    return make_error(ErrorCode::kAlreadyExists, "template {} is already in the store (remove it with deltavm store rm)",
+                      spec.name);
+  }
+  if (spec.parent) {
+    Result<ImageRecord> parent = store.find(*spec.parent);
+    if (!parent) return make_error(ErrorCode::kNotFound, "template {}: parent template {} is not in the store", spec.name, *spec.parent);
+  }
+  DELTAVM_ASSIGN_OR_RETURN(GuestKit kit, GuestKit::locate());
+  std::filesystem::path kernel_path = spec.kernel.empty() ? kit.kernel : spec.kernel;
+  DELTAVM_ASSIGN_OR_RETURN(std::vector<uint8_t> kernel, read_file(kernel_path));
+  DELTAVM_ASSIGN_OR_RETURN(std::vector<uint8_t> initramfs, build_initramfs(spec, kit));
+
+  DELTAVM_ASSIGN_OR_RETURN(VmDirectory vm, VmDirectory::create(runtime));
+  VmGuard guard(backend, vm);
+  std::filesystem::path initramfs_path = vm.path() / "initramfs.cpio";
+  DELTAVM_TRY(write_file_atomic(initramfs_path, initramfs));
+  MachineSpec machine = machine_for(spec, kernel_path, initramfs_path);
+  nlohmann::json record = {{"id", vm.id()}, {"template", spec.name}, {"purpose", "template build"}};
+  DELTAVM_TRY(vm.write_record(record));
+
+  TemplateBuild build;
+  report("booting");
+  auto start = Clock::now();
+  std::filesystem::path ram_file = vm.path() / "ram";
+  DELTAVM_TRY(backend.boot(machine, ram_file, vm));
+  DELTAVM_TRY(wait_until_ready(vm, spec));
+  Result<ExecResult> ping = agent_exec(vm.agent_socket(), "true", std::chrono::seconds(spec.ready_timeout_s));
+  if (!ping) return ping.error().with_context(fmt::format("template {}: command agent", spec.name));
+  build.boot_ms = elapsed_ms(start);
+
+  report("capturing");
+  start = Clock::now();
+  DELTAVM_TRY(backend.pause(vm));
+  DELTAVM_ASSIGN_OR_RETURN(std::vector<uint8_t> state, backend.save_machine_state(vm));
+  DELTAVM_ASSIGN_OR_RETURN(Mapping ram, Mapping::map_file_readonly(ram_file));
+  build.capture_ms = elapsed_ms(start);
+
+  report("storing");
+  start = Clock::now();
+  std::optional<std::string> parent = spec.parent;
+  build.parent_reason = "spec parent";
+  if (!parent) {
+    DELTAVM_ASSIGN_OR_RETURN(std::optional<Similarity> similar, store.most_similar(ram.bytes()));
+    if (similar && similar->fraction_equal >= 0.5) {
+      parent = similar->name;
+      build.parent_reason = fmt::format("most similar ({:.0f}% of sampled pages equal)", 100 * similar->fraction_equal);
+    } else {
+      build.parent_reason = "base (no stored image is similar)";
+    }
+  }
+  PutOptions options;
+  options.metadata = nlohmann::json{{"template", nlohmann::json::parse(spec.to_json())},
+                                    {"machine", machine_json(machine)},
+                                    {"backend", backend.name()}}.dump();
+  options.attachments = {{std::string(kMachineStateRole), state},
+                         {std::string(kKernelRole), kernel},
+                         {std::string(kInitramfsRole), initramfs}};
+  DELTAVM_ASSIGN_OR_RETURN(build.record, store.put_image(spec.name, ram.bytes(), parent, options));
+  build.store_ms = elapsed_ms(start);
+  return build;
+}
+
+Result<StartedVm> start_vm(const std::string& name, Store& store, Backend& backend,
+                           const std::filesystem::path& runtime, RamStrategy strategy) {
+  auto start = Clock::now();
+  DELTAVM_ASSIGN_OR_RETURN(ImageRecord record, store.find(name));
+  DELTAVM_ASSIGN_OR_RETURN(MachineSpec machine, machine_from_metadata(record));
+  DELTAVM_ASSIGN_OR_RETURN(machine.kernel, store.attachment_path(record, kKernelRole));
+  DELTAVM_ASSIGN_OR_RETURN(machine.initramfs, store.attachment_path(record, kInitramfsRole));
+  DELTAVM_ASSIGN_OR_RETURN(std::vector<uint8_t> state, store.read_attachment(record, kMachineStateRole));
+  Loader loader(store);
+  DELTAVM_ASSIGN_OR_RETURN(PreparedRam ram, loader.prepare(name, strategy));
+
+  DELTAVM_ASSIGN_OR_RETURN(VmDirectory vm, VmDirectory::create(runtime));
+  VmGuard guard(backend, vm);
+  DELTAVM_TRY(vm.write_record({{"id", vm.id()}, {"template", name}, {"strategy", ram_strategy_name(strategy)}}));
+  StartedVm started;
+  started.id = vm.id();
+  started.template_name = name;
+  started.strategy = strategy;
+  started.prepare_ms = ram.prepare_ms;
+  DELTAVM_ASSIGN_OR_RETURN(started.restore,
+                           backend.restore(machine, ram.flat_file, [&ram](GuestMemoryWriter& writer) { return ram.fill(writer); },
+                                           state, vm));
+  started.total_ms = elapsed_ms(start);
+  guard.release();
+  return started;
+}
+
+Status stop_vm(const std::string& id, Backend& backend, const std::filesystem::path& runtime) {
+  DELTAVM_ASSIGN_OR_RETURN(VmDirectory vm, VmDirectory::open(runtime, id));
+  DELTAVM_TRY(backend.stop(vm));
+  return vm.remove();
+}
+
+}  // namespace deltavm

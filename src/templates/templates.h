@@ -1,0 +1,54 @@
+// Templates: booting a spec into a VM, capturing it when ready, storing its image against the
+// best stored image (lineage), and starting new VMs equivalent to a stored template.
+#pragma once
+
+#include <functional>
+#include <string>
+
+#include "backends/backend.h"
+#include "loader/loader.h"
+#include "store/store.h"
+#include "templates/spec.h"
+
+namespace deltavm {
+
+// Attachment roles of a template's image in the store.
+inline constexpr std::string_view kMachineStateRole = "machine-state";
+inline constexpr std::string_view kKernelRole = "kernel";
+inline constexpr std::string_view kInitramfsRole = "initramfs";
+
+struct TemplateBuild {
+  ImageRecord record;
+  std::string parent_reason;  // Why this parent: "spec parent", "most similar (93% of pages)", "base".
+  double boot_ms = 0;         // Launch to ready.
+  double capture_ms = 0;      // Pause and machine state.
+  double store_ms = 0;        // Diff, compress, write.
+};
+
+// Reports a build's phases ("booting", "capturing", ...) to whoever shows progress.
+using PhaseCallback = std::function<void(std::string_view phase)>;
+
+// Boots `spec`, waits until its setup has run and its agent answers, captures RAM and machine
+// state and stores them as image `spec.name`. On any failure the VM is stopped and the store is
+// left as it was.
+Result<TemplateBuild> build_template(const TemplateSpec& spec, Store& store, Backend& backend,
+                                     const std::filesystem::path& runtime, const PhaseCallback& phase = {});
+
+struct StartedVm {
+  std::string id;
+  std::string template_name;
+  RamStrategy strategy;
+  double prepare_ms = 0;  // Chain read, verified and squashed; flat file mapped.
+  RestoreTimings restore;
+  double total_ms = 0;
+};
+
+// The patent's request: a new VM equivalent to template `name`, its RAM built from the base
+// and the chain, its machine state loaded, running when this returns.
+Result<StartedVm> start_vm(const std::string& name, Store& store, Backend& backend,
+                           const std::filesystem::path& runtime, RamStrategy strategy);
+
+// Stops a VM and removes its directory.
+Status stop_vm(const std::string& id, Backend& backend, const std::filesystem::path& runtime);
+
+}  // namespace deltavm
