@@ -66,10 +66,15 @@ class Backend {
   // The machine state (vCPUs, devices, clocks) of a paused VM, without RAM.
   virtual Result<std::vector<uint8_t>> save_machine_state(const VmDirectory& vm) = 0;
   // Starts a VM from `machine_state` whose RAM is `base_ram_file` mapped privately (never
-  // written) with `fill`'s pages over it. The VM runs when this returns.
+  // written) with `fill`'s pages over it. The VM runs when this returns, unless `leave_paused`:
+  // then its state is loaded but no vCPU has run, until resume().
   virtual Result<RestoreTimings> restore(const MachineSpec& machine, const std::filesystem::path& base_ram_file,
                                          const FillMemory& fill, std::span<const uint8_t> machine_state,
-                                         const VmDirectory& vm) = 0;
+                                         const VmDirectory& vm, bool leave_paused) = 0;
+  virtual Status resume(const VmDirectory& vm) = 0;
+  // Copies the VM's RAM from guest-physical address 0 into `out` (whose size must not exceed
+  // the VM's memory). The VM should be paused for a consistent copy.
+  virtual Status read_memory(const VmDirectory& vm, std::span<uint8_t> out) = 0;
   // Ends the VM's process. Safe on a VM that has already exited.
   virtual Status stop(const VmDirectory& vm) = 0;
 };

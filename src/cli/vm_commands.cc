@@ -78,11 +78,11 @@ Status run_template_ls(const GlobalOptions& options) {
 }
 
 Status run_run(const GlobalOptions& options, const std::string& name, const std::string& backend_name,
-               const std::string& strategy_name) {
+               const std::string& strategy_name, bool paused) {
   DELTAVM_ASSIGN_OR_RETURN(RamStrategy strategy, parse_ram_strategy(strategy_name));
   DELTAVM_ASSIGN_OR_RETURN(std::unique_ptr<Backend> backend, make_backend(backend_name));
   DELTAVM_ASSIGN_OR_RETURN(Store store, open_store(options));
-  DELTAVM_ASSIGN_OR_RETURN(StartedVm vm, start_vm(name, store, *backend, runtime_directory(options), strategy));
+  DELTAVM_ASSIGN_OR_RETURN(StartedVm vm, start_vm(name, store, *backend, runtime_directory(options), strategy, paused));
   if (options.json) {
     print_json({{"id", vm.id}, {"template", vm.template_name}, {"strategy", ram_strategy_name(vm.strategy)},
                 {"prepare_ms", vm.prepare_ms}, {"launch_ms", vm.restore.launch_ms}, {"fill_ms", vm.restore.fill_ms},
@@ -91,6 +91,12 @@ Status run_run(const GlobalOptions& options, const std::string& name, const std:
     fmt::print("{}\n", vm.id);
   }
   return {};
+}
+
+Status run_resume(const GlobalOptions& options, const std::string& id) {
+  DELTAVM_ASSIGN_OR_RETURN(VmDirectory vm, VmDirectory::open(runtime_directory(options), id));
+  DELTAVM_ASSIGN_OR_RETURN(std::unique_ptr<Backend> backend, make_backend("qemu"));
+  return backend->resume(vm);
 }
 
 // One argument is a shell command line as it is; several are quoted and joined.
@@ -239,13 +245,22 @@ void add_vm_commands(CLI::App& app, const GlobalOptions& options, int& exit_stat
 
   struct RunArguments {
     std::string name, backend = "qemu", strategy = "base+deltas";
+    bool paused = false;
   };
   auto run = std::make_shared<RunArguments>();
   CLI::App* run_command = app.add_subcommand("run", "Start a new VM equivalent to a template; prints its id");
   run_command->add_option("TEMPLATE", run->name)->required();
   run_command->add_option("--backend", run->backend, "qemu");
   run_command->add_option("--ram", run->strategy, "How RAM is built: base+deltas (default) or flat");
-  run_command->callback([&options, run, finish] { finish(run_run(options, run->name, run->backend, run->strategy)); });
+  run_command->add_flag("--paused", run->paused, "Load RAM and state but run no vCPU until deltavm resume");
+  run_command->callback([&options, run, finish] {
+    finish(run_run(options, run->name, run->backend, run->strategy, run->paused));
+  });
+
+  auto resume_id = std::make_shared<std::string>();
+  CLI::App* resume_command = app.add_subcommand("resume", "Start the vCPUs of a VM started with --paused");
+  resume_command->add_option("ID", *resume_id)->required();
+  resume_command->callback([&options, resume_id, finish] { finish(run_resume(options, *resume_id)); });
 
   struct ExecArguments {
     std::string id;

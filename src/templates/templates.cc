@@ -54,7 +54,10 @@ MachineSpec machine_for(const TemplateSpec& spec, std::filesystem::path kernel, 
   machine.kernel = std::move(kernel);
   machine.initramfs = std::move(initramfs);
   machine.command_line = "console=ttyS0 panic=-1 quiet";
-  if (spec.deterministic) machine.command_line += " nokaslr norandmaps";
+  // The deterministic profile: no kernel or user address randomisation, and freed pages zeroed
+  // (init_on_free=1) so that what the boot left behind - the compressed kernel, the initramfs
+  // archive - does not linger in free memory. Independent boots then differ in few pages.
+  if (spec.deterministic) machine.command_line += " nokaslr norandmaps init_on_free=1";
   if (!spec.command_line.empty()) machine.command_line += " " + spec.command_line;
   machine.memory_bytes = static_cast<uint64_t>(spec.memory_mib) << 20;
   machine.vcpus = spec.vcpus;
@@ -174,7 +177,7 @@ Result<TemplateBuild> build_template(const TemplateSpec& spec, Store& store, Bac
 }
 
 Result<StartedVm> start_vm(const std::string& name, Store& store, Backend& backend,
-                           const std::filesystem::path& runtime, RamStrategy strategy) {
+                           const std::filesystem::path& runtime, RamStrategy strategy, bool leave_paused) {
   auto start = Clock::now();
   DELTAVM_ASSIGN_OR_RETURN(ImageRecord record, store.find(name));
   DELTAVM_ASSIGN_OR_RETURN(MachineSpec machine, machine_from_metadata(record));
@@ -194,7 +197,7 @@ Result<StartedVm> start_vm(const std::string& name, Store& store, Backend& backe
   started.prepare_ms = ram.prepare_ms;
   DELTAVM_ASSIGN_OR_RETURN(started.restore,
                            backend.restore(machine, ram.flat_file, [&ram](GuestMemoryWriter& writer) { return ram.fill(writer); },
-                                           state, vm));
+                                           state, vm, leave_paused));
   started.total_ms = elapsed_ms(start);
   guard.release();
   return started;

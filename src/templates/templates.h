@@ -45,8 +45,9 @@ struct StartedVm {
 
 // The patent's request: a new VM equivalent to template `name`, its RAM built from the base
 // and the chain, its machine state loaded, running when this returns.
+// With `leave_paused` the VM's RAM and state are in place but no vCPU has run yet.
 Result<StartedVm> start_vm(const std::string& name, Store& store, Backend& backend,
-                           const std::filesystem::path& runtime, RamStrategy strategy);
+                           const std::filesystem::path& runtime, RamStrategy strategy, bool leave_paused = false);
 
 // Stops a VM and removes its directory.
 Status stop_vm(const std::string& id, Backend& backend, const std::filesystem::path& runtime);

@@ -100,12 +100,13 @@ std::vector<std::string> machine_arguments(const MachineSpec& machine, const std
   return argv;
 }
 
-Status record_process(const VmDirectory& vm, int pid) {
+Status record_process(const VmDirectory& vm, int pid, const std::filesystem::path& ram_file) {
   Result<nlohmann::json> existing = vm.read_record();
   nlohmann::json record = existing ? *existing : nlohmann::json::object();
   record["id"] = vm.id();
   record["backend"] = "qemu";
   record["pid"] = pid;
+  record["ram_file"] = ram_file.string();
   return vm.write_record(record);
 }
 
@@ -198,7 +199,7 @@ class QemuBackend : public Backend {
       }
     }
     DELTAVM_ASSIGN_OR_RETURN(int pid, spawn_detached(machine_arguments(machine, ram_file, true, vm), vm.log_file()));
-    DELTAVM_TRY(record_process(vm, pid));
+    DELTAVM_TRY(record_process(vm, pid, ram_file));
     DELTAVM_ASSIGN_OR_RETURN(QmpClient qmp, connect_to_new_qemu(vm, pid));
     return {};
   }
@@ -227,7 +228,7 @@ class QemuBackend : public Backend {
 
   Result<RestoreTimings> restore(const MachineSpec& machine, const std::filesystem::path& base_ram_file,
                                  const FillMemory& fill, std::span<const uint8_t> machine_state,
-                                 const VmDirectory& vm) override {
+                                 const VmDirectory& vm, bool leave_paused) override {
     RestoreTimings timings;
     auto start = Clock::now();
     // The state goes to a file QEMU reads with cat: written before launch, off the clock's
@@ -237,7 +238,7 @@ class QemuBackend : public Backend {
     std::vector<std::string> argv = machine_arguments(machine, base_ram_file, false, vm);
     argv.insert(argv.end(), {"-incoming", "defer"});
     DELTAVM_ASSIGN_OR_RETURN(int pid, spawn_detached(argv, vm.log_file()));
-    DELTAVM_TRY(record_process(vm, pid));
+    DELTAVM_TRY(record_process(vm, pid, base_ram_file));
     DELTAVM_ASSIGN_OR_RETURN(QmpClient qmp, connect_to_new_qemu(vm, pid));
     timings.launch_ms = elapsed_ms(start);
 
@@ -252,10 +253,37 @@ class QemuBackend : public Backend {
                             {{"capabilities", {{{"capability", "x-ignore-shared"}, {"state", true}}}}}));
     DELTAVM_TRY(qmp.execute("migrate-incoming", {{"uri", fmt::format("exec:cat {}", state.string())}}));
     DELTAVM_TRY(qmp.wait_for_migration(kMigrationTimeout));
-    DELTAVM_TRY(qmp.execute("cont"));
+    if (!leave_paused) DELTAVM_TRY(qmp.execute("cont"));
     timings.state_ms = elapsed_ms(state_start);
     std::filesystem::remove(state);
     return timings;
+  }
+
+  Status resume(const VmDirectory& vm) override {
+    DELTAVM_ASSIGN_OR_RETURN(QmpClient qmp, QmpClient::connect(vm.control_socket(), deadline_after(kLaunchTimeout)));
+    DELTAVM_TRY(qmp.execute("cont"));
+    return {};
+  }
+
+  Status read_memory(const VmDirectory& vm, std::span<uint8_t> out) override {
+    Result<nlohmann::json> record = vm.read_record();
+    if (!record || !record->contains("ram_file")) {
+      return make_error(ErrorCode::kNotFound, "VM {}: no RAM file recorded", vm.id());
+    }
+    int pid = vm.pid();
+    std::filesystem::path ram_file = (*record)["ram_file"].get<std::string>();
+    DELTAVM_ASSIGN_OR_RETURN(uint64_t ram_address, find_ram_mapping(pid, ram_file, out.size()));
+    constexpr size_t kChunk = 1 << 20;
+    for (size_t offset = 0; offset < out.size(); offset += kChunk) {
+      size_t length = std::min(kChunk, out.size() - offset);
+      iovec local{out.data() + offset, length};
+      iovec remote{reinterpret_cast<void*>(ram_address + offset), length};
+      ssize_t n = ::process_vm_readv(pid, &local, 1, &remote, 1, 0);
+      if (n != static_cast<ssize_t>(length)) {
+        return errno_error(fmt::format("process_vm_readv from qemu {}", pid), n < 0 ? errno : EIO);
+      }
+    }
+    return {};
   }
 
   Status stop(const VmDirectory& vm) override {

@@ -1,0 +1,206 @@
+// The patent flow on real QEMU and real Linux: templates are booted, captured and stored as a
+// chain, and new VMs are loaded from the chain and checked for equivalence.
+#include <gtest/gtest.h>
+
+#include <cstring>
+#include <fstream>
+#include <thread>
+
+#include "backends/agent_client.h"
+#include "backends/qemu/qemu_backend.h"
+#include "templates/templates.h"
+
+namespace deltavm {
+namespace {
+
+std::filesystem::path test_root() { return std::filesystem::path(::testing::TempDir()) / "deltavm_vm_test"; }
+
+TemplateSpec parse(const std::string& json) {
+  Result<TemplateSpec> spec = parse_template_spec(json, test_root() / "spec.json");
+  EXPECT_TRUE(spec) << spec.error().message;
+  return *spec;
+}
+
+std::string exec_output(const VmDirectory& vm, const std::string& command) {
+  Result<ExecResult> result = agent_exec(vm.agent_socket(), command, std::chrono::seconds(30));
+  EXPECT_TRUE(result) << result.error().message;
+  if (!result) return "";
+  EXPECT_EQ(result->exit_status, 0) << command << ": " << result->stderr_bytes;
+  return result->stdout_bytes;
+}
+
+class TemplateVms : public ::testing::Test {
+ protected:
+  // One store for the suite: a base and, chained on it, a template with a running counter.
+  static void SetUpTestSuite() {
+    std::filesystem::remove_all(test_root());
+    std::filesystem::create_directories(test_root());
+    store_ = new Store(std::move(*Store::open(test_root() / "store")));
+    backend_ = make_qemu_backend().release();
+    Result<TemplateBuild> base = build_template(parse(R"({"name": "base", "memory_mib": 128})"), *store_, *backend_, runtime());
+    ASSERT_TRUE(base) << base.error().message;
+    Result<TemplateBuild> counter = build_template(parse(R"({
+      "name": "counter", "parent": "base", "memory_mib": 128,
+      "setup": ["echo made-before-capture > /tmp/marker",
+                "(n=0; while true; do n=$((n+1)); echo $n > /run/ticks; sleep 0.2; done) &",
+                "sleep 1"]})"), *store_, *backend_, runtime());
+    ASSERT_TRUE(counter) << counter.error().message;
+  }
+  static void TearDownTestSuite() {
+    delete store_;
+    delete backend_;
+  }
+  static std::filesystem::path runtime() { return test_root() / "runtime"; }
+
+  VmDirectory start(const std::string& name, bool paused = false) {
+    Result<StartedVm> vm = start_vm(name, *store_, *backend_, runtime(), RamStrategy::kBasePlusDeltas, paused);
+    EXPECT_TRUE(vm) << vm.error().message;
+    started_.push_back(vm->id);
+    return *VmDirectory::open(runtime(), vm->id);
+  }
+  void TearDown() override {
+    for (const std::string& id : started_) (void)stop_vm(id, *backend_, runtime());
+  }
+
+  static Store* store_;
+  static Backend* backend_;
+  std::vector<std::string> started_;
+};
+
+Store* TemplateVms::store_ = nullptr;
+Backend* TemplateVms::backend_ = nullptr;
+
+TEST_F(TemplateVms, ChainIsStoredAgainstTheParent) {
+  Result<std::vector<ImageRecord>> chain = store_->chain("counter");
+  ASSERT_TRUE(chain);
+  ASSERT_EQ(chain->size(), 2u);
+  EXPECT_EQ((*chain)[0].name, "base");
+  EXPECT_LT((*chain)[1].stored_size_bytes, (*chain)[1].image_size_bytes / 20);
+}
+
+TEST_F(TemplateVms, LoadedRamBeforeStartIsTheCapturedImage) {
+  VmDirectory vm = start("counter", /*paused=*/true);
+  Result<Mapping> expected = store_->get_image("counter");
+  ASSERT_TRUE(expected);
+  Result<Mapping> actual = Mapping::map_anonymous(expected->size());
+  ASSERT_TRUE(actual);
+  Status read = backend_->read_memory(vm, actual->writable_bytes());
+  ASSERT_TRUE(read) << read.error().message;
+  size_t differing_pages = 0;
+  for (size_t offset = 0; offset < expected->size(); offset += 4096) {
+    if (std::memcmp(expected->bytes().data() + offset, actual->bytes().data() + offset, 4096) != 0) ++differing_pages;
+  }
+  EXPECT_EQ(differing_pages, 0u);
+  ASSERT_TRUE(backend_->resume(vm));
+  EXPECT_EQ(exec_output(vm, "cat /tmp/marker"), "made-before-capture\n");
+}
+
+TEST_F(TemplateVms, FilesProcessesAndCounterSurviveTheLoad) {
+  VmDirectory vm = start("counter");
+  EXPECT_EQ(exec_output(vm, "cat /tmp/marker"), "made-before-capture\n");
+  EXPECT_EQ(exec_output(vm, "cat /etc/hostname 2>/dev/null || hostname"), "deltavm\n");
+  int first = std::stoi(exec_output(vm, "cat /run/ticks"));
+  EXPECT_GE(first, 5);  // Setup slept 1 s at 5 ticks a second before capture.
+  std::this_thread::sleep_for(std::chrono::milliseconds(1500));
+  int second = std::stoi(exec_output(vm, "cat /run/ticks"));
+  EXPECT_GT(second, first);
+}
+
+TEST_F(TemplateVms, FiveClonesRunIndependentlyAndLeaveTheStoreUnchanged) {
+  Result<ImageRecord> before = store_->find("counter");
+  ASSERT_TRUE(before);
+  std::vector<VmDirectory> clones;
+  for (int i = 0; i < 5; ++i) clones.push_back(start("counter"));
+  exec_output(clones[0], "echo only-in-clone-0 > /tmp/private");
+  for (int i = 0; i < 5; ++i) {
+    Result<ExecResult> result = agent_exec(clones[i].agent_socket(), "cat /tmp/private", std::chrono::seconds(30));
+    ASSERT_TRUE(result) << result.error().message;
+    if (i == 0) {
+      EXPECT_EQ(result->stdout_bytes, "only-in-clone-0\n");
+    } else {
+      EXPECT_NE(result->exit_status, 0) << "clone " << i << " sees clone 0's file";
+    }
+    EXPECT_EQ(exec_output(clones[i], "cat /tmp/marker"), "made-before-capture\n");
+  }
+  for (const VmDirectory& clone : clones) ASSERT_TRUE(stop_vm(clone.id(), *backend_, runtime()));
+  started_.clear();
+  Result<Mapping> after = store_->get_image("counter");  // Verifies every object and the digest.
+  ASSERT_TRUE(after) << after.error().message;
+  Loader loader(*store_);
+  Result<std::vector<ImageRecord>> chain = store_->chain("counter");
+  ASSERT_TRUE(chain);
+  Result<std::filesystem::path> base_file = loader.flat_file(chain->front());
+  ASSERT_TRUE(base_file);
+  Result<Mapping> base = Mapping::map_file_readonly(*base_file);
+  ASSERT_TRUE(base);
+  EXPECT_EQ(digest_image(base->bytes()).hex(), chain->front().digest) << "a clone wrote into the base file";
+  Result<FsckReport> fsck = store_->fsck();
+  ASSERT_TRUE(fsck);
+  EXPECT_TRUE(fsck->clean());
+}
+
+// A failed build must leave the store as it was and no VM behind.
+void expect_store_unchanged(Store& store, size_t images_before) {
+  Result<std::vector<ImageRecord>> records = store.list();
+  ASSERT_TRUE(records);
+  EXPECT_EQ(records->size(), images_before);
+}
+
+size_t vm_count() {
+  Result<std::vector<VmDirectory>> vms = VmDirectory::list(test_root() / "runtime");
+  return vms ? vms->size() : 0;
+}
+
+TEST_F(TemplateVms, GuestThatNeverBecomesReadyIsAClearErrorAndStoresNothing) {
+  size_t before = store_->list()->size();
+  size_t vms_before = vm_count();
+  Result<TemplateBuild> build = build_template(
+      parse(R"({"name": "stuck", "memory_mib": 128, "ready_timeout_s": 8, "setup": ["sleep 1000"]})"), *store_,
+      *backend_, runtime());
+  ASSERT_FALSE(build);
+  EXPECT_NE(build.error().message.find("not ready after 8 s"), std::string::npos) << build.error().message;
+  expect_store_unchanged(*store_, before);
+  EXPECT_EQ(vm_count(), vms_before);
+}
+
+TEST_F(TemplateVms, FailingSetupCommandIsAClearErrorAndStoresNothing) {
+  size_t before = store_->list()->size();
+  Result<TemplateBuild> build =
+      build_template(parse(R"({"name": "broken", "memory_mib": 128, "setup": ["echo about to fail", "false"]})"),
+                     *store_, *backend_, runtime());
+  ASSERT_FALSE(build);
+  EXPECT_NE(build.error().message.find("setup command failed"), std::string::npos) << build.error().message;
+  EXPECT_NE(build.error().message.find("about to fail"), std::string::npos) << build.error().message;
+  expect_store_unchanged(*store_, before);
+}
+
+TEST_F(TemplateVms, MissingParentIsRefusedBeforeBooting) {
+  size_t before = store_->list()->size();
+  Result<TemplateBuild> build = build_template(parse(R"({"name": "orphan", "parent": "nope"})"), *store_, *backend_, runtime());
+  ASSERT_FALSE(build);
+  EXPECT_NE(build.error().message.find("parent template nope"), std::string::npos);
+  expect_store_unchanged(*store_, before);
+}
+
+TEST(TemplateSpecs, BadFieldsAreNamed) {
+  std::filesystem::path origin = "specs/x.json";
+  auto error_of = [&](const std::string& json) {
+    Result<TemplateSpec> spec = parse_template_spec(json, origin);
+    EXPECT_FALSE(spec);
+    return spec ? std::string() : spec.error().message;
+  };
+  EXPECT_EQ(error_of(R"({"name": "a", "memory_mib": "lots"})"),
+            "template spec specs/x.json: field memory_mib: expected an integer from 32 to 3072, found \"lots\"");
+  EXPECT_NE(error_of(R"({"memory_mib": 64})").find("field name is required"), std::string::npos);
+  EXPECT_NE(error_of(R"({"name": "a", "memroy_mib": 64})").find("unknown field memroy_mib"), std::string::npos);
+  EXPECT_NE(error_of(R"({"name": "a b"})").find("field name"), std::string::npos);
+  EXPECT_NE(error_of(R"({"name": "a", "setup": ["ok", 3]})").find("field setup[1]"), std::string::npos);
+  EXPECT_NE(error_of(R"({"name": "a", "kernel": "no/such/vmlinuz"})").find("no/such/vmlinuz does not exist"),
+            std::string::npos);
+  EXPECT_NE(error_of(R"({"name": "a", "files": [{"source": "x", "destination": "/x"}]})").find("does not exist"),
+            std::string::npos);
+  EXPECT_NE(error_of("{not json").find("not valid JSON"), std::string::npos);
+}
+
+}  // namespace
+}  // namespace deltavm
