@@ -1,6 +1,8 @@
 #include "backends/vm_directory.h"
 
+#include <fcntl.h>
 #include <signal.h>
+#include <stdio.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -65,8 +67,18 @@ Result<nlohmann::json> VmDirectory::read_record() const {
 }
 
 Status VmDirectory::write_record(const nlohmann::json& record) const {
+  // Readers see the old record or the new one (rename), never a partial one. No fsync: the
+  // runtime directory describes processes, which do not survive a crash either.
   std::string text = record.dump(2) + "\n";
-  return write_file_atomic(path_ / "vm.json", {reinterpret_cast<const uint8_t*>(text.data()), text.size()});
+  std::filesystem::path temporary = path_ / "vm.json.tmp";
+  {
+    DELTAVM_ASSIGN_OR_RETURN(Fd fd, open_file(temporary, O_WRONLY | O_CREAT | O_TRUNC, 0644));
+    DELTAVM_TRY(write_all(fd.get(), {reinterpret_cast<const uint8_t*>(text.data()), text.size()}, temporary));
+  }
+  if (::rename(temporary.c_str(), (path_ / "vm.json").c_str()) != 0) {
+    return errno_error(fmt::format("rename {}", temporary.string()), errno);
+  }
+  return {};
 }
 
 int VmDirectory::pid() const {

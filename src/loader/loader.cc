@@ -43,41 +43,60 @@ Result<PreparedRam> Loader::prepare(const std::string& image_name, RamStrategy s
   auto start = std::chrono::steady_clock::now();
   DELTAVM_ASSIGN_OR_RETURN(std::vector<ImageRecord> chain, store_.chain(image_name));
   PreparedRam ram;
+  ram.store_ = &store_;
   const ImageRecord& flat_record = strategy == RamStrategy::kFlatTarget ? chain.back() : chain.front();
-  DELTAVM_ASSIGN_OR_RETURN(ram.flat_file, flat_file(flat_record));
-  DELTAVM_ASSIGN_OR_RETURN(ram.flat_mapping, Mapping::map_file_readonly(ram.flat_file));
-  if (ram.flat_mapping.size() != flat_record.image_size_bytes) {
-    return make_error(ErrorCode::kCorruption, "cached image {} is {} bytes, expected {}", ram.flat_file.string(),
-                      ram.flat_mapping.size(), flat_record.image_size_bytes);
+  DELTAVM_ASSIGN_OR_RETURN(ram.flat_file_, flat_file(flat_record));
+  DELTAVM_ASSIGN_OR_RETURN(ram.flat_mapping_, Mapping::map_file_readonly(ram.flat_file_));
+  if (ram.flat_mapping_.size() != flat_record.image_size_bytes) {
+    return make_error(ErrorCode::kCorruption, "cached image {} is {} bytes, expected {}", ram.flat_file_.string(),
+                      ram.flat_mapping_.size(), flat_record.image_size_bytes);
   }
-  ram.overlay.image_size_bytes = flat_record.image_size_bytes;
-  if (strategy == RamStrategy::kBasePlusDeltas) {
-    for (size_t i = 1; i < chain.size(); ++i) {
-      DELTAVM_ASSIGN_OR_RETURN(Delta delta, store_.read_delta(chain[i]));
-      if (i == 1) {
-        ram.overlay = std::move(delta);
-      } else {
-        DELTAVM_ASSIGN_OR_RETURN(ram.overlay, squash(ram.overlay, delta));
-      }
-    }
-  }
-  ram.prepare_ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - start).count();
+  ram.flat_digest_ = flat_record.digest;
+  if (strategy == RamStrategy::kBasePlusDeltas) ram.layers_.assign(chain.begin() + 1, chain.end());
+  ram.prepare_ms_ = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - start).count();
   return ram;
 }
 
 Status PreparedRam::fill(GuestMemoryWriter& writer) const {
-  if (overlay.edits.empty()) return {};
-  std::vector<uint8_t> pages(overlay.edits.size() * kPageSize);
-  std::vector<PageWrite> writes;
-  writes.reserve(overlay.edits.size());
-  for (size_t i = 0; i < overlay.edits.size(); ++i) {
-    const PageEdit& edit = overlay.edits[i];
-    uint8_t* page = pages.data() + i * kPageSize;
-    uint64_t address = edit.page_index * kPageSize;
-    std::memcpy(page, flat_mapping.bytes().data() + address, kPageSize);
-    apply_edit(overlay, edit, page);
-    writes.push_back(PageWrite{address, page});
+  if (layers_.empty()) return {};
+  std::vector<Delta> deltas;
+  std::string previous = flat_digest_;
+  for (const ImageRecord& layer : layers_) {
+    DELTAVM_ASSIGN_OR_RETURN(Delta delta, store_->read_delta(layer));
+    if (delta.base_digest && delta.base_digest->hex() != previous) {
+      return make_error(ErrorCode::kCorruption, "image {}: its delta applies to image {}, not to its parent ({})",
+                        layer.name, delta.base_digest->hex(), previous);
+    }
+    previous = layer.digest;
+    deltas.push_back(std::move(delta));
   }
+  // Merge the deltas' page lists (each sorted): every page any of them touches, once.
+  std::vector<size_t> next(deltas.size(), 0);
+  size_t most_pages = 0;
+  for (const Delta& delta : deltas) most_pages += delta.edits.size();
+  std::vector<uint8_t> pages;
+  std::vector<uint64_t> addresses;
+  pages.reserve(most_pages * kPageSize);
+  addresses.reserve(most_pages);
+  for (;;) {
+    uint64_t page_index = UINT64_MAX;
+    for (size_t d = 0; d < deltas.size(); ++d) {
+      if (next[d] < deltas[d].edits.size()) page_index = std::min(page_index, deltas[d].edits[next[d]].page_index);
+    }
+    if (page_index == UINT64_MAX) break;
+    size_t offset = pages.size();
+    pages.resize(offset + kPageSize);
+    std::memcpy(pages.data() + offset, flat_mapping_.bytes().data() + page_index * kPageSize, kPageSize);
+    for (size_t d = 0; d < deltas.size(); ++d) {
+      if (next[d] < deltas[d].edits.size() && deltas[d].edits[next[d]].page_index == page_index) {
+        apply_edit(deltas[d], deltas[d].edits[next[d]++], pages.data() + offset);
+      }
+    }
+    addresses.push_back(page_index * kPageSize);
+  }
+  std::vector<PageWrite> writes;
+  writes.reserve(addresses.size());
+  for (size_t i = 0; i < addresses.size(); ++i) writes.push_back(PageWrite{addresses[i], pages.data() + i * kPageSize});
   return writer.write_pages(writes);
 }
 

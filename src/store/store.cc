@@ -102,7 +102,7 @@ Result<std::string> Store::put_object(std::span<const uint8_t> bytes) {
   if (std::filesystem::exists(path, error)) {
     // Same hash: the same content is stored already, if the object is sound. A damaged one is
     // replaced by the good bytes in hand.
-    if (read_object(id, bytes.size())) return id;
+    if (map_object(id, bytes.size())) return id;
   }
   std::filesystem::path shard = path.parent_path();
   if (!std::filesystem::exists(shard, error)) {
@@ -114,14 +114,14 @@ Result<std::string> Store::put_object(std::span<const uint8_t> bytes) {
   return id;
 }
 
-Result<std::vector<uint8_t>> Store::read_object(const std::string& object_id, uint64_t expected_size) {
+Result<Mapping> Store::map_object(const std::string& object_id, uint64_t expected_size) {
   std::filesystem::path path = object_path(object_id);
-  DELTAVM_ASSIGN_OR_RETURN(std::vector<uint8_t> bytes, read_file(path));
+  DELTAVM_ASSIGN_OR_RETURN(Mapping bytes, Mapping::map_file_readonly(path));
   if (bytes.size() != expected_size) {
     return make_error(ErrorCode::kCorruption, "object {}: size {} bytes, catalog says {}",
                       object_id, bytes.size(), expected_size);
   }
-  std::string actual = object_id_of(bytes);
+  std::string actual = object_id_of(bytes.bytes());
   if (actual != object_id) {
     return make_error(ErrorCode::kCorruption, "object {}: content hash is {}: the object is damaged",
                       object_id, actual);
@@ -129,10 +129,43 @@ Result<std::vector<uint8_t>> Store::read_object(const std::string& object_id, ui
   return bytes;
 }
 
+Status Store::verify_object(const std::string& object_id, uint64_t expected_size) {
+  // Streams the file through one small buffer: hashing a mapping would fault in every page of
+  // it, which costs more than the copy on hosts where page faults are slow.
+  std::filesystem::path path = object_path(object_id);
+  DELTAVM_ASSIGN_OR_RETURN(Fd fd, open_file(path, O_RDONLY));
+  XXH3_state_t* state = XXH3_createState();
+  XXH3_128bits_reset(state);
+  static thread_local std::vector<uint8_t> buffer(1 << 20);
+  uint64_t total = 0;
+  for (;;) {
+    ssize_t n = ::read(fd.get(), buffer.data(), buffer.size());
+    if (n < 0 && errno == EINTR) continue;
+    if (n < 0) {
+      XXH3_freeState(state);
+      return errno_error(fmt::format("read {}", path.string()), errno);
+    }
+    if (n == 0) break;
+    XXH3_128bits_update(state, buffer.data(), static_cast<size_t>(n));
+    total += static_cast<uint64_t>(n);
+  }
+  XXH128_hash_t hash = XXH3_128bits_digest(state);
+  XXH3_freeState(state);
+  if (total != expected_size) {
+    return make_error(ErrorCode::kCorruption, "object {}: size {} bytes, catalog says {}", object_id, total,
+                      expected_size);
+  }
+  std::string actual = ImageDigest{hash.high64, hash.low64}.hex();
+  if (actual != object_id) {
+    return make_error(ErrorCode::kCorruption, "object {}: content hash is {}: the object is damaged", object_id,
+                      actual);
+  }
+  return {};
+}
+
 Result<Delta> Store::read_delta(const ImageRecord& record) {
-  DELTAVM_ASSIGN_OR_RETURN(std::vector<uint8_t> bytes,
-                           read_object(record.object_id, record.stored_size_bytes));
-  DELTAVM_ASSIGN_OR_RETURN(Delta delta, decode_delta(bytes, fmt::format("object {}", record.object_id)));
+  DELTAVM_ASSIGN_OR_RETURN(Mapping bytes, map_object(record.object_id, record.stored_size_bytes));
+  DELTAVM_ASSIGN_OR_RETURN(Delta delta, decode_delta(bytes.bytes(), fmt::format("object {}", record.object_id)));
   if (delta.image_size_bytes != record.image_size_bytes) {
     return make_error(ErrorCode::kCorruption, "image {}: object {} is for {}-byte images, catalog says {}",
                       record.name, record.object_id, delta.image_size_bytes, record.image_size_bytes);
@@ -200,7 +233,9 @@ Result<std::optional<Similarity>> Store::most_similar(std::span<const uint8_t> i
 
 Result<std::vector<uint8_t>> Store::read_attachment(const ImageRecord& record, std::string_view role) {
   for (const Attachment& attachment : record.attachments) {
-    if (attachment.role == role) return read_object(attachment.object_id, attachment.size_bytes);
+    if (attachment.role != role) continue;
+    DELTAVM_ASSIGN_OR_RETURN(Mapping bytes, map_object(attachment.object_id, attachment.size_bytes));
+    return std::vector<uint8_t>(bytes.bytes().begin(), bytes.bytes().end());
   }
   return make_error(ErrorCode::kNotFound, "image {} has no {} attachment", record.name, role);
 }
@@ -208,7 +243,7 @@ Result<std::vector<uint8_t>> Store::read_attachment(const ImageRecord& record, s
 Result<std::filesystem::path> Store::attachment_path(const ImageRecord& record, std::string_view role) {
   for (const Attachment& attachment : record.attachments) {
     if (attachment.role != role) continue;
-    DELTAVM_TRY(read_object(attachment.object_id, attachment.size_bytes));
+    DELTAVM_TRY(verify_object(attachment.object_id, attachment.size_bytes));
     return object_path(attachment.object_id);
   }
   return make_error(ErrorCode::kNotFound, "image {} has no {} attachment", record.name, role);
@@ -352,7 +387,7 @@ Result<FsckReport> Store::fsck() {
     referenced.insert(record.object_id);
     for (const Attachment& attachment : record.attachments) {
       referenced.insert(attachment.object_id);
-      Result<std::vector<uint8_t>> bytes = read_object(attachment.object_id, attachment.size_bytes);
+      Result<Mapping> bytes = map_object(attachment.object_id, attachment.size_bytes);
       if (!bytes) report.problems.push_back(fmt::format("image {}: attachment {}: {}", record.name, attachment.role, bytes.error().message));
     }
     if (record.parent) {
@@ -397,7 +432,7 @@ Result<FsckReport> Store::fsck() {
     ++report.objects_checked;
     if (referenced.count(object.id)) continue;  // Verified above through its image.
     report.unreferenced.push_back(object.id);
-    Result<std::vector<uint8_t>> bytes = read_object(object.id, object.size_bytes);
+    Result<Mapping> bytes = map_object(object.id, object.size_bytes);
     if (!bytes) report.problems.push_back(bytes.error().message);
   }
   for (const std::filesystem::path& path : temporaries) report.temporaries.push_back(path.string());

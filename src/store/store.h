@@ -104,8 +104,9 @@ class Store {
 
   // Writes `bytes` as an object (if no object with that hash exists yet); returns its id.
   Result<std::string> put_object(std::span<const uint8_t> bytes);
-  // The object's bytes after checking them against its id and expected size.
-  Result<std::vector<uint8_t>> read_object(const std::string& object_id, uint64_t expected_size);
+  // The object mapped read-only, after checking its bytes against its id and expected size.
+  Result<Mapping> map_object(const std::string& object_id, uint64_t expected_size);
+  Status verify_object(const std::string& object_id, uint64_t expected_size);
   // get_image without taking the lock. REQUIRES: the caller holds the store lock.
   Result<Mapping> rebuild_image(const std::string& name);
 

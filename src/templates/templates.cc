@@ -176,13 +176,18 @@ Result<TemplateBuild> build_template(const TemplateSpec& spec, Store& store, Bac
   return build;
 }
 
+Result<MachineSpec> template_machine(Store& store, const ImageRecord& record) {
+  DELTAVM_ASSIGN_OR_RETURN(MachineSpec machine, machine_from_metadata(record));
+  DELTAVM_ASSIGN_OR_RETURN(machine.kernel, store.attachment_path(record, kKernelRole));
+  DELTAVM_ASSIGN_OR_RETURN(machine.initramfs, store.attachment_path(record, kInitramfsRole));
+  return machine;
+}
+
 Result<StartedVm> start_vm(const std::string& name, Store& store, Backend& backend,
                            const std::filesystem::path& runtime, RamStrategy strategy, bool leave_paused) {
   auto start = Clock::now();
   DELTAVM_ASSIGN_OR_RETURN(ImageRecord record, store.find(name));
-  DELTAVM_ASSIGN_OR_RETURN(MachineSpec machine, machine_from_metadata(record));
-  DELTAVM_ASSIGN_OR_RETURN(machine.kernel, store.attachment_path(record, kKernelRole));
-  DELTAVM_ASSIGN_OR_RETURN(machine.initramfs, store.attachment_path(record, kInitramfsRole));
+  DELTAVM_ASSIGN_OR_RETURN(MachineSpec machine, template_machine(store, record));
   DELTAVM_ASSIGN_OR_RETURN(std::vector<uint8_t> state, store.read_attachment(record, kMachineStateRole));
   Loader loader(store);
   DELTAVM_ASSIGN_OR_RETURN(PreparedRam ram, loader.prepare(name, strategy));
@@ -194,9 +199,9 @@ Result<StartedVm> start_vm(const std::string& name, Store& store, Backend& backe
   started.id = vm.id();
   started.template_name = name;
   started.strategy = strategy;
-  started.prepare_ms = ram.prepare_ms;
+  started.prepare_ms = ram.prepare_ms();
   DELTAVM_ASSIGN_OR_RETURN(started.restore,
-                           backend.restore(machine, ram.flat_file, [&ram](GuestMemoryWriter& writer) { return ram.fill(writer); },
+                           backend.restore(machine, ram.flat_file(), [&ram](GuestMemoryWriter& writer) { return ram.fill(writer); },
                                            state, vm, leave_paused));
   started.total_ms = elapsed_ms(start);
   guard.release();

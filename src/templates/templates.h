@@ -43,6 +43,10 @@ struct StartedVm {
   double total_ms = 0;
 };
 
+// The machine a stored template runs on: its kernel command line, memory and vCPUs from its
+// metadata, its kernel and initramfs as verified store objects.
+Result<MachineSpec> template_machine(Store& store, const ImageRecord& record);
+
 // The patent's request: a new VM equivalent to template `name`, its RAM built from the base
 // and the chain, its machine state loaded, running when this returns.
 // With `leave_paused` the VM's RAM and state are in place but no vCPU has run yet.

@@ -76,6 +76,8 @@ std::string tail_of_log(const std::filesystem::path& log) {
   return text.empty() ? "(no output)" : text;
 }
 
+// QEMU's command line for `machine`. RAM is `ram_file` (shared or private), or anonymous
+// memory when `ram_file` is empty.
 std::vector<std::string> machine_arguments(const MachineSpec& machine, const std::filesystem::path& ram_file,
                                            bool shared, const VmDirectory& vm) {
   Accelerator accelerator = choose_accelerator();
@@ -84,8 +86,9 @@ std::vector<std::string> machine_arguments(const MachineSpec& machine, const std
       qemu_binary(), "-accel", accelerator.name, "-cpu", accelerator.name == "kvm" ? "host" : "max",
       "-m", fmt::format("{}M", memory_mib), "-smp", std::to_string(machine.vcpus),
       "-nodefaults", "-display", "none", "-no-user-config", "-no-reboot",
-      "-object", fmt::format("memory-backend-file,id=ram,size={}M,mem-path={},share={}", memory_mib,
-                             ram_file.string(), shared ? "on" : "off"),
+      "-object", ram_file.empty() ? fmt::format("memory-backend-ram,id=ram,size={}M", memory_mib)
+                                  : fmt::format("memory-backend-file,id=ram,size={}M,mem-path={},share={}",
+                                                memory_mib, ram_file.string(), shared ? "on" : "off"),
       "-machine", "pc,memory-backend=ram",
       "-kernel", machine.kernel.string(), "-initrd", machine.initramfs.string(),
       "-append", machine.command_line,
@@ -121,6 +124,13 @@ Result<QmpClient> connect_to_new_qemu(const VmDirectory& vm, int pid) {
     }
     if (Clock::now() >= deadline) return client.error();
   }
+}
+
+// x-ignore-shared leaves RAM backed by a file out of the migration stream.
+Status set_ignore_shared(QmpClient& qmp, bool on) {
+  DELTAVM_TRY(qmp.execute("migrate-set-capabilities",
+                          {{"capabilities", {{{"capability", "x-ignore-shared"}, {"state", on}}}}}));
+  return {};
 }
 
 // Writes guest pages straight into QEMU's private mapping of the base RAM file with
@@ -175,11 +185,24 @@ Result<uint64_t> find_ram_mapping(int pid, const std::filesystem::path& ram_file
                     &minor, &inode) != 7) {
       continue;
     }
-    if (inode == st.st_ino && makedev(major, minor) == st.st_dev && offset == 0 && end - start >= ram_bytes) {
+    // QEMU may map the file before making it writable; only the final read-write mapping counts.
+    bool writable = permissions[0] == 'r' && permissions[1] == 'w';
+    if (inode == st.st_ino && makedev(major, minor) == st.st_dev && offset == 0 && end - start >= ram_bytes &&
+        writable) {
       return static_cast<uint64_t>(start);
     }
   }
   return make_error(ErrorCode::kIo, "qemu {} has no mapping of {} ({} bytes)", pid, ram_file.string(), ram_bytes);
+}
+
+// find_ram_mapping, retried until QEMU has created the mapping or has exited.
+Result<uint64_t> wait_for_ram_mapping(int pid, const std::filesystem::path& ram_file, uint64_t ram_bytes) {
+  Deadline deadline = deadline_after(kLaunchTimeout);
+  for (;;) {
+    Result<uint64_t> address = find_ram_mapping(pid, ram_file, ram_bytes);
+    if (address || ::kill(pid, 0) != 0 || Clock::now() >= deadline) return address;
+    std::this_thread::sleep_for(std::chrono::microseconds(500));
+  }
 }
 
 class QemuBackend : public Backend {
@@ -217,8 +240,7 @@ class QemuBackend : public Backend {
       return make_error(ErrorCode::kInvalidArgument, "VM {} is running; pause it before saving its state", vm.id());
     }
     std::filesystem::path state = vm.path() / "state.out";
-    DELTAVM_TRY(qmp.execute("migrate-set-capabilities",
-                            {{"capabilities", {{{"capability", "x-ignore-shared"}, {"state", true}}}}}));
+    DELTAVM_TRY(set_ignore_shared(qmp, true));
     DELTAVM_TRY(qmp.execute("migrate", {{"uri", fmt::format("exec:cat > {}", state.string())}}));
     DELTAVM_TRY(qmp.wait_for_migration(kMigrationTimeout));
     DELTAVM_ASSIGN_OR_RETURN(std::vector<uint8_t> bytes, read_file(state));
@@ -231,26 +253,40 @@ class QemuBackend : public Backend {
                                  const VmDirectory& vm, bool leave_paused) override {
     RestoreTimings timings;
     auto start = Clock::now();
-    // The state goes to a file QEMU reads with cat: written before launch, off the clock's
-    // critical path.
+    // The state goes to a scratch file QEMU reads with cat (nothing to keep across a crash,
+    // so no fsync).
     std::filesystem::path state = vm.path() / "state.in";
-    DELTAVM_TRY(write_file_atomic(state, machine_state));
+    {
+      DELTAVM_ASSIGN_OR_RETURN(Fd fd, open_file(state, O_WRONLY | O_CREAT | O_TRUNC, 0600));
+      DELTAVM_TRY(write_all(fd.get(), machine_state, state));
+    }
     std::vector<std::string> argv = machine_arguments(machine, base_ram_file, false, vm);
     argv.insert(argv.end(), {"-incoming", "defer"});
     DELTAVM_ASSIGN_OR_RETURN(int pid, spawn_detached(argv, vm.log_file()));
     DELTAVM_TRY(record_process(vm, pid, base_ram_file));
-    DELTAVM_ASSIGN_OR_RETURN(QmpClient qmp, connect_to_new_qemu(vm, pid));
+    // QEMU maps guest RAM early in its start-up and answers QMP much later: the chain's pages
+    // are written on this thread's twin core meanwhile.
+    Status fill_status;
+    std::thread filler([&] {
+      auto fill_start = Clock::now();
+      Result<uint64_t> ram_address = wait_for_ram_mapping(pid, base_ram_file, machine.memory_bytes);
+      if (!ram_address) {
+        fill_status = ram_address.error();
+        return;
+      }
+      ProcessMemoryWriter writer(pid, *ram_address, machine.memory_bytes);
+      fill_status = fill(writer);
+      timings.fill_ms = elapsed_ms(fill_start);
+    });
+    Result<QmpClient> connected = connect_to_new_qemu(vm, pid);
+    filler.join();
+    if (!connected) return connected.error();
+    QmpClient& qmp = *connected;
     timings.launch_ms = elapsed_ms(start);
-
-    auto fill_start = Clock::now();
-    DELTAVM_ASSIGN_OR_RETURN(uint64_t ram_address, find_ram_mapping(pid, base_ram_file, machine.memory_bytes));
-    ProcessMemoryWriter writer(pid, ram_address, machine.memory_bytes);
-    DELTAVM_TRY(fill(writer));
-    timings.fill_ms = elapsed_ms(fill_start);
+    DELTAVM_TRY(fill_status);
 
     auto state_start = Clock::now();
-    DELTAVM_TRY(qmp.execute("migrate-set-capabilities",
-                            {{"capabilities", {{{"capability", "x-ignore-shared"}, {"state", true}}}}}));
+    DELTAVM_TRY(set_ignore_shared(qmp, true));
     DELTAVM_TRY(qmp.execute("migrate-incoming", {{"uri", fmt::format("exec:cat {}", state.string())}}));
     DELTAVM_TRY(qmp.wait_for_migration(kMigrationTimeout));
     if (!leave_paused) DELTAVM_TRY(qmp.execute("cont"));
@@ -299,6 +335,32 @@ class QemuBackend : public Backend {
 };
 
 }  // namespace
+
+Status save_stock_snapshot(const VmDirectory& vm, const std::filesystem::path& stream) {
+  DELTAVM_ASSIGN_OR_RETURN(QmpClient qmp, QmpClient::connect(vm.control_socket(), deadline_after(kLaunchTimeout)));
+  DELTAVM_TRY(qmp.execute("stop"));
+  DELTAVM_TRY(set_ignore_shared(qmp, false));
+  DELTAVM_TRY(qmp.execute("migrate", {{"uri", fmt::format("exec:cat > {}", stream.string())}}));
+  return qmp.wait_for_migration(kMigrationTimeout);
+}
+
+Result<RestoreTimings> restore_stock_snapshot(const MachineSpec& machine, const std::filesystem::path& stream,
+                                              const VmDirectory& vm) {
+  RestoreTimings timings;
+  auto start = Clock::now();
+  std::vector<std::string> argv = machine_arguments(machine, {}, false, vm);
+  argv.insert(argv.end(), {"-incoming", "defer"});
+  DELTAVM_ASSIGN_OR_RETURN(int pid, spawn_detached(argv, vm.log_file()));
+  DELTAVM_TRY(record_process(vm, pid, {}));
+  DELTAVM_ASSIGN_OR_RETURN(QmpClient qmp, connect_to_new_qemu(vm, pid));
+  timings.launch_ms = elapsed_ms(start);
+  auto state_start = Clock::now();
+  DELTAVM_TRY(qmp.execute("migrate-incoming", {{"uri", fmt::format("exec:cat {}", stream.string())}}));
+  DELTAVM_TRY(qmp.wait_for_migration(kMigrationTimeout));
+  DELTAVM_TRY(qmp.execute("cont"));
+  timings.state_ms = elapsed_ms(state_start);
+  return timings;
+}
 
 Accelerator choose_accelerator() {
   if (const char* forced = std::getenv("DELTAVM_QEMU_ACCEL"); forced != nullptr && *forced) {

@@ -21,4 +21,11 @@ Accelerator choose_accelerator();
 
 std::unique_ptr<Backend> make_qemu_backend();
 
+// QEMU's stock snapshot with RAM inside the migration stream: what bench/restore compares
+// deltavm's loads against. save pauses the VM and writes the stream to `stream`; restore
+// starts a VM on anonymous RAM from it.
+Status save_stock_snapshot(const VmDirectory& vm, const std::filesystem::path& stream);
+Result<RestoreTimings> restore_stock_snapshot(const MachineSpec& machine, const std::filesystem::path& stream,
+                                              const VmDirectory& vm);
+
 }  // namespace deltavm
