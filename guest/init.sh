@@ -10,6 +10,7 @@ mount -t devpts devpts /dev/pts
 mount -t tmpfs tmpfs /tmp
 mount -t tmpfs tmpfs /run
 hostname deltavm
+ip link set lo up
 /bin/deltavm-agent /dev/ttyS1 &
 while [ ! -e /run/deltavm-agent.ready ]; do usleep 10000; done
 if [ -f /etc/deltavm/setup.sh ]; then

@@ -1,25 +1,82 @@
 #!/usr/bin/env bash
-# The main job, from a fresh machine: installs the Debian packages, builds, captures three real
-# guest RAM images (nokaslr boots of Debian's cloud kernel under QEMU TCG), stores them as a
-# delta chain, and runs the delta benchmark against xdelta3 and zstd --patch-from.
+# The main job, from a fresh machine: the patent's flow on real Linux guests under QEMU.
+#  1. builds three templates: a base Linux, the base with a web server initialised, and the
+#     web template with a worker initialised as well (chain base <- web <- worker);
+#  2. shows the chain and the stored sizes next to the full images and to three
+#     zstd-compressed full images;
+#  3. loads a new VM equivalent to the third template, runs commands in it, prints timings;
+#  4. runs the benchmarks: bench-delta (deltavm vs xdelta3 vs zstd --patch-from) and
+#     bench-restore (deltavm load vs QEMU flat-file restore vs QEMU stock restore).
+# DELTAVM_BENCH_RUNS (default 5) and DELTAVM_BENCH_LOADS (default 10) set the repetitions.
 set -euo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
 "$repo/scripts/setup.sh"
-"$repo/scripts/build.sh"
-images=${DELTAVM_CACHE:-$repo/.cache}/images
-"$repo/scripts/make-guest-images.sh" "$images"
+"$repo/scripts/build.sh" >/dev/null
+"$repo/scripts/guest-kit.sh" >/dev/null
+cache=${DELTAVM_CACHE:-$repo/.cache}
+store=$cache/demo-store
+runtime=$cache/demo-runtime
+rm -rf "$store" "$runtime"
+deltavm=("$repo/build/deltavm" --store "$store" --runtime "$runtime")
+scratch=$(mktemp -d "${TMPDIR:-/tmp}/deltavm-demo.XXXXXX")
+trap '"${deltavm[@]}" stop --all >/dev/null 2>&1 || true; rm -rf "$scratch"' EXIT
 
-store=$(mktemp -d "${TMPDIR:-/tmp}/deltavm-demo-store.XXXXXX")
-trap 'rm -rf "$store"' EXIT
-deltavm=("$repo/build/deltavm" --store "$store")
-echo "== storing three guest RAM images as a chain (guest-0 <- guest-1 <- guest-2)"
-"${deltavm[@]}" store put guest-0 "$images/guest-0.ram"
-"${deltavm[@]}" store put guest-1 "$images/guest-1.ram" --parent guest-0
-"${deltavm[@]}" store put guest-2 "$images/guest-2.ram" --parent guest-1
-"${deltavm[@]}" store ls
-"${deltavm[@]}" store verify guest-2
-"${deltavm[@]}" store fsck
+echo "== 1. building templates (each boots Linux under QEMU, runs its setup, is captured and stored)"
+for name in base web worker; do
+  "${deltavm[@]}" template build "$repo/examples/$name.json"
+done
+
 echo
-echo "== delta benchmark (median of ${DELTAVM_BENCH_RUNS:-5} runs)"
+echo "== 2. the chain and what it costs on disk"
+"${deltavm[@]}" template ls
+stored=0
+zstd_total=0
+for name in base web worker; do
+  "${deltavm[@]}" store get "$name" -o "$scratch/$name.ram" >/dev/null
+  zstd -q -3 -T1 "$scratch/$name.ram" -o "$scratch/$name.ram.zst"
+  zstd_total=$((zstd_total + $(stat -c %s "$scratch/$name.ram.zst")))
+  rm -f "$scratch/$name.ram"
+done
+stored=$("${deltavm[@]}" --json store ls | python3 -c 'import json,sys; print(sum(i["stored_size_bytes"] for i in json.load(sys.stdin)["images"]))' 2>/dev/null ||
+  "${deltavm[@]}" --json store ls | grep -o '"stored_size_bytes": [0-9]*' | awk '{s+=$2} END {print s}')
+awk -v s="$stored" -v z="$zstd_total" 'BEGIN {
+  printf "three templates stored as images:       %8.1f MB\n", s / 1e6;
+  printf "three full images, each zstd -3:        %8.1f MB\n", z / 1e6;
+  printf "ratio (stored / zstd full images):      %8.3f\n", s / z }'
+
+echo
+echo "== 3. request: a new VM equivalent to 'worker' (base + delta web + delta worker)"
+"${deltavm[@]}" --json run worker > "$scratch/run.json"
+id=$(grep -o '"id": "[0-9a-f]*"' "$scratch/run.json" | cut -d'"' -f4)
+start=$(date +%s%N)
+"${deltavm[@]}" exec "$id" -- cat /run/worker.ticks >/dev/null
+answered=$(( ($(date +%s%N) - start) / 1000000 ))
+echo "VM $id is running:"
+"${deltavm[@]}" ps
+echo "\$ deltavm exec $id -- 'cat /etc/motd; wc -l /var/lib/worker/jobs; wget -q -O - http://127.0.0.1:8080/; cat /run/worker.ticks; uname -r'"
+"${deltavm[@]}" exec "$id" -- 'cat /etc/motd; wc -l /var/lib/worker/jobs; wget -q -O - http://127.0.0.1:8080/; cat /run/worker.ticks; uname -r'
+awk -v a="$answered" '
+  /"prepare_ms"/ {gsub(/[,]/, ""); prepare = $2}
+  /"launch_ms"/ {gsub(/[,]/, ""); launch = $2}
+  /"fill_ms"/ {gsub(/[,]/, ""); fill = $2}
+  /"state_ms"/ {gsub(/[,]/, ""); state = $2}
+  /"total_ms"/ {gsub(/[,]/, ""); total = $2}
+  END {
+    printf "\n%-52s %8s\n", "load phase", "ms";
+    printf "%-52s %8.1f\n", "prepare (chain read from the catalog, base mapped)", prepare;
+    printf "%-52s %8.1f\n", "launch (QEMU to control socket ready)", launch;
+    printf "%-52s %8.1f\n", "  fill (deltas verified, applied, written; overlaps)", fill;
+    printf "%-52s %8.1f\n", "machine state loaded, vCPUs started", state;
+    printf "%-52s %8.1f\n", "request -> VM running", total;
+    printf "%-52s %8.1f\n", "first command answered (deltavm exec)", a }' "$scratch/run.json"
+"${deltavm[@]}" stop "$id"
+
+echo
+echo "== 4. benchmarks"
+images=$cache/images
+"$repo/scripts/make-guest-images.sh" "$images"
 "$repo/build/bench-delta" --base "$images/guest-0.ram" --target "$images/guest-1.ram" \
   --third "$images/guest-2.ram" --runs "${DELTAVM_BENCH_RUNS:-5}"
+echo
+"$repo/build/bench-restore" --store "$store" --template worker --loads "${DELTAVM_BENCH_LOADS:-10}" \
+  --runtime "$scratch/bench-runtime"

@@ -88,6 +88,24 @@ Result<MachineSpec> machine_from_metadata(const ImageRecord& record) {
   return machine;
 }
 
+// A child template is its parent plus more: the parent's setup commands and files come first.
+// Its memory size must be the parent's, since its image is stored as a delta from the parent's.
+Status inherit_from_parent(const ImageRecord& parent, TemplateSpec& spec) {
+  nlohmann::json metadata = nlohmann::json::parse(parent.metadata, nullptr, false);
+  if (metadata.is_discarded() || !metadata.contains("template")) {
+    return make_error(ErrorCode::kInvalidArgument, "template {}: parent {} is not a template", spec.name, parent.name);
+  }
+  Result<TemplateSpec> parent_spec = parse_template_spec(metadata["template"].dump(), "(stored spec of " + parent.name + ")");
+  if (!parent_spec) return parent_spec.error();
+  if (parent_spec->memory_mib != spec.memory_mib) {
+    return make_error(ErrorCode::kInvalidArgument, "template {}: memory_mib {} differs from its parent {}'s {}",
+                      spec.name, spec.memory_mib, parent.name, parent_spec->memory_mib);
+  }
+  spec.setup.insert(spec.setup.begin(), parent_spec->setup.begin(), parent_spec->setup.end());
+  spec.files.insert(spec.files.begin(), parent_spec->files.begin(), parent_spec->files.end());
+  return {};
+}
+
 // Stops and removes a VM when a build or start fails half-way.
 class VmGuard {
  public:
@@ -117,20 +135,22 @@ Result<TemplateBuild> build_template(const TemplateSpec& spec, Store& store, Bac
     return make_error(ErrorCode::kAlreadyExists, "template {} is already in the store (remove it with deltavm store rm)",
                       spec.name);
   }
+  TemplateSpec effective = spec;
   if (spec.parent) {
     Result<ImageRecord> parent = store.find(*spec.parent);
     if (!parent) return make_error(ErrorCode::kNotFound, "template {}: parent template {} is not in the store", spec.name, *spec.parent);
+    DELTAVM_TRY(inherit_from_parent(*parent, effective));
   }
   DELTAVM_ASSIGN_OR_RETURN(GuestKit kit, GuestKit::locate());
-  std::filesystem::path kernel_path = spec.kernel.empty() ? kit.kernel : spec.kernel;
+  std::filesystem::path kernel_path = effective.kernel.empty() ? kit.kernel : effective.kernel;
   DELTAVM_ASSIGN_OR_RETURN(std::vector<uint8_t> kernel, read_file(kernel_path));
-  DELTAVM_ASSIGN_OR_RETURN(std::vector<uint8_t> initramfs, build_initramfs(spec, kit));
+  DELTAVM_ASSIGN_OR_RETURN(std::vector<uint8_t> initramfs, build_initramfs(effective, kit));
 
   DELTAVM_ASSIGN_OR_RETURN(VmDirectory vm, VmDirectory::create(runtime));
   VmGuard guard(backend, vm);
   std::filesystem::path initramfs_path = vm.path() / "initramfs.cpio";
   DELTAVM_TRY(write_file_atomic(initramfs_path, initramfs));
-  MachineSpec machine = machine_for(spec, kernel_path, initramfs_path);
+  MachineSpec machine = machine_for(effective, kernel_path, initramfs_path);
   nlohmann::json record = {{"id", vm.id()}, {"template", spec.name}, {"purpose", "template build"}};
   DELTAVM_TRY(vm.write_record(record));
 
@@ -139,7 +159,7 @@ Result<TemplateBuild> build_template(const TemplateSpec& spec, Store& store, Bac
   auto start = Clock::now();
   std::filesystem::path ram_file = vm.path() / "ram";
   DELTAVM_TRY(backend.boot(machine, ram_file, vm));
-  DELTAVM_TRY(wait_until_ready(vm, spec));
+  DELTAVM_TRY(wait_until_ready(vm, effective));
   Result<ExecResult> ping = agent_exec(vm.agent_socket(), "true", std::chrono::seconds(spec.ready_timeout_s));
   if (!ping) return ping.error().with_context(fmt::format("template {}: command agent", spec.name));
   build.boot_ms = elapsed_ms(start);
@@ -165,13 +185,17 @@ Result<TemplateBuild> build_template(const TemplateSpec& spec, Store& store, Bac
     }
   }
   PutOptions options;
-  options.metadata = nlohmann::json{{"template", nlohmann::json::parse(spec.to_json())},
+  options.metadata = nlohmann::json{{"template", nlohmann::json::parse(effective.to_json())},
                                     {"machine", machine_json(machine)},
                                     {"backend", backend.name()}}.dump();
   options.attachments = {{std::string(kMachineStateRole), state},
                          {std::string(kKernelRole), kernel},
                          {std::string(kInitramfsRole), initramfs}};
   DELTAVM_ASSIGN_OR_RETURN(build.record, store.put_image(spec.name, ram.bytes(), parent, options));
+  // The first request for this template should not pay for materialising its base.
+  DELTAVM_ASSIGN_OR_RETURN(std::vector<ImageRecord> chain, store.chain(spec.name));
+  Loader loader(store);
+  DELTAVM_TRY(loader.flat_file(chain.front()));
   build.store_ms = elapsed_ms(start);
   return build;
 }
