@@ -10,13 +10,22 @@
 namespace deltavm {
 namespace {
 
-// Parses "<kind> <id> <number>" and checks kind and id.
-bool parse_header(const std::string& line, char kind, uint64_t id, uint64_t& number) {
-  unsigned long long found_id = 0, value = 0;
-  char found_kind = 0;
-  if (std::sscanf(line.c_str(), "%c %llu %llu", &found_kind, &found_id, &value) != 3) return false;
-  if (found_kind != kind || found_id != id) return false;
-  number = value;
+// The most output one command may return: a guest cannot make the host buffer without bound.
+constexpr uint64_t kMaxBlockBytes = 64ull << 20;
+
+struct Header {
+  char kind = 0;
+  uint64_t id = 0;
+  uint64_t number = 0;  // Block length for O and E, exit status for S.
+};
+
+// Parses "<kind> <id> <number>"; false for any other line.
+bool parse_header(const std::string& line, Header& header) {
+  unsigned long long id = 0, number = 0;
+  char kind = 0;
+  if (std::sscanf(line.c_str(), "%c %llu %llu", &kind, &id, &number) != 3) return false;
+  if (kind != 'O' && kind != 'E' && kind != 'S') return false;
+  header = Header{kind, id, number};
   return true;
 }
 
@@ -59,18 +68,23 @@ Result<ExecResult> agent_exec(const std::filesystem::path& agent_socket, std::st
     buffer.erase(0, length);
     return {};
   };
-  std::string line;
-  uint64_t number = 0;
+  std::string line, skipped;
+  Header header;
   for (;;) {
     DELTAVM_TRY(next_line(line));
-    if (parse_header(line, 'O', id, number)) {
-      DELTAVM_TRY(read_block(number, result.stdout_bytes));
-    } else if (parse_header(line, 'E', id, number)) {
-      DELTAVM_TRY(read_block(number, result.stderr_bytes));
-    } else if (parse_header(line, 'S', id, number)) {
-      result.exit_status = static_cast<int>(number);
+    if (!parse_header(line, header)) continue;
+    if (header.kind == 'S') {
+      if (header.id != id) continue;  // The end of an abandoned earlier request.
+      result.exit_status = static_cast<int>(header.number);
       return result;
     }
+    if (header.number > kMaxBlockBytes) {
+      return make_error(ErrorCode::kIo, "{}: the guest sent a {}-byte block, more than the {} bytes allowed", what,
+                        header.number, kMaxBlockBytes);
+    }
+    // A block of ours is kept; a block of an abandoned request is read past, whole.
+    std::string& out = header.id != id ? skipped : header.kind == 'O' ? result.stdout_bytes : result.stderr_bytes;
+    DELTAVM_TRY(read_block(header.number, out));
   }
 }
 

@@ -4,8 +4,12 @@
 #include <CLI/CLI.hpp>
 
 #include "cli/output.h"
+#include "store/store.h"
 
 namespace deltavm::cli {
+
+// The store named by --store, $DELTAVM_STORE or the default, created if missing.
+Result<Store> open_store(const GlobalOptions& options);
 
 // Each adds its subcommands to `app`; a subcommand sets `exit_status` when it runs.
 void add_image_commands(CLI::App& app, const GlobalOptions& options, int& exit_status);

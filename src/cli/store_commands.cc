@@ -8,12 +8,6 @@
 namespace deltavm::cli {
 namespace {
 
-Result<Store> open_store(const GlobalOptions& options) {
-  std::filesystem::path directory =
-      options.store_directory.empty() ? default_store_directory() : std::filesystem::path(options.store_directory);
-  return Store::open(directory);
-}
-
 nlohmann::json record_json(const ImageRecord& record) {
   return {{"name", record.name},
           {"parent", record.parent ? nlohmann::json(*record.parent) : nlohmann::json()},
@@ -146,6 +140,12 @@ Result<int> run_fsck(const GlobalOptions& options) {
 }
 
 }  // namespace
+
+Result<Store> open_store(const GlobalOptions& options) {
+  std::filesystem::path directory =
+      options.store_directory.empty() ? default_store_directory() : std::filesystem::path(options.store_directory);
+  return Store::open(directory);
+}
 
 void add_store_commands(CLI::App& app, const GlobalOptions& options, int& exit_status) {
   CLI::App* store = app.add_subcommand("store", "List, check and collect the image store");

@@ -20,9 +20,11 @@ std::filesystem::path runtime_directory(const GlobalOptions& options) {
                                            : std::filesystem::path(options.runtime_directory);
 }
 
-Result<Store> open_store(const GlobalOptions& options) {
-  return Store::open(options.store_directory.empty() ? default_store_directory()
-                                                     : std::filesystem::path(options.store_directory));
+// The backend that runs VM `vm`, as its record says.
+Result<std::unique_ptr<Backend>> backend_of(const VmDirectory& vm) {
+  Result<nlohmann::json> record = vm.read_record();
+  std::string name = record && record->contains("backend") ? (*record)["backend"].get<std::string>() : "qemu";
+  return make_backend(name);
 }
 
 Status run_template_build(const GlobalOptions& options, const std::string& spec_path, const std::string& backend_name) {
@@ -95,7 +97,7 @@ Status run_run(const GlobalOptions& options, const std::string& name, const std:
 
 Status run_resume(const GlobalOptions& options, const std::string& id) {
   DELTAVM_ASSIGN_OR_RETURN(VmDirectory vm, VmDirectory::open(runtime_directory(options), id));
-  DELTAVM_ASSIGN_OR_RETURN(std::unique_ptr<Backend> backend, make_backend("qemu"));
+  DELTAVM_ASSIGN_OR_RETURN(std::unique_ptr<Backend> backend, backend_of(vm));
   return backend->resume(vm);
 }
 
@@ -192,13 +194,14 @@ Status run_ps(const GlobalOptions& options) {
 }
 
 Status run_stop(const GlobalOptions& options, const std::vector<std::string>& ids, bool all) {
-  DELTAVM_ASSIGN_OR_RETURN(std::unique_ptr<Backend> backend, make_backend("qemu"));
   std::vector<std::string> targets = ids;
   if (all) {
     DELTAVM_ASSIGN_OR_RETURN(std::vector<VmDirectory> vms, VmDirectory::list(runtime_directory(options)));
     for (const VmDirectory& vm : vms) targets.push_back(vm.id());
   }
   for (const std::string& id : targets) {
+    DELTAVM_ASSIGN_OR_RETURN(VmDirectory vm, VmDirectory::open(runtime_directory(options), id));
+    DELTAVM_ASSIGN_OR_RETURN(std::unique_ptr<Backend> backend, backend_of(vm));
     DELTAVM_TRY(stop_vm(id, *backend, runtime_directory(options)));
     if (!options.json) fmt::print("stopped {}\n", id);
   }

@@ -70,34 +70,32 @@ Status PreparedRam::fill(GuestMemoryWriter& writer) const {
     previous = layer.digest;
     deltas.push_back(std::move(delta));
   }
-  // Merge the deltas' page lists (each sorted): every page any of them touches, once.
+  // Merge the deltas' page lists (each sorted): every page any of them touches, once, built
+  // in a small buffer reused batch after batch (fresh memory costs a page fault per page).
+  constexpr size_t kBatchPages = 256;
+  std::vector<uint8_t> buffer(kBatchPages * kPageSize);
+  std::vector<PageWrite> batch;
+  batch.reserve(kBatchPages);
   std::vector<size_t> next(deltas.size(), 0);
-  size_t most_pages = 0;
-  for (const Delta& delta : deltas) most_pages += delta.edits.size();
-  std::vector<uint8_t> pages;
-  std::vector<uint64_t> addresses;
-  pages.reserve(most_pages * kPageSize);
-  addresses.reserve(most_pages);
   for (;;) {
     uint64_t page_index = UINT64_MAX;
     for (size_t d = 0; d < deltas.size(); ++d) {
       if (next[d] < deltas[d].edits.size()) page_index = std::min(page_index, deltas[d].edits[next[d]].page_index);
     }
-    if (page_index == UINT64_MAX) break;
-    size_t offset = pages.size();
-    pages.resize(offset + kPageSize);
-    std::memcpy(pages.data() + offset, flat_mapping_.bytes().data() + page_index * kPageSize, kPageSize);
+    if (page_index == UINT64_MAX || batch.size() == kBatchPages) {
+      DELTAVM_TRY(writer.write_pages(batch));
+      batch.clear();
+      if (page_index == UINT64_MAX) return {};
+    }
+    uint8_t* page = buffer.data() + batch.size() * kPageSize;
+    std::memcpy(page, flat_mapping_.bytes().data() + page_index * kPageSize, kPageSize);
     for (size_t d = 0; d < deltas.size(); ++d) {
       if (next[d] < deltas[d].edits.size() && deltas[d].edits[next[d]].page_index == page_index) {
-        apply_edit(deltas[d], deltas[d].edits[next[d]++], pages.data() + offset);
+        apply_edit(deltas[d], deltas[d].edits[next[d]++], page);
       }
     }
-    addresses.push_back(page_index * kPageSize);
+    batch.push_back(PageWrite{page_index * kPageSize, page});
   }
-  std::vector<PageWrite> writes;
-  writes.reserve(addresses.size());
-  for (size_t i = 0; i < addresses.size(); ++i) writes.push_back(PageWrite{addresses[i], pages.data() + i * kPageSize});
-  return writer.write_pages(writes);
 }
 
 }  // namespace deltavm
