@@ -5,7 +5,7 @@ set -euo pipefail
 
 packages=(
   build-essential cmake ninja-build pkg-config
-  libzstd-dev libxxhash-dev libcli11-dev nlohmann-json3-dev libsqlite3-dev libfmt-dev
+  libzstd-dev liblz4-dev libxxhash-dev libcli11-dev nlohmann-json3-dev libsqlite3-dev libfmt-dev
   libgtest-dev libgmock-dev libbenchmark-dev
   zstd xdelta3 qemu-system-x86 busybox-static cpio
 )

@@ -20,11 +20,16 @@ constexpr size_t kFlagsOffset = 32;
 constexpr size_t kSectionCountOffset = 36;
 constexpr size_t kBaseDigestOffset = 40;
 constexpr size_t kTargetDigestOffset = 56;
-constexpr size_t kHeaderChecksumOffset = 72;
+constexpr size_t kReferenceDigestOffset = 72;
+constexpr size_t kHeaderChecksumOffset = 88;
 
 constexpr uint32_t kFlagBaseDigest = 1u << 0;
 constexpr uint32_t kFlagTargetDigest = 1u << 1;
-constexpr uint32_t kKnownFlags = kFlagBaseDigest | kFlagTargetDigest;
+constexpr uint32_t kFlagReference = 1u << 2;
+constexpr uint32_t kKnownFlags = kFlagBaseDigest | kFlagTargetDigest | kFlagReference;
+
+// With a reference, zstd's window must span reference and section together.
+constexpr int kReferenceWindowLog = 28;
 
 enum class SectionKind : uint32_t { kEdits = 1, kData = 2 };
 enum class SectionCompression : uint32_t { kNone = 0, kZstd = 1 };
@@ -57,11 +62,24 @@ std::vector<uint8_t> encode_edits(const Delta& delta) {
   return out;
 }
 
+size_t compress(std::vector<uint8_t>& out, std::span<const uint8_t> raw, int level,
+                const CompressionReference* reference) {
+  ZSTD_CCtx* context = ZSTD_createCCtx();
+  ZSTD_CCtx_setParameter(context, ZSTD_c_compressionLevel, level);
+  if (reference != nullptr) {
+    ZSTD_CCtx_setParameter(context, ZSTD_c_enableLongDistanceMatching, 1);
+    ZSTD_CCtx_setParameter(context, ZSTD_c_windowLog, kReferenceWindowLog);
+    ZSTD_CCtx_refPrefix(context, reference->bytes.data(), reference->bytes.size());
+  }
+  size_t size = ZSTD_compress2(context, out.data(), out.size(), raw.data(), raw.size());
+  ZSTD_freeCCtx(context);
+  return size;
+}
+
 void append_section(std::vector<uint8_t>& out, SectionKind kind, std::span<const uint8_t> raw,
-                    int compression_level) {
+                    int compression_level, const CompressionReference* reference) {
   std::vector<uint8_t> compressed(ZSTD_compressBound(raw.size()));
-  size_t compressed_size =
-      ZSTD_compress(compressed.data(), compressed.size(), raw.data(), raw.size(), compression_level);
+  size_t compressed_size = compress(compressed, raw, compression_level, reference);
   bool use_zstd = !ZSTD_isError(compressed_size) && compressed_size < raw.size();
   std::span<const uint8_t> stored =
       use_zstd ? std::span<const uint8_t>(compressed.data(), compressed_size) : raw;
@@ -83,6 +101,7 @@ struct Header {
   uint32_t flags;
   ImageDigest base_digest;
   ImageDigest target_digest;
+  ImageDigest reference_digest;
 };
 
 Result<Header> read_header(std::span<const uint8_t> bytes, std::string_view name) {
@@ -137,6 +156,7 @@ Result<Header> read_header(std::span<const uint8_t> bytes, std::string_view name
   }
   header.base_digest = {get_u64_le(h + kBaseDigestOffset), get_u64_le(h + kBaseDigestOffset + 8)};
   header.target_digest = {get_u64_le(h + kTargetDigestOffset), get_u64_le(h + kTargetDigestOffset + 8)};
+  header.reference_digest = {get_u64_le(h + kReferenceDigestOffset), get_u64_le(h + kReferenceDigestOffset + 8)};
   return header;
 }
 
@@ -204,7 +224,7 @@ Result<Section> read_section(std::span<const uint8_t> bytes, size_t& offset, Sec
 }
 
 Result<std::vector<uint8_t>> section_bytes(const Section& section, std::string_view section_name,
-                                           std::string_view name) {
+                                           std::string_view name, const CompressionReference* reference) {
   if (section.compression == SectionCompression::kNone) {
     return std::vector<uint8_t>(section.stored.begin(), section.stored.end());
   }
@@ -216,7 +236,13 @@ Result<std::vector<uint8_t>> section_bytes(const Section& section, std::string_v
                       section_name, static_cast<long long>(content_size), section.raw_size);
   }
   std::vector<uint8_t> raw(section.raw_size);
-  size_t result = ZSTD_decompress(raw.data(), raw.size(), section.stored.data(), section.stored.size());
+  ZSTD_DCtx* context = ZSTD_createDCtx();
+  if (reference != nullptr) {
+    ZSTD_DCtx_setParameter(context, ZSTD_d_windowLogMax, kReferenceWindowLog);
+    ZSTD_DCtx_refPrefix(context, reference->bytes.data(), reference->bytes.size());
+  }
+  size_t result = ZSTD_decompressDCtx(context, raw.data(), raw.size(), section.stored.data(), section.stored.size());
+  ZSTD_freeDCtx(context);
   if (ZSTD_isError(result) || result != raw.size()) {
     return make_error(ErrorCode::kCorruption, "{}: {} section: zstd: {}", name, section_name,
                       ZSTD_isError(result) ? ZSTD_getErrorName(result) : "short output");
@@ -320,23 +346,25 @@ Status decode_edits(std::span<const uint8_t> raw, uint64_t edit_count, Delta& de
 
 }  // namespace
 
-std::vector<uint8_t> encode_delta(const Delta& delta, int compression_level) {
+std::vector<uint8_t> encode_delta(const Delta& delta, int compression_level, const CompressionReference* reference) {
   std::vector<uint8_t> out(std::begin(kDeltaMagic), std::end(kDeltaMagic));
   put_u32_le(out, kDeltaFormatVersion);
   put_u32_le(out, kPageSize);
   put_u64_le(out, delta.image_size_bytes);
   put_u64_le(out, delta.edits.size());
-  uint32_t flags = (delta.base_digest ? kFlagBaseDigest : 0) | (delta.target_digest ? kFlagTargetDigest : 0);
+  uint32_t flags = (delta.base_digest ? kFlagBaseDigest : 0) | (delta.target_digest ? kFlagTargetDigest : 0) |
+                   (reference != nullptr ? kFlagReference : 0);
   put_u32_le(out, flags);
   put_u32_le(out, kSectionCount);
   ImageDigest none;
-  for (const ImageDigest& digest : {delta.base_digest.value_or(none), delta.target_digest.value_or(none)}) {
+  for (const ImageDigest& digest : {delta.base_digest.value_or(none), delta.target_digest.value_or(none),
+                                    reference != nullptr ? reference->digest : none}) {
     put_u64_le(out, digest.high);
     put_u64_le(out, digest.low);
   }
   put_u64_le(out, checksum(out));
-  append_section(out, SectionKind::kEdits, encode_edits(delta), compression_level);
-  append_section(out, SectionKind::kData, delta.data, compression_level);
+  append_section(out, SectionKind::kEdits, encode_edits(delta), compression_level, reference);
+  append_section(out, SectionKind::kData, delta.data, compression_level, reference);
   return out;
 }
 
@@ -345,10 +373,23 @@ bool looks_like_delta(std::span<const uint8_t> bytes) {
          std::memcmp(bytes.data(), kDeltaMagic, sizeof kDeltaMagic) == 0;
 }
 
-Result<Delta> decode_delta(std::span<const uint8_t> bytes, std::string_view name) {
+Result<Delta> decode_delta(std::span<const uint8_t> bytes, std::string_view name,
+                           const CompressionReference* reference) {
   DELTAVM_ASSIGN_OR_RETURN(Sections sections, read_sections(bytes, name));
-  DELTAVM_ASSIGN_OR_RETURN(std::vector<uint8_t> edits_raw, section_bytes(sections.edits, "edits", name));
-  DELTAVM_ASSIGN_OR_RETURN(std::vector<uint8_t> data_raw, section_bytes(sections.data, "data", name));
+  if (sections.header.flags & kFlagReference) {
+    if (reference == nullptr) {
+      return make_error(ErrorCode::kInvalidArgument, "{}: compressed against reference {}, which was not given",
+                        name, sections.header.reference_digest.hex());
+    }
+    if (reference->digest != sections.header.reference_digest) {
+      return make_error(ErrorCode::kInvalidArgument, "{}: compressed against reference {}, given reference {}", name,
+                        sections.header.reference_digest.hex(), reference->digest.hex());
+    }
+  } else {
+    reference = nullptr;
+  }
+  DELTAVM_ASSIGN_OR_RETURN(std::vector<uint8_t> edits_raw, section_bytes(sections.edits, "edits", name, reference));
+  DELTAVM_ASSIGN_OR_RETURN(std::vector<uint8_t> data_raw, section_bytes(sections.data, "data", name, reference));
   Delta delta;
   delta.image_size_bytes = sections.header.image_size_bytes;
   delta.data = std::move(data_raw);
@@ -359,10 +400,17 @@ Result<Delta> decode_delta(std::span<const uint8_t> bytes, std::string_view name
   return delta;
 }
 
+Result<std::optional<ImageDigest>> delta_reference(std::span<const uint8_t> bytes, std::string_view name) {
+  DELTAVM_ASSIGN_OR_RETURN(Header header, read_header(bytes, name));
+  if (header.flags & kFlagReference) return std::optional<ImageDigest>(header.reference_digest);
+  return std::optional<ImageDigest>();
+}
+
 Result<DeltaFileInfo> inspect_delta(std::span<const uint8_t> bytes, std::string_view name) {
   DELTAVM_ASSIGN_OR_RETURN(Sections sections, read_sections(bytes, name));
   DeltaFileInfo info;
   info.version = sections.header.version;
+  if (sections.header.flags & kFlagReference) info.reference = sections.header.reference_digest;
   info.file_bytes = bytes.size();
   info.sections.push_back({"edits", sections.edits.raw_size, sections.edits.stored.size()});
   info.sections.push_back({"data", sections.data.raw_size, sections.data.stored.size()});

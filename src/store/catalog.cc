@@ -18,7 +18,8 @@ CREATE TABLE IF NOT EXISTS images (
   digest            TEXT NOT NULL,
   created_at_unix   INTEGER NOT NULL,
   metadata          TEXT NOT NULL DEFAULT '{}',
-  page_sample       BLOB NOT NULL DEFAULT x''
+  page_sample       BLOB NOT NULL DEFAULT x'',
+  reference         TEXT NOT NULL DEFAULT ''
 );
 CREATE INDEX IF NOT EXISTS images_by_parent ON images(parent);
 CREATE TABLE IF NOT EXISTS attachments (
@@ -85,7 +86,7 @@ Status execute(sqlite3* db, const char* sql) {
 
 constexpr const char* kSelectColumns =
     "SELECT name, parent, chain_depth, object_id, image_size_bytes, stored_size_bytes, digest, "
-    "created_at_unix, metadata, page_sample FROM images";
+    "created_at_unix, metadata, page_sample, reference FROM images";
 
 ImageRecord read_record(Statement& statement) {
   ImageRecord record;
@@ -99,6 +100,7 @@ ImageRecord read_record(Statement& statement) {
   record.created_at_unix = statement.integer(7);
   record.metadata = statement.text(8);
   record.page_sample = statement.blob(9);
+  record.reference = statement.text(10);
   return record;
 }
 
@@ -193,8 +195,8 @@ Status Catalog::insert(const ImageRecord& record) {
 Status Catalog::insert_rows(const ImageRecord& record) {
   Statement statement(db_,
                       "INSERT INTO images (name, parent, chain_depth, object_id, image_size_bytes, "
-                      "stored_size_bytes, digest, created_at_unix, metadata, page_sample) "
-                      "VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)");
+                      "stored_size_bytes, digest, created_at_unix, metadata, page_sample, reference) "
+                      "VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)");
   if (!statement.ok()) return sqlite_error(db_, "prepare insert");
   statement.bind(1, record.name);
   if (record.parent) statement.bind(2, *record.parent);
@@ -207,6 +209,7 @@ Status Catalog::insert_rows(const ImageRecord& record) {
   statement.bind(8, record.created_at_unix);
   statement.bind(9, record.metadata);
   statement.bind_blob(10, record.page_sample);
+  statement.bind(11, record.reference);
   int rc = statement.step();
   if (rc == SQLITE_CONSTRAINT) {
     return make_error(ErrorCode::kAlreadyExists, "catalog: image {} already exists", record.name);

@@ -35,6 +35,9 @@ struct ImageRecord {
   int64_t created_at_unix = 0;
   std::string metadata = "{}";            // JSON owned by the caller; the store keeps it as is.
   std::vector<uint8_t> page_sample;       // Hashes of sampled pages, for finding similar images.
+  // What the image's delta is compressed against: "role:kind,role:kind", each an attachment
+  // transformed by a registered reference kind (store.h), concatenated. Empty: nothing.
+  std::string reference;
   std::vector<Attachment> attachments;
 };
 

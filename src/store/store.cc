@@ -10,6 +10,7 @@
 #include <cstring>
 #include <cstdlib>
 #include <map>
+#include <mutex>
 #include <set>
 
 #include "image/delta_file.h"
@@ -61,7 +62,66 @@ std::vector<uint8_t> sample_pages(std::span<const uint8_t> image) {
   return sample;
 }
 
+std::mutex& reference_kinds_mutex() {
+  static std::mutex mutex;
+  return mutex;
+}
+
+std::map<std::string, ReferenceTransform>& reference_kinds() {
+  static std::map<std::string, ReferenceTransform> kinds = {
+      {"raw", [](std::span<const uint8_t> bytes) { return Result<std::vector<uint8_t>>(std::vector<uint8_t>(bytes.begin(), bytes.end())); }}};
+  return kinds;
+}
+
+Result<ReferenceTransform> reference_kind(const std::string& kind) {
+  std::lock_guard lock(reference_kinds_mutex());
+  auto it = reference_kinds().find(kind);
+  if (it == reference_kinds().end()) {
+    return make_error(ErrorCode::kUnsupported, "reference kind {} is not known to this program", kind);
+  }
+  return it->second;
+}
+
+std::string reference_spec(const std::vector<std::pair<std::string, std::string>>& reference) {
+  std::string spec;
+  for (const auto& [role, kind] : reference) spec += (spec.empty() ? "" : ",") + role + ":" + kind;
+  return spec;
+}
+
+// Builds a reference from {role, kind} parts, taking each role's bytes from `bytes_of`.
+Result<std::vector<uint8_t>> build_reference(
+    const std::vector<std::pair<std::string, std::string>>& parts,
+    const std::function<Result<std::vector<uint8_t>>(const std::string& role)>& bytes_of) {
+  std::vector<uint8_t> reference;
+  for (const auto& [role, kind] : parts) {
+    DELTAVM_ASSIGN_OR_RETURN(ReferenceTransform transform, reference_kind(kind));
+    DELTAVM_ASSIGN_OR_RETURN(std::vector<uint8_t> source, bytes_of(role));
+    DELTAVM_ASSIGN_OR_RETURN(std::vector<uint8_t> part, transform(source));
+    reference.insert(reference.end(), part.begin(), part.end());
+  }
+  return reference;
+}
+
+std::vector<std::pair<std::string, std::string>> parse_reference_spec(const std::string& spec) {
+  std::vector<std::pair<std::string, std::string>> parts;
+  size_t start = 0;
+  while (start < spec.size()) {
+    size_t end = spec.find(',', start);
+    if (end == std::string::npos) end = spec.size();
+    std::string part = spec.substr(start, end - start);
+    size_t colon = part.find(':');
+    parts.emplace_back(part.substr(0, colon), colon == std::string::npos ? "" : part.substr(colon + 1));
+    start = end + 1;
+  }
+  return parts;
+}
+
 }  // namespace
+
+void register_reference_kind(const std::string& kind, ReferenceTransform transform) {
+  std::lock_guard lock(reference_kinds_mutex());
+  reference_kinds()[kind] = std::move(transform);
+}
 
 std::filesystem::path default_store_directory() {
   if (const char* store = std::getenv("DELTAVM_STORE"); store != nullptr && *store != '\0') {
@@ -163,9 +223,33 @@ Status Store::verify_object(const std::string& object_id, uint64_t expected_size
   return {};
 }
 
+Result<const std::vector<uint8_t>*> Store::reference_of(const ImageRecord& record) {
+  std::string key = record.reference;
+  for (const Attachment& attachment : record.attachments) key += "|" + attachment.role + "=" + attachment.object_id;
+  if (key != cached_reference_key_) {
+    DELTAVM_ASSIGN_OR_RETURN(cached_reference_,
+                             build_reference(parse_reference_spec(record.reference), [&](const std::string& role) {
+                               return read_attachment(record, role);
+                             }));
+    cached_reference_key_ = key;
+  }
+  return &cached_reference_;
+}
+
 Result<Delta> Store::read_delta(const ImageRecord& record) {
   DELTAVM_ASSIGN_OR_RETURN(Mapping bytes, map_object(record.object_id, record.stored_size_bytes));
-  DELTAVM_ASSIGN_OR_RETURN(Delta delta, decode_delta(bytes.bytes(), fmt::format("object {}", record.object_id)));
+  std::string name = fmt::format("object {}", record.object_id);
+  Result<Delta> decoded = Error{ErrorCode::kIo, ""};
+  if (record.reference.empty()) {
+    decoded = decode_delta(bytes.bytes(), name);
+  } else {
+    Result<const std::vector<uint8_t>*> reference = reference_of(record);
+    if (!reference) return reference.error().with_context(fmt::format("image {}: compression reference", record.name));
+    CompressionReference compression = CompressionReference::of(**reference);
+    decoded = decode_delta(bytes.bytes(), name, &compression);
+  }
+  if (!decoded) return decoded.error();
+  Delta delta = std::move(decoded).value();
   if (delta.image_size_bytes != record.image_size_bytes) {
     return make_error(ErrorCode::kCorruption, "image {}: object {} is for {}-byte images, catalog says {}",
                       record.name, record.object_id, delta.image_size_bytes, record.image_size_bytes);
@@ -199,8 +283,27 @@ Result<ImageRecord> Store::put_image(const std::string& name, std::span<const ui
   } else {
     DELTAVM_ASSIGN_OR_RETURN(base_memory, Mapping::map_anonymous(image.size()));
   }
-  DELTAVM_ASSIGN_OR_RETURN(Delta delta, diff(base_memory.bytes(), image));
-  std::vector<uint8_t> encoded = encode_delta(delta);
+  // A base (the delta from zeros) keeps its bytes in longer runs: the runs then hold whole
+  // stretches of what a compression reference or other pages repeat, which matches far better
+  // (measured on a guest base: 8.8 MiB with 2-byte gaps against a reference, 4.1 MiB with 16).
+  DiffOptions diff_options;
+  if (!parent) diff_options.merge_gap_bytes = 16;
+  DELTAVM_ASSIGN_OR_RETURN(Delta delta, diff(base_memory.bytes(), image, diff_options));
+  std::vector<uint8_t> encoded;
+  if (options.reference.empty()) {
+    encoded = encode_delta(delta);
+  } else {
+    DELTAVM_ASSIGN_OR_RETURN(std::vector<uint8_t> reference,
+                             build_reference(options.reference, [&](const std::string& role) -> Result<std::vector<uint8_t>> {
+                               for (const auto& [attachment_role, bytes] : options.attachments) {
+                                 if (attachment_role == role) return std::vector<uint8_t>(bytes.begin(), bytes.end());
+                               }
+                               return make_error(ErrorCode::kInvalidArgument, "image {}: reference names attachment {}, which is not given", name, role);
+                             }));
+    CompressionReference compression = CompressionReference::of(reference);
+    encoded = encode_delta(delta, kDefaultDeltaCompressionLevel, &compression);
+    record.reference = reference_spec(options.reference);
+  }
   DELTAVM_ASSIGN_OR_RETURN(record.object_id, put_object(encoded));
   record.stored_size_bytes = encoded.size();
   record.digest = delta.target_digest->hex();

@@ -14,6 +14,7 @@
 
 #include <cstdint>
 #include <filesystem>
+#include <functional>
 #include <optional>
 #include <span>
 #include <string>
@@ -44,8 +45,17 @@ struct GcReport {
   uint64_t bytes_freed = 0;
 };
 
+// Turns an attachment's bytes into (part of) a compression reference, e.g. a compressed kernel
+// into the kernel text it holds. Registered by name by the layers that know the formats; the
+// store only keeps the name. "raw" (the bytes as they are) is always there.
+using ReferenceTransform = std::function<Result<std::vector<uint8_t>>(std::span<const uint8_t>)>;
+void register_reference_kind(const std::string& kind, ReferenceTransform transform);
+
 // What put_image stores beside the image itself.
 struct PutOptions {
+  // Compress the image's delta against these attachments, each through a reference kind:
+  // {role, kind}. Whatever in the image repeats them is stored almost for free.
+  std::vector<std::pair<std::string, std::string>> reference;
   // Opaque objects kept with the image under a role name (role -> bytes).
   std::vector<std::pair<std::string, std::span<const uint8_t>>> attachments;
   std::string metadata = "{}";  // JSON, kept as is.
@@ -107,11 +117,15 @@ class Store {
   // The object mapped read-only, after checking its bytes against its id and expected size.
   Result<Mapping> map_object(const std::string& object_id, uint64_t expected_size);
   Status verify_object(const std::string& object_id, uint64_t expected_size);
+  // The compression reference of `record` (empty if it has none), kept for the next call.
+  Result<const std::vector<uint8_t>*> reference_of(const ImageRecord& record);
   // get_image without taking the lock. REQUIRES: the caller holds the store lock.
   Result<Mapping> rebuild_image(const std::string& name);
 
   std::filesystem::path directory_;
   Catalog catalog_;
+  std::string cached_reference_key_;
+  std::vector<uint8_t> cached_reference_;
 };
 
 // An flock on DIR/lock held for the life of the object.

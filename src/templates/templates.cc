@@ -7,6 +7,7 @@
 #include "backends/agent_client.h"
 #include "base/socket.h"
 #include "templates/initramfs.h"
+#include "templates/kernel_image.h"
 
 namespace deltavm {
 namespace {
@@ -141,6 +142,7 @@ Result<TemplateBuild> build_template(const TemplateSpec& spec, Store& store, Bac
     if (!parent) return make_error(ErrorCode::kNotFound, "template {}: parent template {} is not in the store", spec.name, *spec.parent);
     DELTAVM_TRY(inherit_from_parent(*parent, effective));
   }
+  register_kernel_reference_kind();
   DELTAVM_ASSIGN_OR_RETURN(GuestKit kit, GuestKit::locate());
   std::filesystem::path kernel_path = effective.kernel.empty() ? kit.kernel : effective.kernel;
   DELTAVM_ASSIGN_OR_RETURN(std::vector<uint8_t> kernel, read_file(kernel_path));
@@ -191,6 +193,11 @@ Result<TemplateBuild> build_template(const TemplateSpec& spec, Store& store, Bac
   options.attachments = {{std::string(kMachineStateRole), state},
                          {std::string(kKernelRole), kernel},
                          {std::string(kInitramfsRole), initramfs}};
+  // A base is compressed against what it repeats from its own attachments: the kernel's text
+  // and the initramfs. (Deltas are not: they are small, and loads decode them.)
+  if (!parent && linux_kernel_text(kernel)) {
+    options.reference = {{std::string(kKernelRole), kKernelTextReferenceKind}, {std::string(kInitramfsRole), "raw"}};
+  }
   DELTAVM_ASSIGN_OR_RETURN(build.record, store.put_image(spec.name, ram.bytes(), parent, options));
   // The first request for this template should not pay for materialising its base.
   DELTAVM_ASSIGN_OR_RETURN(std::vector<ImageRecord> chain, store.chain(spec.name));
@@ -201,6 +208,7 @@ Result<TemplateBuild> build_template(const TemplateSpec& spec, Store& store, Bac
 }
 
 Result<MachineSpec> template_machine(Store& store, const ImageRecord& record) {
+  register_kernel_reference_kind();
   DELTAVM_ASSIGN_OR_RETURN(MachineSpec machine, machine_from_metadata(record));
   DELTAVM_ASSIGN_OR_RETURN(machine.kernel, store.attachment_path(record, kKernelRole));
   DELTAVM_ASSIGN_OR_RETURN(machine.initramfs, store.attachment_path(record, kInitramfsRole));

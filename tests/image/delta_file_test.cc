@@ -146,9 +146,9 @@ TEST(DeltaFile, RefusesAWholePageWithoutItsBytes) {
 
 // Rewrites one header field and re-seals the header checksum, as a buggy or hostile writer would.
 void reseal_header(std::vector<uint8_t>& bytes) {
-  std::vector<uint8_t> sealed(bytes.begin(), bytes.begin() + 72);
+  std::vector<uint8_t> sealed(bytes.begin(), bytes.begin() + 88);
   uint64_t checksum = XXH3_64bits(sealed.data(), sealed.size());
-  for (int i = 0; i < 8; ++i) bytes[72 + i] = static_cast<uint8_t>(checksum >> (8 * i));
+  for (int i = 0; i < 8; ++i) bytes[88 + i] = static_cast<uint8_t>(checksum >> (8 * i));
 }
 
 TEST(DeltaFile, RefusesANewerVersionAsUnsupported) {
@@ -168,6 +168,38 @@ TEST(DeltaFile, RefusesAnEditCountLargerThanThePageCount) {
   Result<Delta> decoded = decode_delta(pair.encoded, "crafted");
   ASSERT_FALSE(decoded);
   EXPECT_NE(decoded.error().message.find("edit_count"), std::string::npos);
+}
+
+TEST(DeltaFile, CompressesAgainstAReferenceAndNeedsItToDecode) {
+  std::mt19937_64 random(10);
+  std::vector<uint8_t> reference_bytes(32 * kPageSize);  // Incompressible on its own.
+  for (uint8_t& byte : reference_bytes) byte = static_cast<uint8_t>(random());
+  // A target that repeats the reference (as a base image repeats its kernel).
+  std::vector<uint8_t> base(64 * kPageSize, 0);
+  std::vector<uint8_t> target = base;
+  std::copy(reference_bytes.begin(), reference_bytes.end(), target.begin() + 16 * kPageSize);
+  Delta delta = *diff(base, target);
+  CompressionReference reference = CompressionReference::of(reference_bytes);
+  std::vector<uint8_t> plain = encode_delta(delta);
+  std::vector<uint8_t> referenced = encode_delta(delta, kDefaultDeltaCompressionLevel, &reference);
+  EXPECT_LT(referenced.size() * 4, plain.size());
+
+  Result<Delta> decoded = decode_delta(referenced, "ref", &reference);
+  ASSERT_TRUE(decoded) << decoded.error().message;
+  EXPECT_EQ(decoded->data, delta.data);
+  Result<std::optional<ImageDigest>> needed = delta_reference(referenced, "ref");
+  ASSERT_TRUE(needed);
+  EXPECT_EQ(**needed, reference.digest);
+
+  Result<Delta> without = decode_delta(referenced, "ref");
+  ASSERT_FALSE(without);
+  EXPECT_NE(without.error().message.find("which was not given"), std::string::npos);
+  std::vector<uint8_t> other_bytes = reference_bytes;
+  other_bytes[5] ^= 1;
+  CompressionReference other = CompressionReference::of(other_bytes);
+  Result<Delta> wrong = decode_delta(referenced, "ref", &other);
+  ASSERT_FALSE(wrong);
+  EXPECT_NE(wrong.error().message.find("given reference"), std::string::npos);
 }
 
 TEST(DeltaFile, WritesAtomicallyAndReadsBack) {
