@@ -156,6 +156,45 @@ TEST_F(StoreTest, ImageOfTheWrongSizeForItsParentIsRefused) {
   EXPECT_FALSE(store_->find("small"));
 }
 
+TEST_F(StoreTest, ImageCompressedAgainstAnAttachmentRoundTripsAndNeedsIt) {
+  // The attachment is what the image repeats (as a base image repeats its kernel).
+  std::vector<uint8_t> attachment(a_.begin() + 8 * kPageSize, a_.begin() + 40 * kPageSize);
+  PutOptions options;
+  options.attachments = {{"kernel", attachment}};
+  options.reference = {{"kernel", "raw"}};
+  Result<ImageRecord> record = store_->put_image("a", a_, std::nullopt, options);
+  ASSERT_TRUE(record) << record.error().message;
+  EXPECT_EQ(record->reference, "kernel:raw");
+  Result<Mapping> image = store_->get_image("a");
+  ASSERT_TRUE(image) << image.error().message;
+  EXPECT_EQ(bytes_of(*image), a_);
+  Result<FsckReport> clean = store_->fsck();
+  ASSERT_TRUE(clean);
+  EXPECT_TRUE(clean->clean());
+
+  // Damage the attachment: the image can no longer be read, and the error says why.
+  std::filesystem::path path = store_->object_path(record->attachments[0].object_id);
+  std::vector<uint8_t> bytes = *read_file(path);
+  bytes[0] ^= 1;
+  ASSERT_TRUE(write_file_atomic(path, bytes));
+  Result<Store> reopened = Store::open(directory_);  // No reference cached from before.
+  ASSERT_TRUE(reopened);
+  Result<Mapping> broken = reopened->get_image("a");
+  ASSERT_FALSE(broken);
+  EXPECT_NE(broken.error().message.find("compression reference"), std::string::npos) << broken.error().message;
+}
+
+TEST_F(StoreTest, UnknownReferenceKindIsRefusedAtPut) {
+  std::vector<uint8_t> attachment(kPageSize, 1);
+  PutOptions options;
+  options.attachments = {{"kernel", attachment}};
+  options.reference = {{"kernel", "no-such-kind"}};
+  Result<ImageRecord> record = store_->put_image("a", a_, std::nullopt, options);
+  ASSERT_FALSE(record);
+  EXPECT_NE(record.error().message.find("no-such-kind"), std::string::npos);
+  EXPECT_FALSE(store_->find("a"));
+}
+
 TEST(StoreRealImages, ChainOfRealGuestImagesIsSmallAndExact) {
   if (std::getenv("DELTAVM_TEST_IMAGES") == nullptr) GTEST_SKIP() << "DELTAVM_TEST_IMAGES not set";
   auto directory = testing::real_image_directory();

@@ -8,7 +8,10 @@
 
 #include "backends/agent_client.h"
 #include "backends/qemu/qemu_backend.h"
+#include "templates/initramfs.h"
+#include "templates/kernel_image.h"
 #include "templates/templates.h"
+#include "base/file.h"
 
 namespace deltavm {
 namespace {
@@ -180,6 +183,28 @@ TEST_F(TemplateVms, MissingParentIsRefusedBeforeBooting) {
   ASSERT_FALSE(build);
   EXPECT_NE(build.error().message.find("parent template nope"), std::string::npos);
   expect_store_unchanged(*store_, before);
+}
+
+TEST(KernelImage, TextOfTheKitKernelAndRefusalOfOtherFiles) {
+  Result<GuestKit> kit = GuestKit::locate();
+  ASSERT_TRUE(kit) << kit.error().message;
+  Result<std::vector<uint8_t>> bzimage = read_file(kit->kernel);
+  ASSERT_TRUE(bzimage);
+  Result<std::vector<uint8_t>> text = linux_kernel_text(*bzimage);
+  ASSERT_TRUE(text) << text.error().message;
+  EXPECT_GT(text->size(), 2 * bzimage->size());  // Decompressed.
+  std::vector<uint8_t> not_a_kernel(4096, 0x90);
+  Result<std::vector<uint8_t>> refused = linux_kernel_text(not_a_kernel);
+  ASSERT_FALSE(refused);
+  EXPECT_NE(refused.error().message.find("HdrS"), std::string::npos);
+  std::vector<uint8_t> cut(bzimage->begin(), bzimage->begin() + 8192);
+  EXPECT_FALSE(linux_kernel_text(cut));
+}
+
+TEST_F(TemplateVms, BaseIsCompressedAgainstItsKernel) {
+  Result<ImageRecord> base = store_->find("base");
+  ASSERT_TRUE(base);
+  EXPECT_EQ(base->reference, "kernel:linux-kernel-text,initramfs:raw");
 }
 
 TEST(TemplateSpecs, BadFieldsAreNamed) {
