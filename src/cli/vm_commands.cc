@@ -128,7 +128,9 @@ Result<int> run_exec(const GlobalOptions& options, const std::string& id, const 
   return result.exit_status;
 }
 
-// Relays the terminal to the VM's serial console until Ctrl-] or the VM goes away.
+// Relays the terminal to the VM's serial console until Ctrl-] or the VM goes away. Without a
+// terminal (a script piping commands in), it sends its input and then shows what the console
+// prints until it has been quiet for a second.
 Status run_console(const GlobalOptions& options, const std::string& id) {
   DELTAVM_ASSIGN_OR_RETURN(VmDirectory vm, VmDirectory::open(runtime_directory(options), id));
   DELTAVM_ASSIGN_OR_RETURN(Fd console, connect_unix(vm.console_socket(), deadline_after(std::chrono::seconds(5))));
@@ -147,11 +149,13 @@ Status run_console(const GlobalOptions& options, const std::string& id) {
   bool input_open = true;
   for (;;) {
     fds[0].fd = input_open ? STDIN_FILENO : -1;
-    if (::poll(fds, 2, -1) < 0) {
+    int ready = ::poll(fds, 2, input_open ? -1 : 1000);
+    if (ready < 0) {
       if (errno == EINTR) continue;
       status = errno_error("poll", errno);
       break;
     }
+    if (ready == 0) break;  // Input done and the console quiet.
     if (fds[1].revents & (POLLIN | POLLHUP | POLLERR)) {
       ssize_t n = ::read(console.get(), buffer, sizeof buffer);
       if (n <= 0) break;
@@ -160,8 +164,8 @@ Status run_console(const GlobalOptions& options, const std::string& id) {
     if (input_open && (fds[0].revents & (POLLIN | POLLHUP))) {
       ssize_t n = ::read(STDIN_FILENO, buffer, sizeof buffer);
       if (n <= 0) {
-        input_open = false;  // Keep showing output until the VM closes the console.
-        if (!terminal) break;
+        input_open = false;
+        if (terminal) break;
         continue;
       }
       if (terminal && std::memchr(buffer, 0x1d, static_cast<size_t>(n)) != nullptr) break;

@@ -2,6 +2,9 @@
 // chain, and new VMs are loaded from the chain and checked for equivalence.
 #include <gtest/gtest.h>
 
+#include <sys/wait.h>
+
+#include <cstdio>
 #include <cstring>
 #include <fstream>
 #include <thread>
@@ -107,6 +110,36 @@ TEST_F(TemplateVms, FilesProcessesAndCounterSurviveTheLoad) {
   std::this_thread::sleep_for(std::chrono::milliseconds(1500));
   int second = std::stoi(exec_output(vm, "cat /run/ticks"));
   EXPECT_GT(second, first);
+}
+
+TEST_F(TemplateVms, CommandLineRunsExecsAndStopsAVm) {
+  std::string deltavm = std::string(DELTAVM_BINARY) + " --store " + (test_root() / "store").string() + " --runtime " +
+                        runtime().string();
+  auto run = [](const std::string& command) {
+    std::string output;
+    FILE* pipe = ::popen(command.c_str(), "r");
+    char buffer[4096];
+    size_t n;
+    while ((n = fread(buffer, 1, sizeof buffer, pipe)) > 0) output.append(buffer, n);
+    int status = ::pclose(pipe);
+    return std::pair<int, std::string>(WEXITSTATUS(status), output);
+  };
+  auto [run_status, id_line] = run(deltavm + " run counter");
+  ASSERT_EQ(run_status, 0);
+  std::string id = id_line.substr(0, id_line.find('\n'));
+  started_.push_back(id);
+  auto [exec_status, exec_output] = run(deltavm + " exec " + id + " -- 'cat /tmp/marker; exit 7'");
+  EXPECT_EQ(exec_status, 7);
+  EXPECT_EQ(exec_output, "made-before-capture\n");
+  auto [console_status, console_output] = run("echo 'echo console-$((40+2))' | " + deltavm + " console " + id);
+  EXPECT_EQ(console_status, 0);
+  EXPECT_NE(console_output.find("console-42"), std::string::npos) << console_output;
+  auto [ps_status, ps_output] = run(deltavm + " ps");
+  EXPECT_NE(ps_output.find(id), std::string::npos);
+  EXPECT_EQ(run(deltavm + " stop " + id).first, 0);
+  started_.clear();
+  EXPECT_EQ(run(deltavm + " ps").second.find(id), std::string::npos);
+  EXPECT_NE(run(deltavm + " exec " + id + " -- true 2>&1").second.find("no VM " + id), std::string::npos);
 }
 
 TEST_F(TemplateVms, FiveClonesRunIndependentlyAndLeaveTheStoreUnchanged) {

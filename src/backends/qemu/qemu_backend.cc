@@ -366,10 +366,13 @@ Accelerator choose_accelerator() {
   if (const char* forced = std::getenv("DELTAVM_QEMU_ACCEL"); forced != nullptr && *forced) {
     return {forced, "set by DELTAVM_QEMU_ACCEL"};
   }
-  if (::access("/dev/kvm", R_OK | W_OK) != 0) return {"tcg", "/dev/kvm is not available"};
+  bool device = ::access("/dev/kvm", R_OK | W_OK) == 0;
   if (std::filesystem::exists("/sys/module/kvm_pvm")) {
-    return {"tcg", "/dev/kvm is software nested virtualisation (kvm_pvm): ring-0 guest code would be emulated ~1000x slower"};
+    return {"tcg", fmt::format("KVM here is software nested virtualisation (module kvm_pvm{}): ring-0 guest code "
+                               "would be emulated about 1000x slower than TCG runs it",
+                               device ? "" : "; /dev/kvm is absent too")};
   }
+  if (!device) return {"tcg", "/dev/kvm is not available"};
   return {"kvm", "/dev/kvm is hardware-backed"};
 }
 
