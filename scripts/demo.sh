@@ -29,7 +29,6 @@ done
 echo
 echo "== 2. the chain and what it costs on disk"
 "${deltavm[@]}" template ls
-stored=0
 zstd_total=0
 for name in base web worker; do
   "${deltavm[@]}" store get "$name" -o "$scratch/$name.ram" >/dev/null
@@ -37,8 +36,7 @@ for name in base web worker; do
   zstd_total=$((zstd_total + $(stat -c %s "$scratch/$name.ram.zst")))
   rm -f "$scratch/$name.ram"
 done
-stored=$("${deltavm[@]}" --json store ls | python3 -c 'import json,sys; print(sum(i["stored_size_bytes"] for i in json.load(sys.stdin)["images"]))' 2>/dev/null ||
-  "${deltavm[@]}" --json store ls | grep -o '"stored_size_bytes": [0-9]*' | awk '{s+=$2} END {print s}')
+stored=$("${deltavm[@]}" --json store ls | grep -o '"stored_size_bytes": [0-9]*' | awk '{s+=$2} END {print s}')
 awk -v s="$stored" -v z="$zstd_total" 'BEGIN {
   printf "three templates stored as images:       %8.1f MB\n", s / 1e6;
   printf "three full images, each zstd -3:        %8.1f MB\n", z / 1e6;

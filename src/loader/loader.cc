@@ -2,10 +2,10 @@
 
 #include <sys/stat.h>
 
+#include <algorithm>
 #include <chrono>
+#include <cstdint>
 #include <cstring>
-
-#include "image/delta_file.h"
 
 namespace deltavm {
 
