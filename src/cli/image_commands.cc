@@ -48,12 +48,20 @@ Status run_diff(const GlobalOptions& options, const std::string& base_path, cons
                       base_path, base.size(), target_path, target.size());
   }
   DiffOptions diff_options;
+  Delta delta_storage;
   DirtyBitmap dirty;
   if (!dirty_path.empty()) {
     DELTAVM_ASSIGN_OR_RETURN(dirty, DirtyBitmap::read_file(dirty_path, page_count(base.size())));
     diff_options.dirty = &dirty;
   }
-  DELTAVM_ASSIGN_OR_RETURN(Delta delta, diff(base.bytes(), target.bytes(), diff_options));
+  {
+    Progress progress("comparing " + target_path, page_count(base.size()), !options.json);
+    diff_options.progress = [&progress](uint64_t done, uint64_t) { progress.update(done); };
+    DELTAVM_ASSIGN_OR_RETURN(Delta computed, diff(base.bytes(), target.bytes(), diff_options));
+    diff_options.progress = nullptr;
+    delta_storage = std::move(computed);
+  }
+  Delta& delta = delta_storage;
   std::vector<uint8_t> encoded = encode_delta(delta, level);
   DELTAVM_TRY(write_file_atomic(output_path, encoded));
   double total_ms = elapsed_ms(start);

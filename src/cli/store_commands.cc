@@ -59,7 +59,11 @@ Status run_put(const GlobalOptions& options, const std::string& name, const std:
   DELTAVM_ASSIGN_OR_RETURN(Mapping image, Mapping::map_file_readonly(path));
   std::optional<std::string> parent_name;
   if (!parent.empty()) parent_name = parent;
-  DELTAVM_ASSIGN_OR_RETURN(ImageRecord record, store.put_image(name, image.bytes(), parent_name));
+  std::optional<Progress> progress(std::in_place, "storing " + name, page_count(image.size()), !options.json);
+  PutOptions put_options;
+  put_options.progress = [&progress](uint64_t done, uint64_t) { progress->update(done); };
+  DELTAVM_ASSIGN_OR_RETURN(ImageRecord record, store.put_image(name, image.bytes(), parent_name, put_options));
+  progress.reset();  // Finishes the progress line before the result is printed.
   if (options.json) {
     print_json(record_json(record));
   } else {

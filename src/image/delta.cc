@@ -141,8 +141,13 @@ Result<Delta> diff(std::span<const uint8_t> base, std::span<const uint8_t> targe
     builder.add_runs(page, runs, values.data());
   };
 
+  constexpr uint64_t kProgressPages = 16384;
+  auto report = [&](uint64_t page) {
+    if (options.progress && page % kProgressPages == 0) options.progress(page, pages);
+  };
   if (options.dirty != nullptr) {
     for (uint64_t page = 0; page < pages; ++page) {
+      report(page);
       if (options.dirty->test(page)) diff_page(page);
     }
     return builder.finish();
@@ -156,7 +161,10 @@ Result<Delta> diff(std::span<const uint8_t> base, std::span<const uint8_t> targe
     base_digest = digest_image(base);
     target_digest = digest_image(target);
   });
-  for (uint64_t page = 0; page < pages; ++page) diff_page(page);
+  for (uint64_t page = 0; page < pages; ++page) {
+    report(page);
+    diff_page(page);
+  }
   digester.join();
   Delta delta = builder.finish();
   delta.base_digest = base_digest;

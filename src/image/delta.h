@@ -5,6 +5,7 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <optional>
 #include <span>
 #include <vector>
@@ -83,6 +84,8 @@ struct DiffOptions {
   // Two differing stretches of a page separated by at most this many equal bytes are stored as
   // one run: a run header costs about two bytes.
   uint32_t merge_gap_bytes = 2;
+  // Called now and then with the pages compared so far, for progress displays.
+  std::function<void(uint64_t pages_done, uint64_t pages_total)> progress;
 };
 
 // The delta from `base` to `target`. Both must be the same whole number of pages.

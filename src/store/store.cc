@@ -287,6 +287,7 @@ Result<ImageRecord> Store::put_image(const std::string& name, std::span<const ui
   // stretches of what a compression reference or other pages repeat, which matches far better
   // (measured on a guest base: 8.8 MiB with 2-byte gaps against a reference, 4.1 MiB with 16).
   DiffOptions diff_options;
+  diff_options.progress = options.progress;
   if (!parent) diff_options.merge_gap_bytes = 16;
   DELTAVM_ASSIGN_OR_RETURN(Delta delta, diff(base_memory.bytes(), image, diff_options));
   std::vector<uint8_t> encoded;

@@ -59,6 +59,8 @@ struct PutOptions {
   // Opaque objects kept with the image under a role name (role -> bytes).
   std::vector<std::pair<std::string, std::span<const uint8_t>>> attachments;
   std::string metadata = "{}";  // JSON, kept as is.
+  // Pages of the new image compared so far against its parent (or zeros), for progress.
+  std::function<void(uint64_t pages_done, uint64_t pages_total)> progress;
 };
 
 // How alike two images are: the fraction of sampled pages equal at the same address.
