@@ -38,11 +38,22 @@ std::string exec_output(const VmDirectory& vm, const std::string& command) {
 class TemplateVms : public ::testing::Test {
  protected:
   // One store for the suite: a base and, chained on it, a template with a running counter.
+  // ctest runs each test in a process of its own: the templates are built by the first and
+  // reused by the others, unless this test binary was rebuilt since (the stamp differs).
   static void SetUpTestSuite() {
-    std::filesystem::remove_all(test_root());
-    std::filesystem::create_directories(test_root());
+    const std::string stamp = __DATE__ " " __TIME__;
+    std::filesystem::path stamp_file = test_root() / "stamp";
+    std::ifstream in(stamp_file);
+    std::string found;
+    std::getline(in, found);
+    bool reuse = found == stamp;
+    if (!reuse) {
+      std::filesystem::remove_all(test_root());
+      std::filesystem::create_directories(test_root());
+    }
     store_ = new Store(std::move(*Store::open(test_root() / "store")));
     backend_ = make_qemu_backend().release();
+    if (reuse && store_->find("base") && store_->find("counter")) return;
     Result<TemplateBuild> base = build_template(parse(R"({"name": "base", "memory_mib": 128})"), *store_, *backend_, runtime());
     ASSERT_TRUE(base) << base.error().message;
     Result<TemplateBuild> counter = build_template(parse(R"({
@@ -51,6 +62,7 @@ class TemplateVms : public ::testing::Test {
                 "(n=0; while true; do n=$((n+1)); echo $n > /run/ticks; sleep 0.2; done) &",
                 "sleep 1"]})"), *store_, *backend_, runtime());
     ASSERT_TRUE(counter) << counter.error().message;
+    std::ofstream(stamp_file) << stamp << "\n";
   }
   static void TearDownTestSuite() {
     delete store_;
