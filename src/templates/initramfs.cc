@@ -52,10 +52,6 @@ class CpioWriter {
   uint32_t next_inode_ = 1;
 };
 
-std::span<const uint8_t> as_bytes(const std::string& text) {
-  return {reinterpret_cast<const uint8_t*>(text.data()), text.size()};
-}
-
 }  // namespace
 
 Result<GuestKit> GuestKit::locate() {
