@@ -112,14 +112,7 @@ Status run_apply(const GlobalOptions& options, const std::string& base_path,
     return make_error(ErrorCode::kCorruption, "result has digest {} but {} promises {}", result.hex(),
                       delta_paths.back(), deltas.back().target_digest->hex());
   }
-  DELTAVM_ASSIGN_OR_RETURN(AtomicFileWriter writer, AtomicFileWriter::create(output_path));
-  Progress progress("writing " + output_path, memory.size(), !options.json);
-  constexpr size_t kChunk = 16 << 20;
-  for (size_t offset = 0; offset < memory.size(); offset += kChunk) {
-    DELTAVM_TRY(writer.append(memory.bytes().subspan(offset, std::min(kChunk, memory.size() - offset))));
-    progress.update(offset);
-  }
-  DELTAVM_TRY(writer.commit());
+  DELTAVM_TRY(write_image_file(output_path, memory.bytes(), options.json));
   double total_ms = elapsed_ms(start);
   if (options.json) {
     print_json({{"image", output_path}, {"image_size_bytes", memory.size()}, {"deltas", delta_paths.size()},

@@ -1,5 +1,8 @@
 #include "cli/output.h"
 
+#include "base/file.h"
+#include "base/progress.h"
+
 #include <fmt/format.h>
 
 #include <algorithm>
@@ -56,6 +59,17 @@ std::string human_duration_ms(double milliseconds) {
   if (milliseconds < 1) return fmt::format("{:.0f} us", milliseconds * 1000);
   if (milliseconds < 1000) return fmt::format("{:.1f} ms", milliseconds);
   return fmt::format("{:.2f} s", milliseconds / 1000);
+}
+
+Status write_image_file(const std::string& path, std::span<const uint8_t> bytes, bool quiet) {
+  DELTAVM_ASSIGN_OR_RETURN(AtomicFileWriter writer, AtomicFileWriter::create(path));
+  Progress progress("writing " + path, bytes.size(), !quiet);
+  constexpr size_t kChunk = 16 << 20;
+  for (size_t offset = 0; offset < bytes.size(); offset += kChunk) {
+    DELTAVM_TRY(writer.append(bytes.subspan(offset, std::min(kChunk, bytes.size() - offset))));
+    progress.update(offset);
+  }
+  return writer.commit();
 }
 
 void print_json(const nlohmann::json& value) { fmt::print("{}\n", value.dump(2)); }

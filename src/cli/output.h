@@ -4,6 +4,7 @@
 #include <nlohmann/json.hpp>
 
 #include <cstdint>
+#include <span>
 #include <string>
 #include <vector>
 
@@ -39,6 +40,10 @@ std::string human_bytes(uint64_t bytes);
 std::string human_duration_ms(double milliseconds);
 
 void print_json(const nlohmann::json& value);
+
+// Writes `bytes` crash-safely to `path`, showing progress unless `quiet`; the file appears
+// only when complete.
+Status write_image_file(const std::string& path, std::span<const uint8_t> bytes, bool quiet);
 
 // Prints "deltavm: <kind>: <message>" on stderr and returns the exit status for it.
 int report_error(const Error& error);

@@ -77,14 +77,7 @@ Status run_put(const GlobalOptions& options, const std::string& name, const std:
 Status run_get(const GlobalOptions& options, const std::string& name, const std::string& output) {
   DELTAVM_ASSIGN_OR_RETURN(Store store, open_store(options));
   DELTAVM_ASSIGN_OR_RETURN(Mapping image, store.get_image(name));
-  DELTAVM_ASSIGN_OR_RETURN(AtomicFileWriter writer, AtomicFileWriter::create(output));
-  Progress progress("writing " + output, image.size(), !options.json);
-  constexpr size_t kChunk = 16 << 20;
-  for (size_t offset = 0; offset < image.size(); offset += kChunk) {
-    DELTAVM_TRY(writer.append(image.bytes().subspan(offset, std::min(kChunk, image.size() - offset))));
-    progress.update(offset);
-  }
-  DELTAVM_TRY(writer.commit());
+  DELTAVM_TRY(write_image_file(output, image.bytes(), options.json));
   if (options.json) print_json({{"name", name}, {"output", output}, {"image_size_bytes", image.size()}});
   else fmt::print("wrote {} ({})\n", output, human_bytes(image.size()));
   return {};

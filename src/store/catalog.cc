@@ -110,7 +110,6 @@ Result<Catalog> Catalog::open(const std::filesystem::path& path) {
   sqlite3* db = nullptr;
   int rc = sqlite3_open_v2(path.c_str(), &db, SQLITE_OPEN_READWRITE | SQLITE_OPEN_CREATE, nullptr);
   Catalog catalog(db);  // Closes db on every return below.
-  catalog.path_ = path;
   if (rc != SQLITE_OK) return sqlite_error(db, fmt::format("open {}", path.string()));
   sqlite3_busy_timeout(db, 30000);
   DELTAVM_TRY(execute(db, "PRAGMA journal_mode=WAL; PRAGMA synchronous=FULL; PRAGMA foreign_keys=ON;"));
@@ -130,7 +129,7 @@ Result<Catalog> Catalog::open(const std::filesystem::path& path) {
   return catalog;
 }
 
-Catalog::Catalog(Catalog&& other) noexcept : db_(other.db_), path_(std::move(other.path_)) {
+Catalog::Catalog(Catalog&& other) noexcept : db_(other.db_) {
   other.db_ = nullptr;
 }
 
@@ -138,7 +137,6 @@ Catalog& Catalog::operator=(Catalog&& other) noexcept {
   if (this != &other) {
     sqlite3_close(db_);
     db_ = other.db_;
-    path_ = std::move(other.path_);
     other.db_ = nullptr;
   }
   return *this;

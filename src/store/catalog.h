@@ -62,7 +62,6 @@ class Catalog {
   Status load_attachments(ImageRecord& record);
   Status insert_rows(const ImageRecord& record);
   sqlite3* db_ = nullptr;
-  std::filesystem::path path_;
 };
 
 }  // namespace deltavm
