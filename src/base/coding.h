@@ -55,6 +55,14 @@ class ByteReader {
     return bytes_[position_++];
   }
 
+  // The next `count` bytes.
+  std::optional<std::span<const uint8_t>> take(size_t count) {
+    if (remaining() < count) return std::nullopt;
+    std::span<const uint8_t> taken = bytes_.subspan(position_, count);
+    position_ += count;
+    return taken;
+  }
+
   // A varint of at most 10 bytes whose value fits in 64 bits.
   std::optional<uint64_t> varint() {
     uint64_t value = 0;

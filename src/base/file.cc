@@ -74,6 +74,14 @@ Result<Mapping> Mapping::map_anonymous(size_t size_bytes) {
   return Mapping(static_cast<uint8_t*>(data), size_bytes);
 }
 
+Result<Mapping> Mapping::map(int fd, size_t size_bytes, int protection, int flags, off_t offset,
+                             std::string_view what) {
+  if (size_bytes == 0) return Mapping();
+  void* data = ::mmap(nullptr, size_bytes, protection, flags, fd, offset);
+  if (data == MAP_FAILED) return errno_error(fmt::format("mmap {} ({} bytes)", what, size_bytes), errno);
+  return Mapping(static_cast<uint8_t*>(data), size_bytes);
+}
+
 Result<std::vector<uint8_t>> read_file(const std::filesystem::path& path) {
   DELTAVM_ASSIGN_OR_RETURN(Fd fd, open_file(path, O_RDONLY));
   std::vector<uint8_t> bytes;

@@ -7,7 +7,10 @@
 #include <filesystem>
 #include <span>
 #include <string>
+#include <string_view>
 #include <vector>
+
+#include <sys/types.h>
 
 #include "base/error.h"
 
@@ -49,10 +52,14 @@ class Mapping {
   // `size_bytes` of fresh zeroed anonymous memory, private to this process. The pages are
   // not touched: the kernel supplies each on first access.
   static Result<Mapping> map_anonymous(size_t size_bytes);
+  // mmap(2) of `fd` with the given protection and flags; `what` names the mapping in errors.
+  static Result<Mapping> map(int fd, size_t size_bytes, int protection, int flags, off_t offset,
+                             std::string_view what);
 
   std::span<const uint8_t> bytes() const { return {data_, size_}; }
   std::span<uint8_t> writable_bytes() { return {data_, size_}; }
   size_t size() const { return size_; }
+  uint8_t* data() const { return data_; }
 
  private:
   Mapping(uint8_t* data, size_t size) : data_(data), size_(size) {}

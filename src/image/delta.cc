@@ -145,17 +145,11 @@ Result<Delta> diff(std::span<const uint8_t> base, std::span<const uint8_t> targe
   auto report = [&](uint64_t page) {
     if (options.progress && page % kProgressPages == 0) options.progress(page, pages);
   };
-  if (options.dirty != nullptr) {
-    for (uint64_t page = 0; page < pages; ++page) {
-      report(page);
-      if (options.dirty->test(page)) diff_page(page);
-    }
-    return builder.finish();
-  }
-
-  // Whole images: digest both on a second core while this one compares them. Comparing is
+  // Digest both images on a second core while this one compares them. Comparing is
   // memory-bound and cheap, hashing is compute-bound: side by side they take about as long as
-  // the hashing alone.
+  // the hashing alone. With a dirty bitmap only its pages are compared, but the digests still
+  // cover every page, so that a bitmap that missed a change is caught when the delta is
+  // verified instead of silently storing the wrong image.
   ImageDigest base_digest, target_digest;
   std::thread digester([&] {
     base_digest = digest_image(base);
@@ -163,7 +157,7 @@ Result<Delta> diff(std::span<const uint8_t> base, std::span<const uint8_t> targe
   });
   for (uint64_t page = 0; page < pages; ++page) {
     report(page);
-    diff_page(page);
+    if (options.dirty == nullptr || options.dirty->test(page)) diff_page(page);
   }
   digester.join();
   Delta delta = builder.finish();

@@ -50,8 +50,9 @@ struct DeltaStats {
 // offset order without overlap, and every edit's bytes lie inside `data`.
 struct Delta {
   uint64_t image_size_bytes = 0;
-  // Digests of the whole base and target images, when the producer read them whole (a delta
-  // made from a dirty bitmap reads only dirty pages and records none).
+  // Digests of the whole base and target images (also for a delta made from a dirty bitmap:
+  // the digests are how a bitmap that missed a change is caught). Absent in deltas whose
+  // producer did not record them.
   std::optional<ImageDigest> base_digest;
   std::optional<ImageDigest> target_digest;
   std::vector<PageEdit> edits;

@@ -289,6 +289,7 @@ Result<ImageRecord> Store::put_image(const std::string& name, std::span<const ui
   DiffOptions diff_options;
   diff_options.progress = options.progress;
   if (!parent) diff_options.merge_gap_bytes = 16;
+  if (parent) diff_options.dirty = options.dirty;
   DELTAVM_ASSIGN_OR_RETURN(Delta delta, diff(base_memory.bytes(), image, diff_options));
   std::vector<uint8_t> encoded;
   if (options.reference.empty()) {

@@ -59,6 +59,9 @@ struct PutOptions {
   // Opaque objects kept with the image under a role name (role -> bytes).
   std::vector<std::pair<std::string, std::span<const uint8_t>>> attachments;
   std::string metadata = "{}";  // JSON, kept as is.
+  // With a parent: the pages that may differ from it (say, KVM's dirty log since the VM was
+  // loaded from the parent); the others are taken as equal without being compared.
+  const DirtyBitmap* dirty = nullptr;
   // Pages of the new image compared so far against its parent (or zeros), for progress.
   std::function<void(uint64_t pages_done, uint64_t pages_total)> progress;
 };

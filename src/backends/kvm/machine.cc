@@ -1,0 +1,362 @@
+#include "backends/kvm/machine.h"
+
+#include <pthread.h>
+#include <signal.h>
+#include <sys/ioctl.h>
+
+#include <cstring>
+
+#include "base/coding.h"
+
+namespace deltavm::kvm {
+namespace {
+
+// The signal that kicks a vCPU thread out of KVM_RUN. Its handler does nothing; installed
+// without SA_RESTART so that KVM_RUN returns EINTR.
+int kick_signal() { return SIGRTMIN + 1; }
+
+void install_kick_handler() {
+  static std::once_flag once;
+  std::call_once(once, [] {
+    struct sigaction action {};
+    action.sa_handler = [](int) {};
+    sigemptyset(&action.sa_mask);
+    action.sa_flags = 0;
+    sigaction(kick_signal(), &action, nullptr);
+  });
+}
+
+enum MicroPort : uint16_t {
+  kPortCheckpoint = 0x500,
+  kPortChecksumLow = 0x501,
+  kPortChecksumHigh = 0x502,
+  kPortDone = 0x503,
+  kPortHeartbeat = 0x504,
+};
+
+constexpr uint64_t kWorkAddress = 16ull << 20;
+constexpr uint64_t kMaxMemoryBytes = 3ull << 30;  // Below the 32-bit MMIO hole: one slot.
+
+}  // namespace
+
+std::string_view machine_run_state_name(MachineRunState state) {
+  switch (state) {
+    case MachineRunState::kPaused: return "paused";
+    case MachineRunState::kRunning: return "running";
+    case MachineRunState::kDone: return "done";
+    case MachineRunState::kFailed: return "failed";
+  }
+  return "?";
+}
+
+Machine::~Machine() {
+  {
+    std::lock_guard lock(mutex_);
+    quit_ = true;
+    request_pause_locked();
+  }
+  changed_.notify_all();
+  for (std::thread& thread : threads_) thread.join();
+}
+
+Result<std::unique_ptr<Machine>> Machine::create(const KvmSystem& system, GuestMemory memory, GuestKind kind,
+                                                 uint32_t vcpus, const MachineOptions& options) {
+  uint64_t size = memory.bytes().size();
+  if (size % 4096 != 0 || size < (32ull << 20) || size > kMaxMemoryBytes) {
+    return make_error(ErrorCode::kInvalidArgument, "guest RAM of {} bytes: expected a multiple of 4 KiB from 32 MiB to 3 GiB",
+                      size);
+  }
+  install_kick_handler();
+  DELTAVM_ASSIGN_OR_RETURN(KvmVm vm, system.create_vm());
+  DELTAVM_TRY(vm.set_memory(0, 0, memory.bytes(), options.log_dirty));
+  std::unique_ptr<Machine> machine(new Machine(std::move(vm), std::move(memory), kind, options));
+  DELTAVM_ASSIGN_OR_RETURN(machine->msr_indices_, system.msr_index_list());
+  machine->cpu_vendor_ = host_cpu_vendor();
+  for (uint32_t i = 0; i < vcpus; ++i) {
+    DELTAVM_ASSIGN_OR_RETURN(Vcpu vcpu, Vcpu::create(system, machine->vm_, i));
+    machine->vcpus_.push_back(std::move(vcpu));
+  }
+  return machine;
+}
+
+Result<std::unique_ptr<Machine>> Machine::boot_micro(const KvmSystem& system, GuestMemory memory,
+                                                     std::span<const uint8_t> program,
+                                                     const MicroGuestParameters& parameters,
+                                                     const MachineOptions& options) {
+  DELTAVM_TRY(check_micro_program(program, "micro guest program"));
+  uint64_t size = memory.bytes().size();
+  if (parameters.work_address < kWorkAddress || parameters.work_bytes % 4096 != 0 ||
+      parameters.work_address + parameters.work_bytes > size) {
+    return make_error(ErrorCode::kInvalidArgument, "micro guest work area [{:#x}, +{:#x}) is not inside RAM above 16 MiB",
+                      parameters.work_address, parameters.work_bytes);
+  }
+  DELTAVM_ASSIGN_OR_RETURN(std::unique_ptr<Machine> machine,
+                           create(system, std::move(memory), GuestKind::kMicro, 1, options));
+  std::span<uint8_t> ram = machine->memory();
+  write_boot_tables(ram, /*user_accessible=*/true);
+  std::memcpy(ram.data() + kProgramAddress, program.data(), program.size());
+  std::memcpy(ram.data() + kBootParamsAddress, &parameters, sizeof parameters);
+  DELTAVM_ASSIGN_OR_RETURN(std::vector<kvm_cpuid_entry2> supported, system.supported_cpuid());
+  DELTAVM_TRY(configure_long_mode_vcpu(machine->vcpus_[0], normalize_cpuid(supported, 0, 1), kProgramAddress, 0,
+                                       kBootParamsAddress));
+  for (Vcpu& vcpu : machine->vcpus_) {
+    machine->threads_.emplace_back([raw = machine.get(), &vcpu] { raw->run_vcpu(vcpu); });
+  }
+  return machine;
+}
+
+Result<std::unique_ptr<Machine>> Machine::restore(const KvmSystem& system, GuestMemory memory,
+                                                  const MachineState& state, const MachineOptions& options) {
+  if (state.cpu_vendor != host_cpu_vendor()) {
+    return check_host_compatibility(state, host_cpu_vendor(), state.tsc_khz, memory.bytes().size()).error();
+  }
+  uint64_t memory_bytes = memory.bytes().size();
+  DELTAVM_ASSIGN_OR_RETURN(
+      std::unique_ptr<Machine> machine,
+      create(system, std::move(memory), state.kind, static_cast<uint32_t>(state.vcpus.size()), options));
+  DELTAVM_ASSIGN_OR_RETURN(uint32_t host_tsc_khz, machine->vcpus_[0].tsc_khz());
+  DELTAVM_TRY(check_host_compatibility(state, machine->cpu_vendor_, host_tsc_khz, memory_bytes));
+  // Ordering (Firecracker's restore, brief §3.4): every vCPU exists before any state is set;
+  // vCPU state, then the VM's (PIT, clock, irqchips), then the devices, so that nothing a
+  // device raises is overwritten by the irqchip state.
+  for (size_t i = 0; i < state.vcpus.size(); ++i) {
+    Status restored = machine->vcpus_[i].restore_state(state.vcpus[i]);
+    if (!restored) return restored.error().with_context(fmt::format("restoring vCPU {}", i));
+  }
+  DELTAVM_TRY(machine->vm_.restore_state(state.vm));
+  DELTAVM_TRY(machine->decode_devices(state.devices));
+  for (Vcpu& vcpu : machine->vcpus_) {
+    machine->threads_.emplace_back([raw = machine.get(), &vcpu] { raw->run_vcpu(vcpu); });
+  }
+  return machine;
+}
+
+Status Machine::resume() {
+  std::lock_guard lock(mutex_);
+  if (state_ == MachineRunState::kFailed) return make_error(ErrorCode::kInvalidArgument, "machine failed: {}", failure_);
+  if (state_ == MachineRunState::kDone) return make_error(ErrorCode::kInvalidArgument, "the guest has finished");
+  if (timeline_.started == std::chrono::steady_clock::time_point{}) {
+    timeline_.started = std::chrono::steady_clock::now();
+    if (options_.step_first_instruction) DELTAVM_TRY(vcpus_[0].set_single_step(true));
+  }
+  run_requested_ = true;
+  state_ = MachineRunState::kRunning;
+  changed_.notify_all();
+  return {};
+}
+
+void Machine::request_pause_locked() {
+  run_requested_ = false;
+  for (size_t i = 0; i < vcpus_.size(); ++i) {
+    vcpus_[i].run()->immediate_exit = 1;
+    if (i < threads_.size()) pthread_kill(threads_[i].native_handle(), kick_signal());
+  }
+}
+
+Status Machine::pause() {
+  std::unique_lock lock(mutex_);
+  request_pause_locked();
+  changed_.wait(lock, [&] { return parked_ == threads_.size(); });
+  if (state_ == MachineRunState::kRunning) state_ = MachineRunState::kPaused;
+  return {};
+}
+
+void Machine::pause_at_checkpoint(uint64_t checkpoint) {
+  std::lock_guard lock(mutex_);
+  pause_at_checkpoint_ = checkpoint;
+}
+
+MachineStatus Machine::wait(std::chrono::milliseconds timeout) {
+  std::unique_lock lock(mutex_);
+  changed_.wait_for(lock, timeout, [&] { return !run_requested_ && parked_ == threads_.size(); });
+  if (!run_requested_ && parked_ == threads_.size() && state_ == MachineRunState::kRunning) {
+    state_ = MachineRunState::kPaused;
+  }
+  return MachineStatus{state_, failure_, micro_};
+}
+
+bool Machine::wait_first_report(std::chrono::milliseconds timeout) {
+  std::unique_lock lock(mutex_);
+  changed_.wait_for(lock, timeout, [&] {
+    return timeline_.first_report != std::chrono::steady_clock::time_point{} || state_ == MachineRunState::kFailed;
+  });
+  return timeline_.first_report != std::chrono::steady_clock::time_point{};
+}
+
+MachineStatus Machine::status() const {
+  std::lock_guard lock(mutex_);
+  return MachineStatus{state_, failure_, micro_};
+}
+
+void Machine::fail(std::string reason) {
+  std::lock_guard lock(mutex_);
+  if (state_ != MachineRunState::kFailed) {
+    state_ = MachineRunState::kFailed;
+    failure_ = std::move(reason);
+  }
+  request_pause_locked();
+  changed_.notify_all();
+}
+
+void Machine::run_vcpu(Vcpu& vcpu) {
+  kvm_run* run = vcpu.run();
+  bool exit_pending = false;  // The last KVM_RUN returned an exit that KVM completes on re-entry.
+  for (;;) {
+    {
+      std::unique_lock lock(mutex_);
+      if (!run_requested_ || quit_) {
+        if (exit_pending && !quit_) {
+          // Re-enter once with immediate_exit set: KVM completes the pending port access
+          // and returns EINTR at once, so the saved state is consistent (api.rst, KVM_RUN).
+          run->immediate_exit = 1;
+          lock.unlock();
+          ::ioctl(vcpu.fd(), KVM_RUN, 0);
+          lock.lock();
+          exit_pending = false;
+        }
+        ++parked_;
+        changed_.notify_all();
+        changed_.wait(lock, [&] { return run_requested_ || quit_; });
+        --parked_;
+        if (quit_) return;
+        run->immediate_exit = 0;
+      }
+    }
+    int result = ::ioctl(vcpu.fd(), KVM_RUN, 0);
+    if (result < 0) {
+      exit_pending = false;
+      if (errno == EINTR || errno == EAGAIN) continue;  // Kicked, or an AP not started yet.
+      fail(fmt::format("vCPU {}: KVM_RUN: {}", vcpu.index(), std::strerror(errno)));
+      continue;
+    }
+    exit_pending = true;
+    switch (run->exit_reason) {
+      case KVM_EXIT_IO:
+        handle_io(vcpu);
+        break;
+      case KVM_EXIT_DEBUG: {
+        {
+          std::lock_guard lock(mutex_);
+          timeline_.first_step = std::chrono::steady_clock::now();
+        }
+        Status stepping = vcpu.set_single_step(false);
+        if (!stepping) fail(stepping.error().message);
+        break;
+      }
+      case KVM_EXIT_HLT:
+        fail(fmt::format("vCPU {}: guest halted with interrupts the VMM cannot deliver", vcpu.index()));
+        break;
+      case KVM_EXIT_SHUTDOWN:
+        fail(fmt::format("vCPU {}: guest shut down (triple fault) at rip {:#x}", vcpu.index(),
+                         vcpu.regs() ? vcpu.regs()->rip : 0));
+        break;
+      case KVM_EXIT_FAIL_ENTRY:
+        fail(fmt::format("vCPU {}: KVM_EXIT_FAIL_ENTRY, hardware reason {:#x}", vcpu.index(),
+                         run->fail_entry.hardware_entry_failure_reason));
+        break;
+      case KVM_EXIT_INTERNAL_ERROR:
+        fail(fmt::format("vCPU {}: KVM_EXIT_INTERNAL_ERROR, suberror {}", vcpu.index(), run->internal.suberror));
+        break;
+      default:
+        fail(fmt::format("vCPU {}: unexpected exit reason {}", vcpu.index(), run->exit_reason));
+        break;
+    }
+  }
+}
+
+bool Machine::handle_io(Vcpu& vcpu) {
+  kvm_run* run = vcpu.run();
+  std::span<uint8_t> data = vcpu.io_data();
+  if (!reported_.exchange(true)) {
+    std::lock_guard lock(mutex_);
+    timeline_.first_report = std::chrono::steady_clock::now();
+    changed_.notify_all();
+  }
+  if (run->io.direction == KVM_EXIT_IO_IN) {
+    std::memset(data.data(), 0xff, data.size());  // No device: the bus floats high.
+    return true;
+  }
+  if (kind_ != GuestKind::kMicro || run->io.size != 4 || data.size() < 4) return true;
+  uint32_t value = get_u32_le(data.data());
+  std::lock_guard lock(mutex_);
+  switch (run->io.port) {
+    case kPortCheckpoint:
+      micro_.checkpoint = value;
+      if (pause_at_checkpoint_ && value >= *pause_at_checkpoint_) {
+        pause_at_checkpoint_.reset();
+        request_pause_locked();
+      }
+      break;
+    case kPortHeartbeat:
+      ++micro_.heartbeats;
+      break;
+    case kPortChecksumLow:
+      micro_.checksum = (micro_.checksum & ~0xffffffffull) | value;
+      break;
+    case kPortChecksumHigh:
+      micro_.checksum = (micro_.checksum & 0xffffffffull) | (uint64_t{value} << 32);
+      break;
+    case kPortDone:
+      micro_.done = true;
+      micro_.done_status = value;
+      if (state_ == MachineRunState::kRunning) state_ = MachineRunState::kDone;
+      request_pause_locked();
+      break;
+    default:
+      break;
+  }
+  changed_.notify_all();
+  return true;
+}
+
+Result<MachineState> Machine::save_state() {
+  std::lock_guard lock(mutex_);
+  if (run_requested_ || parked_ != threads_.size()) {
+    return make_error(ErrorCode::kInvalidArgument, "machine state can only be saved while the machine is paused");
+  }
+  MachineState state;
+  state.cpu_vendor = cpu_vendor_;
+  state.memory_bytes = memory_.bytes().size();
+  state.kind = kind_;
+  for (const Vcpu& vcpu : vcpus_) {
+    Result<VcpuState> saved = vcpu.save_state(msr_indices_);
+    if (!saved) return saved.error().with_context(fmt::format("saving vCPU {}", vcpu.index()));
+    state.vcpus.push_back(std::move(saved).value());
+  }
+  state.tsc_khz = state.vcpus[0].tsc_khz;
+  DELTAVM_ASSIGN_OR_RETURN(state.vm, vm_.save_state());
+  state.devices = encode_devices();
+  return state;
+}
+
+Result<std::vector<uint64_t>> Machine::take_dirty_log() {
+  if (!options_.log_dirty) {
+    return make_error(ErrorCode::kInvalidArgument, "dirty-page logging is off for this machine");
+  }
+  return vm_.take_dirty_log(0, memory_.bytes().size() / 4096);
+}
+
+std::vector<uint8_t> Machine::encode_devices() const {
+  std::vector<uint8_t> out;
+  put_u64_le(out, micro_.checkpoint);
+  put_u64_le(out, micro_.heartbeats);
+  put_u32_le(out, micro_.done ? 1 : 0);
+  put_u32_le(out, micro_.done_status);
+  put_u64_le(out, micro_.checksum);
+  return out;
+}
+
+Status Machine::decode_devices(std::span<const uint8_t> bytes) {
+  if (bytes.size() != 32) {
+    return make_error(ErrorCode::kCorruption, "device state is {} bytes, expected 32", bytes.size());
+  }
+  micro_.checkpoint = get_u64_le(bytes.data());
+  micro_.heartbeats = get_u64_le(bytes.data() + 8);
+  micro_.done = get_u32_le(bytes.data() + 16) != 0;
+  micro_.done_status = get_u32_le(bytes.data() + 20);
+  micro_.checksum = get_u64_le(bytes.data() + 24);
+  if (micro_.done) state_ = MachineRunState::kDone;
+  return {};
+}
+
+}  // namespace deltavm::kvm

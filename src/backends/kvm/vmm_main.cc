@@ -1,0 +1,319 @@
+// deltavm-vmm: the kvm backend's per-VM process. It opens /dev/kvm once, listens on a control
+// socket and runs one machine: booted, or restored from a machine state and RAM layers. The
+// protocol is one JSON object per line each way (docs/kvm.md lists every request).
+#include <sys/ioctl.h>
+#include <sys/socket.h>
+#include <sys/un.h>
+#include <unistd.h>
+
+#include <CLI/CLI.hpp>
+#include <nlohmann/json.hpp>
+
+#include <chrono>
+#include <cstdio>
+#include <cstring>
+#include <memory>
+
+#include "backends/kvm/guest_memory.h"
+#include "backends/kvm/kvm.h"
+#include "backends/kvm/machine.h"
+#include "backends/kvm/machine_state.h"
+#include "base/file.h"
+
+namespace deltavm::kvm {
+namespace {
+
+using Clock = std::chrono::steady_clock;
+using nlohmann::json;
+
+double microseconds_between(Clock::time_point from, Clock::time_point to) {
+  if (to == Clock::time_point{}) return -1;
+  return std::chrono::duration<double, std::micro>(to - from).count();
+}
+
+Result<std::string> string_field(const json& request, const char* field) {
+  auto it = request.find(field);
+  if (it == request.end() || !it->is_string()) {
+    return make_error(ErrorCode::kInvalidArgument, "request field '{}' must be a string", field);
+  }
+  return it->get<std::string>();
+}
+
+Result<uint64_t> number_field(const json& request, const char* field, std::optional<uint64_t> fallback = {}) {
+  auto it = request.find(field);
+  if (it == request.end() && fallback) return *fallback;
+  if (it == request.end() || !it->is_number_unsigned()) {
+    return make_error(ErrorCode::kInvalidArgument, "request field '{}' must be a non-negative integer", field);
+  }
+  return it->get<uint64_t>();
+}
+
+json status_json(const MachineStatus& status, const GuestMemory& memory) {
+  json out = {{"state", machine_run_state_name(status.state)},
+              {"checkpoint", status.micro.checkpoint},
+              {"heartbeats", status.micro.heartbeats},
+              {"done", status.micro.done},
+              {"done_status", status.micro.done_status},
+              {"checksum", fmt::format("{:016x}", status.micro.checksum)}};
+  if (!status.failure.empty()) out["failure"] = status.failure;
+  if (const UserfaultStats* stats = memory.userfault_stats()) {
+    out["userfault"] = {{"overlay_pages", stats->overlay_pages.load()},
+                        {"base_pages", stats->base_pages.load()},
+                        {"zero_pages", stats->zero_pages.load()}};
+  }
+  return out;
+}
+
+class Vmm {
+ public:
+  explicit Vmm(KvmSystem system) : system_(std::move(system)) {}
+
+  Result<json> handle(const json& request) {
+    DELTAVM_ASSIGN_OR_RETURN(std::string op, string_field(request, "op"));
+    if (op == "boot_micro") return boot_micro(request);
+    if (op == "restore") return restore(request);
+    if (op == "floor") return floor();
+    if (op == "quit") return json::object();
+    if (!machine_) return make_error(ErrorCode::kInvalidArgument, "'{}': no machine yet (boot or restore first)", op);
+    if (op == "status") return status_json(machine_->status(), machine_->guest_memory());
+    if (op == "pause") {
+      DELTAVM_TRY(machine_->pause());
+      return status_json(machine_->status(), machine_->guest_memory());
+    }
+    if (op == "resume") {
+      if (request.contains("pause_at_checkpoint")) {
+        DELTAVM_ASSIGN_OR_RETURN(uint64_t checkpoint, number_field(request, "pause_at_checkpoint"));
+        machine_->pause_at_checkpoint(checkpoint);
+      }
+      DELTAVM_TRY(machine_->resume());
+      return status_json(machine_->status(), machine_->guest_memory());
+    }
+    if (op == "wait") {
+      DELTAVM_ASSIGN_OR_RETURN(uint64_t timeout_ms, number_field(request, "timeout_ms", 60000));
+      return status_json(machine_->wait(std::chrono::milliseconds(timeout_ms)), machine_->guest_memory());
+    }
+    if (op == "save") return save(request);
+    return make_error(ErrorCode::kInvalidArgument, "unknown request '{}'", op);
+  }
+
+ private:
+  Result<json> boot_micro(const json& request) {
+    if (machine_) return make_error(ErrorCode::kInvalidArgument, "this VMM already runs a machine");
+    DELTAVM_ASSIGN_OR_RETURN(std::string program_path, string_field(request, "program"));
+    DELTAVM_ASSIGN_OR_RETURN(uint64_t memory_bytes, number_field(request, "memory_bytes"));
+    DELTAVM_ASSIGN_OR_RETURN(std::vector<uint8_t> program, read_file(program_path));
+    MicroGuestParameters parameters;
+    parameters.work_address = 16ull << 20;
+    DELTAVM_ASSIGN_OR_RETURN(parameters.work_bytes,
+                             number_field(request, "work_bytes", memory_bytes > parameters.work_address
+                                                                     ? memory_bytes - parameters.work_address
+                                                                     : 0));
+    DELTAVM_ASSIGN_OR_RETURN(parameters.passes, number_field(request, "passes", 4));
+    DELTAVM_ASSIGN_OR_RETURN(parameters.seed, number_field(request, "seed", 1));
+    DELTAVM_ASSIGN_OR_RETURN(parameters.heartbeat_bytes, number_field(request, "heartbeat_bytes", 1 << 20));
+    MachineOptions options;
+    options.log_dirty = request.value("log_dirty", false);
+    GuestMemory memory;
+    if (request.contains("ram_file")) {
+      DELTAVM_ASSIGN_OR_RETURN(std::string ram_file, string_field(request, "ram_file"));
+      DELTAVM_ASSIGN_OR_RETURN(memory, GuestMemory::shared_file(ram_file, memory_bytes));
+    } else {
+      DELTAVM_ASSIGN_OR_RETURN(memory, GuestMemory::anonymous(memory_bytes));
+    }
+    DELTAVM_ASSIGN_OR_RETURN(machine_,
+                             Machine::boot_micro(system_, std::move(memory), program, parameters, options));
+    return start(request);
+  }
+
+  Result<json> restore(const json& request) {
+    Clock::time_point received = Clock::now();
+    if (machine_) return make_error(ErrorCode::kInvalidArgument, "this VMM already runs a machine");
+    DELTAVM_ASSIGN_OR_RETURN(std::string state_path, string_field(request, "state"));
+    DELTAVM_ASSIGN_OR_RETURN(std::string base_path, string_field(request, "base"));
+    DELTAVM_ASSIGN_OR_RETURN(MemoryStrategy strategy,
+                             parse_memory_strategy(request.value("strategy", std::string("userfault"))));
+    DELTAVM_ASSIGN_OR_RETURN(std::vector<uint8_t> state_bytes, read_file(state_path));
+    DELTAVM_ASSIGN_OR_RETURN(MachineState state, decode_machine_state(state_bytes, state_path));
+    RamOverlay overlay;
+    if (request.contains("overlay")) {
+      DELTAVM_ASSIGN_OR_RETURN(std::string overlay_path, string_field(request, "overlay"));
+      DELTAVM_ASSIGN_OR_RETURN(overlay, RamOverlay::open(overlay_path, state.memory_bytes / 4096));
+    }
+    DELTAVM_ASSIGN_OR_RETURN(GuestMemory memory,
+                             GuestMemory::load(strategy, base_path, std::move(overlay), state.memory_bytes));
+    Clock::time_point memory_ready = Clock::now();
+    MachineOptions options;
+    options.log_dirty = request.value("log_dirty", false);
+    options.step_first_instruction = request.value("step_first_instruction", false);
+    DELTAVM_ASSIGN_OR_RETURN(machine_, Machine::restore(system_, std::move(memory), state, options));
+    Clock::time_point restored = Clock::now();
+    DELTAVM_ASSIGN_OR_RETURN(json answer, start(request));
+    if (request.value("wait_first_report", false)) {
+      machine_->wait_first_report(std::chrono::seconds(30));
+    }
+    const MachineTimeline& timeline = machine_->timeline();
+    answer["timings_us"] = {{"memory", microseconds_between(received, memory_ready)},
+                            {"machine", microseconds_between(memory_ready, restored)},
+                            {"first_instruction", microseconds_between(received, timeline.first_step)},
+                            {"first_report", microseconds_between(received, timeline.first_report)}};
+    return answer;
+  }
+
+  // Starts the machine unless the request says "paused"; may arm a checkpoint pause.
+  Result<json> start(const json& request) {
+    if (request.contains("pause_at_checkpoint")) {
+      DELTAVM_ASSIGN_OR_RETURN(uint64_t checkpoint, number_field(request, "pause_at_checkpoint"));
+      machine_->pause_at_checkpoint(checkpoint);
+    }
+    if (!request.value("paused", false)) DELTAVM_TRY(machine_->resume());
+    return status_json(machine_->status(), machine_->guest_memory());
+  }
+
+  Result<json> save(const json& request) {
+    MachineStatus status = machine_->status();
+    if (status.state == MachineRunState::kRunning) {
+      return make_error(ErrorCode::kInvalidArgument, "the machine is running; pause it before saving");
+    }
+    json answer = json::object();
+    if (request.contains("state")) {
+      DELTAVM_ASSIGN_OR_RETURN(std::string path, string_field(request, "state"));
+      DELTAVM_ASSIGN_OR_RETURN(MachineState state, machine_->save_state());
+      std::vector<uint8_t> bytes = encode_machine_state(state);
+      DELTAVM_TRY(write_file_atomic(path, bytes));
+      answer["state_bytes"] = bytes.size();
+    }
+    if (request.contains("dirty")) {
+      DELTAVM_ASSIGN_OR_RETURN(std::string path, string_field(request, "dirty"));
+      DELTAVM_ASSIGN_OR_RETURN(std::vector<uint64_t> log, machine_->take_dirty_log());
+      uint64_t pages = machine_->memory().size() / 4096;
+      uint64_t dirty = 0;
+      for (uint64_t word : log) dirty += static_cast<uint64_t>(__builtin_popcountll(word));
+      std::span<const uint8_t> bytes(reinterpret_cast<const uint8_t*>(log.data()), (pages + 7) / 8);
+      DELTAVM_TRY(write_file_atomic(path, bytes));
+      answer["dirty_pages"] = dirty;
+    }
+    if (request.contains("ram")) {
+      DELTAVM_ASSIGN_OR_RETURN(std::string path, string_field(request, "ram"));
+      DELTAVM_TRY(write_file_atomic(path, machine_->memory()));
+    }
+    return answer;
+  }
+
+  // The floor of any restore on this host: a bare VM with one page of memory and one vCPU in
+  // real mode, from nothing to its first exit (an OUT).
+  Result<json> floor() {
+    Clock::time_point start = Clock::now();
+    DELTAVM_ASSIGN_OR_RETURN(KvmVm vm, system_.create_bare_vm());
+    DELTAVM_ASSIGN_OR_RETURN(GuestMemory memory, GuestMemory::anonymous(1 << 16));
+    static constexpr uint8_t kCode[] = {0xe6, 0x10, 0xf4};  // out 0x10, al; hlt
+    std::memcpy(memory.bytes().data() + 0x1000, kCode, sizeof kCode);
+    DELTAVM_TRY(vm.set_memory(0, 0, memory.bytes(), false));
+    DELTAVM_ASSIGN_OR_RETURN(Vcpu vcpu, Vcpu::create(system_, vm, 0));
+    DELTAVM_ASSIGN_OR_RETURN(kvm_sregs sregs, vcpu.sregs());
+    sregs.cs.base = 0;
+    sregs.cs.selector = 0;
+    DELTAVM_TRY(vcpu.set_sregs(sregs));
+    kvm_regs regs{};
+    regs.rip = 0x1000;
+    regs.rflags = 0x2;
+    DELTAVM_TRY(vcpu.set_regs(regs));
+    if (::ioctl(vcpu.fd(), KVM_RUN, 0) < 0) return errno_error("KVM_RUN (floor)", errno);
+    Clock::time_point exited = Clock::now();
+    if (vcpu.run()->exit_reason != KVM_EXIT_IO || vcpu.run()->io.port != 0x10) {
+      return make_error(ErrorCode::kIo, "floor guest: exit reason {}, expected an OUT to port 0x10",
+                        vcpu.run()->exit_reason);
+    }
+    return json{{"floor_us", microseconds_between(start, exited)}};
+  }
+
+  KvmSystem system_;
+  std::unique_ptr<Machine> machine_;
+};
+
+Result<Fd> listen_unix(const std::filesystem::path& path) {
+  sockaddr_un address{};
+  address.sun_family = AF_UNIX;
+  if (path.string().size() >= sizeof address.sun_path) {
+    return make_error(ErrorCode::kInvalidArgument, "socket path {} is too long", path.string());
+  }
+  std::strcpy(address.sun_path, path.c_str());
+  Fd fd(::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0));
+  if (!fd.valid()) return errno_error("socket", errno);
+  ::unlink(path.c_str());
+  if (::bind(fd.get(), reinterpret_cast<sockaddr*>(&address), sizeof address) != 0) {
+    return errno_error(fmt::format("bind {}", path.string()), errno);
+  }
+  if (::listen(fd.get(), 4) != 0) return errno_error(fmt::format("listen {}", path.string()), errno);
+  return fd;
+}
+
+// Serves one connection until it closes; returns true if the client asked the VMM to quit.
+bool serve(Vmm& vmm, int connection) {
+  std::string buffer;
+  char chunk[4096];
+  for (;;) {
+    size_t newline;
+    while ((newline = buffer.find('\n')) == std::string::npos) {
+      ssize_t n = ::read(connection, chunk, sizeof chunk);
+      if (n < 0 && errno == EINTR) continue;
+      if (n <= 0) return false;
+      buffer.append(chunk, static_cast<size_t>(n));
+    }
+    std::string line = buffer.substr(0, newline);
+    buffer.erase(0, newline + 1);
+    json request = json::parse(line, nullptr, false);
+    json answer;
+    bool quit = false;
+    if (request.is_discarded() || !request.is_object()) {
+      answer = {{"ok", false}, {"error", "request is not a JSON object"}};
+    } else {
+      Result<json> result = vmm.handle(request);
+      if (result) {
+        answer = std::move(result).value();
+        answer["ok"] = true;
+        quit = request.value("op", "") == "quit";
+      } else {
+        answer = {{"ok", false}, {"error", result.error().message}};
+      }
+    }
+    std::string text = answer.dump() + "\n";
+    if (::send(connection, text.data(), text.size(), MSG_NOSIGNAL) != static_cast<ssize_t>(text.size())) return false;
+    if (quit) return true;
+  }
+}
+
+}  // namespace
+}  // namespace deltavm::kvm
+
+int main(int argc, char** argv) {
+  using namespace deltavm;
+  CLI::App app{"deltavm-vmm: runs one VM on /dev/kvm, controlled over a Unix socket"};
+  std::string control;
+  std::string device = "/dev/kvm";
+  app.add_option("--control", control, "control socket to create")->required();
+  app.add_option("--device", device, "KVM device");
+  CLI11_PARSE(app, argc, argv);
+
+  Result<kvm::KvmSystem> system = kvm::KvmSystem::open(device);
+  if (!system) {
+    std::fprintf(stderr, "deltavm-vmm: %s\n", system.error().message.c_str());
+    return 1;
+  }
+  Result<Fd> listener = kvm::listen_unix(control);
+  if (!listener) {
+    std::fprintf(stderr, "deltavm-vmm: %s\n", listener.error().message.c_str());
+    return 1;
+  }
+  kvm::Vmm vmm(std::move(system).value());
+  for (;;) {
+    Fd connection(::accept4(listener->get(), nullptr, nullptr, SOCK_CLOEXEC));
+    if (!connection.valid()) {
+      if (errno == EINTR) continue;
+      std::fprintf(stderr, "deltavm-vmm: accept: %s\n", std::strerror(errno));
+      return 1;
+    }
+    if (kvm::serve(vmm, connection.get())) break;
+  }
+  ::unlink(control.c_str());
+  return 0;
+}
