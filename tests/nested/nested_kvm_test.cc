@@ -1,8 +1,12 @@
 // The nested harness (design.md §3): a Linux guest under QEMU TCG with -cpu max (emulated
 // AMD-V) and the kit kernel's own KVM modules runs KVM guests itself. Built as an ordinary
 // deltavm template, it is captured and loaded like any other, and /dev/kvm keeps working in
-// the loaded clone. This is where the kvm backend's Linux path is tested.
+// the loaded clone. This is where the kvm backend is tested on hosts without /dev/kvm: the
+// harness carries the static deltavm-vmm, the micro guest and the kvm test binary, and runs it.
 #include <gtest/gtest.h>
+
+#include <fstream>
+#include <regex>
 
 #include "backends/agent_client.h"
 #include "backends/qemu/qemu_backend.h"
@@ -12,40 +16,103 @@
 namespace deltavm {
 namespace {
 
-TEST(NestedKvm, LoadedHarnessGuestRunsKvmGuestCode) {
-  std::filesystem::path root = std::filesystem::path(::testing::TempDir()) / "deltavm_nested_test";
-  std::filesystem::remove_all(root);
-  Result<GuestKit> kit = GuestKit::locate();
-  ASSERT_TRUE(kit) << kit.error().message;
-  std::filesystem::path modules = kit->kernel.parent_path() / "modules";
-  std::string spec_json = fmt::format(R"({{
-    "name": "nested-kvm", "memory_mib": 256,
-    "files": [
-      {{"source": "{0}/irqbypass.ko", "destination": "/lib/modules/irqbypass.ko"}},
-      {{"source": "{0}/kvm.ko", "destination": "/lib/modules/kvm.ko"}},
-      {{"source": "{0}/kvm-amd.ko", "destination": "/lib/modules/kvm-amd.ko"}},
-      {{"source": "{1}", "destination": "/bin/kvm-probe", "mode": "0755"}}],
-    "setup": ["insmod /lib/modules/irqbypass.ko", "insmod /lib/modules/kvm.ko",
-              "insmod /lib/modules/kvm-amd.ko", "test -c /dev/kvm"]}})",
-                                      modules.string(), DELTAVM_NESTED_KVM_PROBE);
-  Result<TemplateSpec> spec = parse_template_spec(spec_json, root / "nested-kvm.json");
-  ASSERT_TRUE(spec) << spec.error().message;
-  Result<Store> store = Store::open(root / "store");
-  ASSERT_TRUE(store);
-  std::unique_ptr<Backend> backend = make_qemu_backend();
-  Result<TemplateBuild> build = build_template(*spec, *store, *backend, root / "runtime");
-  ASSERT_TRUE(build) << build.error().message;
+std::filesystem::path test_root() { return std::filesystem::path(::testing::TempDir()) / "deltavm_nested_test"; }
+std::filesystem::path runtime() { return test_root() / "runtime"; }
 
-  Result<StartedVm> vm = start_vm("nested-kvm", *store, *backend, root / "runtime", RamStrategy::kBasePlusDeltas);
-  ASSERT_TRUE(vm) << vm.error().message;
-  Result<VmDirectory> directory = VmDirectory::open(root / "runtime", vm->id);
-  ASSERT_TRUE(directory);
-  Result<ExecResult> probe = agent_exec(directory->agent_socket(), "/bin/kvm-probe", std::chrono::seconds(60));
+class NestedKvm : public ::testing::Test {
+ protected:
+  // One harness template for every test of this binary. ctest runs each test in a process of
+  // its own: the first builds the template, the others reuse it unless its inputs changed
+  // (the stamp holds the spec and the binaries' sizes and times).
+  static void SetUpTestSuite() {
+    Result<GuestKit> kit = GuestKit::locate();
+    ASSERT_TRUE(kit) << kit.error().message;
+    std::filesystem::path modules = kit->kernel.parent_path() / "modules";
+    std::filesystem::path files = DELTAVM_NESTED_FILES;
+    std::string spec_json = fmt::format(R"({{
+      "name": "nested-kvm", "memory_mib": 768,
+      "files": [
+        {{"source": "{0}/irqbypass.ko", "destination": "/lib/modules/irqbypass.ko"}},
+        {{"source": "{0}/kvm.ko", "destination": "/lib/modules/kvm.ko"}},
+        {{"source": "{0}/kvm-amd.ko", "destination": "/lib/modules/kvm-amd.ko"}},
+        {{"source": "{1}/kvm-probe", "destination": "/bin/kvm-probe", "mode": "0755"}},
+        {{"source": "{1}/deltavm-vmm", "destination": "/bin/deltavm-vmm", "mode": "0755"}},
+        {{"source": "{1}/deltavm_kvm_tests", "destination": "/bin/deltavm_kvm_tests", "mode": "0755"}},
+        {{"source": "{1}/micro-guest.bin", "destination": "/bin/micro-guest.bin"}}],
+      "setup": ["insmod /lib/modules/irqbypass.ko", "insmod /lib/modules/kvm.ko",
+                "insmod /lib/modules/kvm-amd.ko", "test -c /dev/kvm"]}})",
+                                        modules.string(), files.string());
+    std::string stamp = spec_json;
+    for (const char* name : {"kvm-probe", "deltavm-vmm", "deltavm_kvm_tests", "micro-guest.bin"}) {
+      std::filesystem::path path = files / name;
+      stamp += fmt::format("{} {} {}\n", name, std::filesystem::file_size(path),
+                           std::filesystem::last_write_time(path).time_since_epoch().count());
+    }
+    std::filesystem::path stamp_file = test_root() / "stamp";
+    std::ifstream in(stamp_file);
+    std::string found((std::istreambuf_iterator<char>(in)), {});
+    bool reuse = found == stamp;
+    if (!reuse) {
+      std::filesystem::remove_all(test_root());
+      std::filesystem::create_directories(test_root());
+    }
+    store_ = new Store(std::move(*Store::open(test_root() / "store")));
+    backend_ = make_qemu_backend().release();
+    if (reuse && store_->find("nested-kvm")) return;
+    Result<TemplateSpec> spec = parse_template_spec(spec_json, test_root() / "nested-kvm.json");
+    ASSERT_TRUE(spec) << spec.error().message;
+    Result<TemplateBuild> build = build_template(*spec, *store_, *backend_, runtime());
+    ASSERT_TRUE(build) << build.error().message;
+    std::ofstream(stamp_file) << stamp;
+  }
+
+  static void TearDownTestSuite() {
+    delete store_;
+    delete backend_;
+  }
+
+  // A clone of the harness, loaded from the store.
+  VmDirectory start() {
+    Result<StartedVm> vm = start_vm("nested-kvm", *store_, *backend_, runtime(), RamStrategy::kBasePlusDeltas);
+    EXPECT_TRUE(vm) << vm.error().message;
+    started_.push_back(vm->id);
+    return *VmDirectory::open(runtime(), vm->id);
+  }
+
+  void TearDown() override {
+    for (const std::string& id : started_) (void)stop_vm(id, *backend_, runtime());
+  }
+
+  static Store* store_;
+  static Backend* backend_;
+  std::vector<std::string> started_;
+};
+
+Store* NestedKvm::store_ = nullptr;
+Backend* NestedKvm::backend_ = nullptr;
+
+TEST_F(NestedKvm, LoadedHarnessGuestRunsKvmGuestCode) {
+  VmDirectory directory = start();
+  Result<ExecResult> probe = agent_exec(directory.agent_socket(), "/bin/kvm-probe", std::chrono::seconds(60));
   ASSERT_TRUE(probe) << probe.error().message;
   EXPECT_EQ(probe->exit_status, 0) << probe->stderr_bytes;
   EXPECT_EQ(probe->stdout_bytes, "api 12\nio port 0x10 value 0x42\nhlt\n");
-  EXPECT_TRUE(stop_vm(vm->id, *backend, root / "runtime"));
-  std::filesystem::remove_all(root);
+}
+
+// The kvm backend's whole micro-guest suite (tests/kvm) on the harness's /dev/kvm: capture
+// mid-work, delta chain in a real store, restore under eager / private / userfault, dirty-log
+// recapture, refusal of mismatched or corrupt machine states.
+TEST_F(NestedKvm, KvmBackendMicroGuestSuitePassesInsideHarness) {
+  VmDirectory directory = start();
+  Result<ExecResult> suite =
+      agent_exec(directory.agent_socket(), "/bin/deltavm_kvm_tests 2>&1", std::chrono::minutes(15));
+  ASSERT_TRUE(suite) << suite.error().message;
+  EXPECT_EQ(suite->exit_status, 0) << suite->stdout_bytes;
+  std::smatch passed;
+  ASSERT_TRUE(std::regex_search(suite->stdout_bytes, passed, std::regex(R"(\[  PASSED  \] (\d+) tests?)")))
+      << suite->stdout_bytes;
+  EXPECT_EQ(passed[1], "9") << suite->stdout_bytes;
+  EXPECT_EQ(suite->stdout_bytes.find("SKIPPED"), std::string::npos) << suite->stdout_bytes;
 }
 
 }  // namespace
