@@ -1,0 +1,81 @@
+// Loading the kit's real Debian cloud bzImage for the 64-bit boot protocol; no KVM needed.
+#include "backends/kvm/linux_boot.h"
+
+#include <gtest/gtest.h>
+
+#include <cstring>
+
+#include "backends/kvm/x86_boot.h"
+#include "base/coding.h"
+#include "base/file.h"
+#include "templates/initramfs.h"
+
+namespace deltavm::kvm {
+namespace {
+
+class LinuxBoot : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    Result<GuestKit> kit = GuestKit::locate();
+    ASSERT_TRUE(kit) << kit.error().message;
+    Result<std::vector<uint8_t>> kernel = read_file(kit->kernel);
+    ASSERT_TRUE(kernel);
+    kernel_ = std::move(kernel).value();
+  }
+  std::vector<uint8_t> kernel_;
+};
+
+TEST_F(LinuxBoot, PlacesKernelInitramfsAndBootParams) {
+  std::vector<uint8_t> ram(256u << 20, 0);
+  std::vector<uint8_t> initrd(3u << 20, 0xab);
+  Result<LinuxBootInfo> info = load_linux(ram, kernel_, initrd, "console=ttyS0 quiet", "kit kernel");
+  ASSERT_TRUE(info) << info.error().message;
+  EXPECT_EQ(info->entry, 0x100200u);
+  EXPECT_EQ(info->boot_params, kBootParamsAddress);
+  EXPECT_EQ(info->initrd_address % 4096, 0u);
+  EXPECT_LE(info->initrd_address + initrd.size(), ram.size());
+  EXPECT_EQ(ram[info->initrd_address], 0xab);
+
+  const uint8_t* params = ram.data() + kBootParamsAddress;
+  EXPECT_EQ(get_u32_le(params + 0x202), 0x53726448u);  // The setup header was copied.
+  EXPECT_EQ(params[0x1ef], 0);                          // The sentinel was not.
+  EXPECT_EQ(params[0x210], 0xff);                       // type_of_loader
+  EXPECT_EQ(get_u32_le(params + 0x228), kCommandLineAddress);
+  EXPECT_EQ(get_u32_le(params + 0x218), info->initrd_address);
+  EXPECT_EQ(get_u32_le(params + 0x21c), initrd.size());
+  EXPECT_EQ(std::string(reinterpret_cast<const char*>(ram.data() + kCommandLineAddress)), "console=ttyS0 quiet");
+  ASSERT_EQ(params[0x1e8], 3);  // e820: low RAM, reserved tables area, RAM from 1 MiB.
+  EXPECT_EQ(get_u64_le(params + 0x2d0 + 40), 0x100000u);
+  EXPECT_EQ(get_u64_le(params + 0x2d0 + 48), ram.size() - 0x100000u);
+  // The protected-mode kernel sits at 1 MiB.
+  size_t setup_sectors = kernel_[0x1f1] == 0 ? 4 : kernel_[0x1f1];
+  EXPECT_EQ(std::memcmp(ram.data() + 0x100000, kernel_.data() + (setup_sectors + 1) * 512, 4096), 0);
+  // Identity page tables for the first GiB.
+  EXPECT_EQ(get_u64_le(ram.data() + kPml4Address) & ~0xfffull, kPml4Address + 0x1000);
+}
+
+TEST_F(LinuxBoot, RefusesSomethingThatIsNotABzImage) {
+  std::vector<uint8_t> ram(64u << 20, 0);
+  std::vector<uint8_t> not_kernel(8192, 0x90);
+  Result<LinuxBootInfo> info = load_linux(ram, not_kernel, {}, "", "notes.txt");
+  ASSERT_FALSE(info);
+  EXPECT_NE(info.error().message.find("notes.txt: not a bzImage"), std::string::npos) << info.error().message;
+}
+
+TEST_F(LinuxBoot, RefusesRamTooSmallForKernelAndInitramfs) {
+  std::vector<uint8_t> ram(32u << 20, 0);
+  std::vector<uint8_t> initrd(8u << 20, 0);
+  Result<LinuxBootInfo> info = load_linux(ram, kernel_, initrd, "", "kit kernel");
+  ASSERT_FALSE(info);
+  EXPECT_NE(info.error().message.find("decompression window"), std::string::npos) << info.error().message;
+}
+
+TEST_F(LinuxBoot, RefusesOverlongCommandLine) {
+  std::vector<uint8_t> ram(256u << 20, 0);
+  Result<LinuxBootInfo> info = load_linux(ram, kernel_, {}, std::string(4000, 'x'), "kit kernel");
+  ASSERT_FALSE(info);
+  EXPECT_NE(info.error().message.find("command line"), std::string::npos);
+}
+
+}  // namespace
+}  // namespace deltavm::kvm
