@@ -6,6 +6,7 @@
 
 #include <cstring>
 
+#include "backends/kvm/linux_boot.h"
 #include "base/coding.h"
 
 namespace deltavm::kvm {
@@ -103,6 +104,38 @@ Result<std::unique_ptr<Machine>> Machine::boot_micro(const KvmSystem& system, Gu
     machine->threads_.emplace_back([raw = machine.get(), &vcpu] { raw->run_vcpu(vcpu); });
   }
   return machine;
+}
+
+Result<std::unique_ptr<Machine>> Machine::boot_linux(const KvmSystem& system, GuestMemory memory,
+                                                     std::span<const uint8_t> kernel, std::span<const uint8_t> initrd,
+                                                     std::string_view command_line, SerialOutput serial_output,
+                                                     const MachineOptions& options) {
+  DELTAVM_ASSIGN_OR_RETURN(std::unique_ptr<Machine> machine,
+                           create(system, std::move(memory), GuestKind::kLinux, 1, options));
+  DELTAVM_ASSIGN_OR_RETURN(LinuxBootInfo boot, load_linux(machine->memory(), kernel, initrd, command_line, "kernel"));
+  DELTAVM_ASSIGN_OR_RETURN(std::vector<kvm_cpuid_entry2> supported, system.supported_cpuid());
+  DELTAVM_TRY(configure_long_mode_vcpu(machine->vcpus_[0], normalize_cpuid(supported, 0, 1), boot.entry,
+                                       boot.boot_params, 0));
+  machine->create_serial_ports(std::move(serial_output));
+  for (Vcpu& vcpu : machine->vcpus_) {
+    machine->threads_.emplace_back([raw = machine.get(), &vcpu] { raw->run_vcpu(vcpu); });
+  }
+  return machine;
+}
+
+void Machine::create_serial_ports(SerialOutput serial_output) {
+  static constexpr uint32_t kIrq[2] = {4, 3};
+  for (int port = 0; port < 2; ++port) {
+    serial_[port] = std::make_unique<Uart>(
+        [this, irq = kIrq[port]](bool level) { (void)vm_.set_irq_line(irq, level); },
+        [serial_output, port](uint8_t byte) { serial_output(port, byte); });
+  }
+}
+
+size_t Machine::serial_input(int port, std::span<const uint8_t> bytes) {
+  if (port < 0 || port > 1 || !serial_[port]) return 0;
+  std::lock_guard lock(serial_mutex_);
+  return serial_[port]->receive(bytes);
 }
 
 Result<std::unique_ptr<Machine>> Machine::restore(const KvmSystem& system, GuestMemory memory,
@@ -272,6 +305,26 @@ bool Machine::handle_io(Vcpu& vcpu) {
     timeline_.first_report = std::chrono::steady_clock::now();
     changed_.notify_all();
   }
+  uint16_t port = run->io.port;
+  int serial = port >= 0x3f8 && port <= 0x3ff ? 0 : port >= 0x2f8 && port <= 0x2ff ? 1 : -1;
+  if (serial >= 0 && serial_[serial] && run->io.size == 1) {
+    std::lock_guard lock(serial_mutex_);
+    uint16_t offset = static_cast<uint16_t>(port & 7);
+    for (uint8_t& byte : data) {
+      if (run->io.direction == KVM_EXIT_IO_IN) {
+        byte = serial_[serial]->read(offset);
+      } else {
+        serial_[serial]->write(offset, byte);
+      }
+    }
+    return true;
+  }
+  if (kind_ == GuestKind::kLinux && port == 0x64 && run->io.direction == KVM_EXIT_IO_OUT && !data.empty() &&
+      data[0] == 0xfe) {
+    // i8042 pulse of the reset line: how `reboot=k` restarts; the VM ends.
+    fail("guest reset itself (i8042 reset)");
+    return false;
+  }
   if (run->io.direction == KVM_EXIT_IO_IN) {
     std::memset(data.data(), 0xff, data.size());  // No device: the bus floats high.
     return true;
@@ -338,6 +391,14 @@ Result<std::vector<uint64_t>> Machine::take_dirty_log() {
 
 std::vector<uint8_t> Machine::encode_devices() const {
   std::vector<uint8_t> out;
+  if (kind_ == GuestKind::kLinux) {
+    for (const auto& uart : serial_) {
+      std::vector<uint8_t> state = uart->save();
+      put_u32_le(out, static_cast<uint32_t>(state.size()));
+      out.insert(out.end(), state.begin(), state.end());
+    }
+    return out;
+  }
   put_u64_le(out, micro_.checkpoint);
   put_u64_le(out, micro_.heartbeats);
   put_u32_le(out, micro_.done ? 1 : 0);
@@ -347,6 +408,9 @@ std::vector<uint8_t> Machine::encode_devices() const {
 }
 
 Status Machine::decode_devices(std::span<const uint8_t> bytes) {
+  if (kind_ == GuestKind::kLinux) {
+    return make_error(ErrorCode::kUnsupported, "restoring Linux guests on the kvm backend is not built yet");
+  }
   if (bytes.size() != 32) {
     return make_error(ErrorCode::kCorruption, "device state is {} bytes, expected 32", bytes.size());
   }

@@ -4,6 +4,7 @@
 #pragma once
 
 #include <atomic>
+#include <functional>
 #include <chrono>
 #include <condition_variable>
 #include <memory>
@@ -17,6 +18,7 @@
 #include "backends/kvm/guest_memory.h"
 #include "backends/kvm/kvm.h"
 #include "backends/kvm/machine_state.h"
+#include "backends/kvm/uart.h"
 #include "backends/kvm/x86_boot.h"
 #include "base/error.h"
 
@@ -65,6 +67,17 @@ class Machine {
                                                      std::span<const uint8_t> program,
                                                      const MicroGuestParameters& parameters,
                                                      const MachineOptions& options);
+  // A Linux guest booted through the 64-bit boot protocol with one vCPU (without ACPI tables
+  // the kernel runs one CPU in virtual-wire mode, brief §1.7). Bytes the guest writes to ttyS0
+  // and ttyS1 go to `serial_output(port, byte)`.
+  using SerialOutput = std::function<void(int port, uint8_t byte)>;
+  static Result<std::unique_ptr<Machine>> boot_linux(const KvmSystem& system, GuestMemory memory,
+                                                     std::span<const uint8_t> kernel, std::span<const uint8_t> initrd,
+                                                     std::string_view command_line, SerialOutput serial_output,
+                                                     const MachineOptions& options);
+  // Bytes for the guest's serial port `port` (0 or 1); returns how many it took.
+  size_t serial_input(int port, std::span<const uint8_t> bytes);
+
   // A machine whose state comes from `state` and whose RAM is `memory`, as captured. Refuses
   // a state this host cannot run before creating anything.
   static Result<std::unique_ptr<Machine>> restore(const KvmSystem& system, GuestMemory memory,
@@ -103,6 +116,7 @@ class Machine {
   bool handle_io(Vcpu& vcpu);
   void request_pause_locked();
   void fail(std::string reason);
+  void create_serial_ports(SerialOutput serial_output);
   std::vector<uint8_t> encode_devices() const;
   Status decode_devices(std::span<const uint8_t> bytes);
 
@@ -126,6 +140,8 @@ class Machine {
   std::optional<uint64_t> pause_at_checkpoint_;
   MachineTimeline timeline_;
   std::atomic<bool> reported_{false};
+  std::unique_ptr<Uart> serial_[2];  // ttyS0 (0x3f8, IRQ 4) and ttyS1 (0x2f8, IRQ 3); Linux only.
+  std::mutex serial_mutex_;
 };
 
 }  // namespace deltavm::kvm

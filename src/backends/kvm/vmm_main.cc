@@ -13,6 +13,7 @@
 #include <cstdio>
 #include <cstring>
 #include <memory>
+#include <mutex>
 
 #include "backends/kvm/guest_memory.h"
 #include "backends/kvm/kvm.h"
@@ -71,6 +72,7 @@ class Vmm {
   Result<json> handle(const json& request) {
     DELTAVM_ASSIGN_OR_RETURN(std::string op, string_field(request, "op"));
     if (op == "boot_micro") return boot_micro(request);
+    if (op == "boot_linux") return boot_linux(request);
     if (op == "restore") return restore(request);
     if (op == "floor") return floor();
     if (op == "quit") return json::object();
@@ -93,6 +95,13 @@ class Vmm {
       return status_json(machine_->wait(std::chrono::milliseconds(timeout_ms)), machine_->guest_memory());
     }
     if (op == "save") return save(request);
+    if (op == "serial_output") {
+      // What the guest wrote to a serial port so far (at most the last 1 MiB).
+      DELTAVM_ASSIGN_OR_RETURN(uint64_t port, number_field(request, "port", 0));
+      if (port > 1) return make_error(ErrorCode::kInvalidArgument, "serial port {} does not exist (0 or 1)", port);
+      std::lock_guard lock(serial_mutex_);
+      return json{{"text", serial_text_[port]}};
+    }
     return make_error(ErrorCode::kInvalidArgument, "unknown request '{}'", op);
   }
 
@@ -122,6 +131,35 @@ class Vmm {
     }
     DELTAVM_ASSIGN_OR_RETURN(machine_,
                              Machine::boot_micro(system_, std::move(memory), program, parameters, options));
+    return start(request);
+  }
+
+  Result<json> boot_linux(const json& request) {
+    if (machine_) return make_error(ErrorCode::kInvalidArgument, "this VMM already runs a machine");
+    DELTAVM_ASSIGN_OR_RETURN(std::string kernel_path, string_field(request, "kernel"));
+    DELTAVM_ASSIGN_OR_RETURN(std::string initrd_path, string_field(request, "initrd"));
+    DELTAVM_ASSIGN_OR_RETURN(std::string command_line, string_field(request, "command_line"));
+    DELTAVM_ASSIGN_OR_RETURN(uint64_t memory_bytes, number_field(request, "memory_bytes"));
+    DELTAVM_ASSIGN_OR_RETURN(std::vector<uint8_t> kernel, read_file(kernel_path));
+    DELTAVM_ASSIGN_OR_RETURN(std::vector<uint8_t> initrd, read_file(initrd_path));
+    MachineOptions options;
+    options.log_dirty = request.value("log_dirty", false);
+    GuestMemory memory;
+    if (request.contains("ram_file")) {
+      DELTAVM_ASSIGN_OR_RETURN(std::string ram_file, string_field(request, "ram_file"));
+      DELTAVM_ASSIGN_OR_RETURN(memory, GuestMemory::shared_file(ram_file, memory_bytes));
+    } else {
+      DELTAVM_ASSIGN_OR_RETURN(memory, GuestMemory::anonymous(memory_bytes));
+    }
+    auto output = [this](int port, uint8_t byte) {
+      if (port == 0) std::fputc(byte, stdout);
+      std::lock_guard lock(serial_mutex_);
+      std::string& text = serial_text_[port];
+      text.push_back(static_cast<char>(byte));
+      if (text.size() > (2u << 20)) text.erase(0, text.size() - (1u << 20));
+    };
+    DELTAVM_ASSIGN_OR_RETURN(machine_, Machine::boot_linux(system_, std::move(memory), kernel, initrd, command_line,
+                                                           output, options));
     return start(request);
   }
 
@@ -228,6 +266,8 @@ class Vmm {
 
   KvmSystem system_;
   std::unique_ptr<Machine> machine_;
+  std::mutex serial_mutex_;
+  std::string serial_text_[2];
 };
 
 Result<Fd> listen_unix(const std::filesystem::path& path) {
