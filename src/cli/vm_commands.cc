@@ -6,6 +6,7 @@
 #include <ctime>
 
 #include "backends/agent_client.h"
+#include "backends/kvm/kvm_backend.h"
 #include "backends/qemu/qemu_backend.h"
 #include "base/socket.h"
 #include "cli/commands.h"
@@ -82,8 +83,13 @@ Status run_template_ls(const GlobalOptions& options) {
 Status run_run(const GlobalOptions& options, const std::string& name, const std::string& backend_name,
                const std::string& strategy_name, bool paused) {
   DELTAVM_ASSIGN_OR_RETURN(RamStrategy strategy, parse_ram_strategy(strategy_name));
-  DELTAVM_ASSIGN_OR_RETURN(std::unique_ptr<Backend> backend, make_backend(backend_name));
   DELTAVM_ASSIGN_OR_RETURN(Store store, open_store(options));
+  std::string chosen = backend_name;
+  if (chosen.empty()) {  // The backend that captured the template.
+    DELTAVM_ASSIGN_OR_RETURN(ImageRecord record, store.find(name));
+    chosen = template_backend(record);
+  }
+  DELTAVM_ASSIGN_OR_RETURN(std::unique_ptr<Backend> backend, make_backend(chosen));
   DELTAVM_ASSIGN_OR_RETURN(StartedVm vm, start_vm(name, store, *backend, runtime_directory(options), strategy, paused));
   if (options.json) {
     print_json({{"id", vm.id}, {"template", vm.template_name}, {"strategy", ram_strategy_name(vm.strategy)},
@@ -220,12 +226,14 @@ Status run_doctor(const GlobalOptions& options) {
   if (options.json) {
     print_json({{"qemu", qemu_found}, {"accelerator", accelerator.name}, {"reason", accelerator.reason},
                 {"guest_kit", kit ? nlohmann::json(kit->kernel.parent_path().string()) : nlohmann::json()},
+                {"kvm_backend", describe_kvm_device()},
                 {"runtime", runtime_directory(options).string()}});
     return {};
   }
   Table table({"check", "result"}, Table::Kind::kFieldValue);
   table.add_row({"qemu-system-x86_64", qemu_found ? "found" : "MISSING (apt-get install qemu-system-x86)"});
   table.add_row({"accelerator", fmt::format("{}: {}", accelerator.name, accelerator.reason)});
+  table.add_row({"kvm backend", describe_kvm_device()});
   table.add_row({"guest kit", kit ? kit->kernel.parent_path().string() : kit.error().message});
   table.add_row({"runtime directory", runtime_directory(options).string()});
   table.print();
@@ -245,19 +253,19 @@ void add_vm_commands(CLI::App& app, const GlobalOptions& options, int& exit_stat
   auto build = std::make_shared<BuildArguments>();
   CLI::App* build_command = templates->add_subcommand("build", "Boot a template spec, capture it and store it");
   build_command->add_option("SPEC", build->spec, "Template spec (JSON)")->required()->check(CLI::ExistingFile);
-  build_command->add_option("--backend", build->backend, "qemu");
+  build_command->add_option("--backend", build->backend, "qemu (default) or kvm");
   build_command->callback([&options, build, finish] { finish(run_template_build(options, build->spec, build->backend)); });
   templates->add_subcommand("ls", "List templates with their chains and stored sizes")
       ->callback([&options, finish] { finish(run_template_ls(options)); });
 
   struct RunArguments {
-    std::string name, backend = "qemu", strategy = "base+deltas";
+    std::string name, backend, strategy = "base+deltas";
     bool paused = false;
   };
   auto run = std::make_shared<RunArguments>();
   CLI::App* run_command = app.add_subcommand("run", "Start a new VM equivalent to a template; prints its id");
   run_command->add_option("TEMPLATE", run->name)->required();
-  run_command->add_option("--backend", run->backend, "qemu");
+  run_command->add_option("--backend", run->backend, "qemu or kvm (default: the one that captured the template)");
   run_command->add_option("--ram", run->strategy, "How RAM is built: base+deltas (default) or flat");
   run_command->add_flag("--paused", run->paused, "Load RAM and state but run no vCPU until deltavm resume");
   run_command->callback([&options, run, finish] {

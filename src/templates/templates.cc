@@ -215,10 +215,21 @@ Result<MachineSpec> template_machine(Store& store, const ImageRecord& record) {
   return machine;
 }
 
+std::string template_backend(const ImageRecord& record) {
+  nlohmann::json metadata = nlohmann::json::parse(record.metadata, nullptr, false);
+  if (!metadata.is_object() || !metadata.contains("backend") || !metadata["backend"].is_string()) return "qemu";
+  return metadata["backend"].get<std::string>();
+}
+
 Result<StartedVm> start_vm(const std::string& name, Store& store, Backend& backend,
                            const std::filesystem::path& runtime, RamStrategy strategy, bool leave_paused) {
   auto start = Clock::now();
   DELTAVM_ASSIGN_OR_RETURN(ImageRecord record, store.find(name));
+  if (std::string captured_by = template_backend(record); captured_by != backend.name()) {
+    return make_error(ErrorCode::kInvalidArgument,
+                      "template {} was captured by the {} backend; the {} backend cannot load its machine state", name,
+                      captured_by, backend.name());
+  }
   DELTAVM_ASSIGN_OR_RETURN(MachineSpec machine, template_machine(store, record));
   DELTAVM_ASSIGN_OR_RETURN(std::vector<uint8_t> state, store.read_attachment(record, kMachineStateRole));
   Loader loader(store);

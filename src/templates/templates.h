@@ -50,6 +50,10 @@ Result<MachineSpec> template_machine(Store& store, const ImageRecord& record);
 // The patent's request: a new VM equivalent to template `name`, its RAM built from the base
 // and the chain, its machine state loaded, running when this returns.
 // With `leave_paused` the VM's RAM and state are in place but no vCPU has run yet.
+// The backend whose machine state a template holds ("qemu" for templates from before backends
+// were recorded).
+std::string template_backend(const ImageRecord& record);
+
 Result<StartedVm> start_vm(const std::string& name, Store& store, Backend& backend,
                            const std::filesystem::path& runtime, RamStrategy strategy, bool leave_paused = false);
 

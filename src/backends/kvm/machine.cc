@@ -139,7 +139,8 @@ size_t Machine::serial_input(int port, std::span<const uint8_t> bytes) {
 }
 
 Result<std::unique_ptr<Machine>> Machine::restore(const KvmSystem& system, GuestMemory memory,
-                                                  const MachineState& state, const MachineOptions& options) {
+                                                  const MachineState& state, const MachineOptions& options,
+                                                  SerialOutput serial_output) {
   if (state.cpu_vendor != host_cpu_vendor()) {
     return check_host_compatibility(state, host_cpu_vendor(), state.tsc_khz, memory.bytes().size()).error();
   }
@@ -157,6 +158,10 @@ Result<std::unique_ptr<Machine>> Machine::restore(const KvmSystem& system, Guest
     if (!restored) return restored.error().with_context(fmt::format("restoring vCPU {}", i));
   }
   DELTAVM_TRY(machine->vm_.restore_state(state.vm));
+  if (state.kind == GuestKind::kLinux) {
+    if (!serial_output) serial_output = [](int, uint8_t) {};
+    machine->create_serial_ports(std::move(serial_output));
+  }
   DELTAVM_TRY(machine->decode_devices(state.devices));
   for (Vcpu& vcpu : machine->vcpus_) {
     machine->threads_.emplace_back([raw = machine.get(), &vcpu] { raw->run_vcpu(vcpu); });
@@ -191,6 +196,9 @@ Status Machine::pause() {
   request_pause_locked();
   changed_.wait(lock, [&] { return parked_ == threads_.size(); });
   if (state_ == MachineRunState::kRunning) state_ = MachineRunState::kPaused;
+  // Tell a kvmclock guest it was paused, so that its soft-lockup watchdog does not fire on
+  // resume (Firecracker does the same). EINVAL when the guest never enabled kvmclock.
+  for (Vcpu& vcpu : vcpus_) (void)::ioctl(vcpu.fd(), KVM_KVMCLOCK_CTRL, 0);
   return {};
 }
 
@@ -409,7 +417,15 @@ std::vector<uint8_t> Machine::encode_devices() const {
 
 Status Machine::decode_devices(std::span<const uint8_t> bytes) {
   if (kind_ == GuestKind::kLinux) {
-    return make_error(ErrorCode::kUnsupported, "restoring Linux guests on the kvm backend is not built yet");
+    ByteReader reader(bytes);
+    for (auto& uart : serial_) {
+      auto length = reader.take(4);
+      auto state = length ? reader.take(get_u32_le(length->data())) : std::nullopt;
+      if (!state) return make_error(ErrorCode::kCorruption, "device state: serial port state truncated");
+      DELTAVM_TRY(uart->restore(*state));
+    }
+    if (!reader.at_end()) return make_error(ErrorCode::kCorruption, "device state: {} bytes after the serial ports", reader.remaining());
+    return {};
   }
   if (bytes.size() != 32) {
     return make_error(ErrorCode::kCorruption, "device state is {} bytes, expected 32", bytes.size());

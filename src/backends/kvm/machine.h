@@ -80,8 +80,10 @@ class Machine {
 
   // A machine whose state comes from `state` and whose RAM is `memory`, as captured. Refuses
   // a state this host cannot run before creating anything.
+  // Linux guests' serial output goes to `serial_output`, as for boot_linux.
   static Result<std::unique_ptr<Machine>> restore(const KvmSystem& system, GuestMemory memory,
-                                                  const MachineState& state, const MachineOptions& options);
+                                                  const MachineState& state, const MachineOptions& options,
+                                                  SerialOutput serial_output = {});
 
   // Runs the vCPUs; a paused machine continues where it stopped.
   Status resume();

@@ -19,6 +19,7 @@
 #include "backends/kvm/kvm.h"
 #include "backends/kvm/machine.h"
 #include "backends/kvm/machine_state.h"
+#include "backends/kvm/serial_socket.h"
 #include "base/file.h"
 
 namespace deltavm::kvm {
@@ -67,7 +68,19 @@ json status_json(const MachineStatus& status, const GuestMemory& memory) {
 
 class Vmm {
  public:
-  explicit Vmm(KvmSystem system) : system_(std::move(system)) {}
+  Vmm(KvmSystem system, std::unique_ptr<SerialSocket> console, std::unique_ptr<SerialSocket> agent)
+      : system_(std::move(system)) {
+    serial_sockets_[0] = std::move(console);
+    serial_sockets_[1] = std::move(agent);
+  }
+
+  // The sockets stop feeding the machine, the machine's vCPUs stop, then the sockets go.
+  ~Vmm() {
+    for (auto& socket : serial_sockets_) {
+      if (socket) socket->set_input(nullptr);
+    }
+    machine_.reset();
+  }
 
   Result<json> handle(const json& request) {
     DELTAVM_ASSIGN_OR_RETURN(std::string op, string_field(request, "op"));
@@ -151,15 +164,9 @@ class Vmm {
     } else {
       DELTAVM_ASSIGN_OR_RETURN(memory, GuestMemory::anonymous(memory_bytes));
     }
-    auto output = [this](int port, uint8_t byte) {
-      if (port == 0) std::fputc(byte, stdout);
-      std::lock_guard lock(serial_mutex_);
-      std::string& text = serial_text_[port];
-      text.push_back(static_cast<char>(byte));
-      if (text.size() > (2u << 20)) text.erase(0, text.size() - (1u << 20));
-    };
     DELTAVM_ASSIGN_OR_RETURN(machine_, Machine::boot_linux(system_, std::move(memory), kernel, initrd, command_line,
-                                                           output, options));
+                                                           serial_output(), options));
+    connect_serial_input();
     return start(request);
   }
 
@@ -183,7 +190,8 @@ class Vmm {
     MachineOptions options;
     options.log_dirty = request.value("log_dirty", false);
     options.step_first_instruction = request.value("step_first_instruction", false);
-    DELTAVM_ASSIGN_OR_RETURN(machine_, Machine::restore(system_, std::move(memory), state, options));
+    DELTAVM_ASSIGN_OR_RETURN(machine_, Machine::restore(system_, std::move(memory), state, options, serial_output()));
+    connect_serial_input();
     Clock::time_point restored = Clock::now();
     DELTAVM_ASSIGN_OR_RETURN(json answer, start(request));
     if (request.value("wait_first_report", false)) {
@@ -195,6 +203,26 @@ class Vmm {
                             {"first_instruction", microseconds_between(received, timeline.first_step)},
                             {"first_report", microseconds_between(received, timeline.first_report)}};
     return answer;
+  }
+
+  // Where a Linux guest's serial output goes: the port's socket, and a buffer the
+  // serial_output request reads.
+  Machine::SerialOutput serial_output() {
+    return [this](int port, uint8_t byte) {
+      if (serial_sockets_[port]) serial_sockets_[port]->output(byte);
+      std::lock_guard lock(serial_mutex_);
+      std::string& text = serial_text_[port];
+      text.push_back(static_cast<char>(byte));
+      if (text.size() > (2u << 20)) text.erase(0, text.size() - (1u << 20));
+    };
+  }
+
+  void connect_serial_input() {
+    for (int port = 0; port < 2; ++port) {
+      if (!serial_sockets_[port]) continue;
+      serial_sockets_[port]->set_input(
+          [machine = machine_.get(), port](std::span<const uint8_t> bytes) { return machine->serial_input(port, bytes); });
+    }
   }
 
   // Starts the machine unless the request says "paused"; may arm a checkpoint pause.
@@ -265,6 +293,7 @@ class Vmm {
   }
 
   KvmSystem system_;
+  std::unique_ptr<SerialSocket> serial_sockets_[2];
   std::unique_ptr<Machine> machine_;
   std::mutex serial_mutex_;
   std::string serial_text_[2];
@@ -332,6 +361,9 @@ int main(int argc, char** argv) {
   std::string device = "/dev/kvm";
   app.add_option("--control", control, "control socket to create")->required();
   app.add_option("--device", device, "KVM device");
+  std::string console, agent;
+  app.add_option("--console", console, "socket to serve ttyS0 on");
+  app.add_option("--agent", agent, "socket to serve ttyS1 on");
   CLI11_PARSE(app, argc, argv);
 
   Result<kvm::KvmSystem> system = kvm::KvmSystem::open(device);
@@ -344,7 +376,18 @@ int main(int argc, char** argv) {
     std::fprintf(stderr, "deltavm-vmm: %s\n", listener.error().message.c_str());
     return 1;
   }
-  kvm::Vmm vmm(std::move(system).value());
+  std::unique_ptr<kvm::SerialSocket> sockets[2];
+  const std::string* paths[2] = {&console, &agent};
+  for (int port = 0; port < 2; ++port) {
+    if (paths[port]->empty()) continue;
+    Result<std::unique_ptr<kvm::SerialSocket>> socket = kvm::SerialSocket::listen(*paths[port], port == 0 ? 64 << 10 : 0);
+    if (!socket) {
+      std::fprintf(stderr, "deltavm-vmm: %s\n", socket.error().message.c_str());
+      return 1;
+    }
+    sockets[port] = std::move(socket).value();
+  }
+  kvm::Vmm vmm(std::move(system).value(), std::move(sockets[0]), std::move(sockets[1]));
   for (;;) {
     Fd connection(::accept4(listener->get(), nullptr, nullptr, SOCK_CLOEXEC));
     if (!connection.valid()) {

@@ -336,9 +336,5 @@ Accelerator choose_accelerator() {
 
 std::unique_ptr<Backend> make_qemu_backend() { return std::make_unique<QemuBackend>(); }
 
-Result<std::unique_ptr<Backend>> make_backend(std::string_view name) {
-  if (name == "qemu") return make_qemu_backend();
-  return make_error(ErrorCode::kInvalidArgument, "unknown backend {} (available: qemu)", name);
-}
 
 }  // namespace deltavm
