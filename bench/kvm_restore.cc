@@ -15,9 +15,10 @@
 // the same process just before: create a bare VM with a vCPU and run an empty guest to its
 // first exit. Loads are interleaved across strategies.
 //
-// Clones: N VMMs load c4 at once (userfault, then private), each runs until its first answer
-// and pauses; the sum of their PSS (/proc/PID/smaps_rollup) is compared with the budget
-// base image + their dirty pages (KVM's log) + 1 MiB each.
+// Clones: N VMMs load c4 at once with userfault (and 4 with private, which copies the chain's
+// pages into each), each runs until its first answer and pauses; the sum of their PSS
+// (/proc/PID/smaps_rollup) is compared with the budget base image + their dirty pages (KVM's
+// log) + 1 MiB each.
 #include <CLI/CLI.hpp>
 #include <fmt/format.h>
 #include <nlohmann/json.hpp>
@@ -183,6 +184,7 @@ int main(int argc, char** argv) {
   std::vector<double> floor;
   for (int load = 0; load < loads; ++load) {
     if (!quiet && isatty(STDERR_FILENO)) fmt::print(stderr, "\rload {}/{}", load + 1, loads);
+    if (!isatty(STDERR_FILENO) && (load + 1) % 10 == 0) fmt::print(stderr, "load {}/{}\n", load + 1, loads);
     for (const std::string& strategy : strategies) {
       VmmProcess vmm = check(VmmProcess::launch(vmm_binary(), root / "load"), "starting deltavm-vmm");
       json floor_answer = check(vmm.request({{"op", "floor"}}), "floor");
@@ -197,13 +199,16 @@ int main(int argc, char** argv) {
   if (!quiet && isatty(STDERR_FILENO)) fmt::print(stderr, "\n");
 
   // 4. Concurrent clones and their memory.
+  // The private strategy copies every overlay page into each clone (the chain's pages are
+  // written over the base), so its clones cost the overlay each: a few of them show it.
   json clone_results = json::object();
   for (const std::string strategy : {"userfault", "private"}) {
     if (clones == 0) break;
-    progress(quiet, fmt::format("{} concurrent clones ({})", clones, strategy));
+    int count = strategy == "private" ? std::min(clones, 4) : clones;
+    progress(quiet, fmt::format("{} concurrent clones ({})", count, strategy));
     std::vector<VmmProcess> running;
     uint64_t dirty_pages = 0;
-    for (int i = 0; i < clones; ++i) {
+    for (int i = 0; i < count; ++i) {
       running.push_back(
           check(VmmProcess::launch(vmm_binary(), root / fmt::format("clone{}", i)), "starting deltavm-vmm"));
       json request = restore_request(strategy);
@@ -217,14 +222,14 @@ int main(int argc, char** argv) {
     uint64_t pss_total_kib = 0;
     for (VmmProcess& vmm : running) pss_total_kib += pss_kib(vmm.pid());
     double base_mib = static_cast<double>(memory_bytes) / (1 << 20);
-    double budget_mib = base_mib + static_cast<double>(dirty_pages) * 4096 / (1 << 20) + clones * 1.0;
-    clone_results[strategy] = {{"clones", clones},
+    double budget_mib = base_mib + static_cast<double>(dirty_pages) * 4096 / (1 << 20) + count * 1.0;
+    clone_results[strategy] = {{"clones", count},
                                {"pss_total_mib", static_cast<double>(pss_total_kib) / 1024},
                                {"dirty_pages", dirty_pages},
                                {"budget_mib", budget_mib},
                                {"within_budget", static_cast<double>(pss_total_kib) / 1024 <= budget_mib}};
     running.clear();
-    for (int i = 0; i < clones; ++i) std::filesystem::remove_all(root / fmt::format("clone{}", i));
+    for (int i = 0; i < count; ++i) std::filesystem::remove_all(root / fmt::format("clone{}", i));
   }
 
   double floor_p50 = percentile(floor, 0.5);

@@ -4,7 +4,9 @@
 #include <gtest/gtest.h>
 
 #include <cstring>
+#include <map>
 
+#include "backends/kvm/acpi.h"
 #include "backends/kvm/x86_boot.h"
 #include "base/coding.h"
 #include "base/file.h"
@@ -75,6 +77,52 @@ TEST_F(LinuxBoot, RefusesOverlongCommandLine) {
   Result<LinuxBootInfo> info = load_linux(ram, kernel_, {}, std::string(4000, 'x'), "kit kernel");
   ASSERT_FALSE(info);
   EXPECT_NE(info.error().message.find("command line"), std::string::npos);
+}
+
+uint8_t byte_sum(const uint8_t* bytes, size_t length) {
+  uint8_t sum = 0;
+  for (size_t i = 0; i < length; ++i) sum = static_cast<uint8_t>(sum + bytes[i]);
+  return sum;
+}
+
+TEST_F(LinuxBoot, TwoVcpusGetAcpiTablesWithOneLocalApicEach) {
+  std::vector<uint8_t> ram(256u << 20, 0);
+  Result<LinuxBootInfo> info = load_linux(ram, kernel_, {}, "console=ttyS0", "kit kernel", 2);
+  ASSERT_TRUE(info) << info.error().message;
+  const uint8_t* params = ram.data() + kBootParamsAddress;
+  ASSERT_EQ(get_u64_le(params + 0x70), kRsdpAddress);  // boot_params.acpi_rsdp_addr
+  const uint8_t* rsdp = ram.data() + kRsdpAddress;
+  ASSERT_EQ(std::string(reinterpret_cast<const char*>(rsdp), 8), "RSD PTR ");
+  EXPECT_EQ(byte_sum(rsdp, 20), 0);
+  EXPECT_EQ(byte_sum(rsdp, 36), 0);
+  const uint8_t* xsdt = ram.data() + get_u64_le(rsdp + 24);
+  ASSERT_EQ(std::string(reinterpret_cast<const char*>(xsdt), 4), "XSDT");
+  uint32_t xsdt_length = get_u32_le(xsdt + 4);
+  EXPECT_EQ(byte_sum(xsdt, xsdt_length), 0);
+  std::map<std::string, const uint8_t*> tables;
+  for (uint32_t offset = 36; offset < xsdt_length; offset += 8) {
+    const uint8_t* table = ram.data() + get_u64_le(xsdt + offset);
+    tables[std::string(reinterpret_cast<const char*>(table), 4)] = table;
+    EXPECT_EQ(byte_sum(table, get_u32_le(table + 4)), 0);
+  }
+  ASSERT_TRUE(tables.count("FACP") && tables.count("APIC"));
+  EXPECT_NE(get_u32_le(tables["FACP"] + 112) & (1u << 20), 0u);  // Hardware-reduced ACPI.
+  const uint8_t* dsdt = ram.data() + get_u64_le(tables["FACP"] + 140);
+  EXPECT_EQ(std::string(reinterpret_cast<const char*>(dsdt), 4), "DSDT");
+  const uint8_t* madt = tables["APIC"];
+  int local_apics = 0, io_apics = 0;
+  for (uint32_t offset = 44; offset < get_u32_le(madt + 4); offset += madt[offset + 1]) {
+    if (madt[offset] == 0 && (get_u32_le(madt + offset + 4) & 1)) ++local_apics;
+    if (madt[offset] == 1) ++io_apics;
+  }
+  EXPECT_EQ(local_apics, 2);
+  EXPECT_EQ(io_apics, 1);
+}
+
+TEST_F(LinuxBoot, OneVcpuGetsNoAcpiTables) {
+  std::vector<uint8_t> ram(256u << 20, 0);
+  ASSERT_TRUE(load_linux(ram, kernel_, {}, "console=ttyS0", "kit kernel", 1));
+  EXPECT_EQ(get_u64_le(ram.data() + kBootParamsAddress + 0x70), 0u);
 }
 
 }  // namespace

@@ -55,17 +55,13 @@ class KvmBackend : public Backend {
   }
 
   Status boot(const MachineSpec& machine, const std::filesystem::path& ram_file, const VmDirectory& vm) override {
-    if (machine.vcpus != 1) {
-      return make_error(ErrorCode::kUnsupported,
-                        "the kvm backend boots Linux with 1 vCPU so far ({} asked): ACPI tables for more are not built yet",
-                        machine.vcpus);
-    }
     DELTAVM_TRY(launch(vm, ram_file));
     DELTAVM_TRY(request(vm, {{"op", "boot_linux"},
                              {"kernel", machine.kernel.string()},
                              {"initrd", machine.initramfs.string()},
                              {"command_line", machine.command_line + std::string(kBootArguments)},
                              {"memory_bytes", machine.memory_bytes},
+                             {"vcpus", machine.vcpus},
                              {"ram_file", ram_file.string()}}));
     return {};
   }

@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cstring>
 
+#include "backends/kvm/acpi.h"
 #include "backends/kvm/x86_boot.h"
 #include "base/coding.h"
 
@@ -24,6 +25,7 @@ constexpr size_t kInitrdAddrMax = 0x22c;
 constexpr size_t kXLoadFlags = 0x236;
 constexpr size_t kCmdlineSize = 0x238;
 constexpr size_t kInitSize = 0x260;
+constexpr size_t kAcpiRsdpAddress = 0x070;
 constexpr size_t kE820Entries = 0x1e8;
 constexpr size_t kE820Table = 0x2d0;
 constexpr uint32_t kHdrS = 0x53726448;
@@ -46,7 +48,7 @@ void store_u64(uint8_t* at, uint64_t value) {
 
 Result<LinuxBootInfo> load_linux(std::span<uint8_t> ram, std::span<const uint8_t> kernel,
                                  std::span<const uint8_t> initrd, std::string_view command_line,
-                                 std::string_view origin) {
+                                 std::string_view origin, uint32_t vcpus) {
   if (kernel.size() < kInitSize + 4 || get_u32_le(kernel.data() + kHeaderMagic) != kHdrS) {
     return make_error(ErrorCode::kInvalidArgument, "{}: not a bzImage (no HdrS setup header at 0x202)", origin);
   }
@@ -116,6 +118,7 @@ Result<LinuxBootInfo> load_linux(std::span<uint8_t> ram, std::span<const uint8_t
     store_u64(entry + 8, e820[i].size);
     store_u32(entry + 16, e820[i].type);
   }
+  if (vcpus > 1) store_u64(params + kAcpiRsdpAddress, write_acpi_tables(ram, vcpus));
   write_boot_tables(ram, /*user_accessible=*/false);
   return LinuxBootInfo{load_address + 0x200ull, kBootParamsAddress, initrd_address};
 }

@@ -23,9 +23,10 @@ struct LinuxBootInfo {
 
 // Validates the bzImage's setup header (HdrS, protocol >= 2.12, 64-bit entry, loaded high) and
 // that kernel, decompression window and initramfs fit in `ram`, then writes everything.
+// With more than one vCPU it also writes the ACPI tables the kernel needs to start them.
 // `origin` names the kernel in errors. REQUIRES: `ram` is zeroed fresh guest memory.
 Result<LinuxBootInfo> load_linux(std::span<uint8_t> ram, std::span<const uint8_t> kernel,
                                  std::span<const uint8_t> initrd, std::string_view command_line,
-                                 std::string_view origin);
+                                 std::string_view origin, uint32_t vcpus = 1);
 
 }  // namespace deltavm::kvm

@@ -108,14 +108,21 @@ Result<std::unique_ptr<Machine>> Machine::boot_micro(const KvmSystem& system, Gu
 
 Result<std::unique_ptr<Machine>> Machine::boot_linux(const KvmSystem& system, GuestMemory memory,
                                                      std::span<const uint8_t> kernel, std::span<const uint8_t> initrd,
-                                                     std::string_view command_line, SerialOutput serial_output,
-                                                     const MachineOptions& options) {
+                                                     std::string_view command_line, uint32_t vcpus,
+                                                     SerialOutput serial_output, const MachineOptions& options) {
+  if (vcpus == 0 || vcpus > 64) {
+    return make_error(ErrorCode::kInvalidArgument, "{} vCPUs asked, expected 1 to 64", vcpus);
+  }
   DELTAVM_ASSIGN_OR_RETURN(std::unique_ptr<Machine> machine,
-                           create(system, std::move(memory), GuestKind::kLinux, 1, options));
-  DELTAVM_ASSIGN_OR_RETURN(LinuxBootInfo boot, load_linux(machine->memory(), kernel, initrd, command_line, "kernel"));
+                           create(system, std::move(memory), GuestKind::kLinux, vcpus, options));
+  DELTAVM_ASSIGN_OR_RETURN(LinuxBootInfo boot,
+                           load_linux(machine->memory(), kernel, initrd, command_line, "kernel", vcpus));
   DELTAVM_ASSIGN_OR_RETURN(std::vector<kvm_cpuid_entry2> supported, system.supported_cpuid());
-  DELTAVM_TRY(configure_long_mode_vcpu(machine->vcpus_[0], normalize_cpuid(supported, 0, 1), boot.entry,
+  DELTAVM_TRY(configure_long_mode_vcpu(machine->vcpus_[0], normalize_cpuid(supported, 0, vcpus), boot.entry,
                                        boot.boot_params, 0));
+  for (uint32_t i = 1; i < vcpus; ++i) {
+    DELTAVM_TRY(configure_vcpu(machine->vcpus_[i], normalize_cpuid(supported, i, vcpus)));
+  }
   machine->create_serial_ports(std::move(serial_output));
   for (Vcpu& vcpu : machine->vcpus_) {
     machine->threads_.emplace_back([raw = machine.get(), &vcpu] { raw->run_vcpu(vcpu); });

@@ -67,14 +67,14 @@ class Machine {
                                                      std::span<const uint8_t> program,
                                                      const MicroGuestParameters& parameters,
                                                      const MachineOptions& options);
-  // A Linux guest booted through the 64-bit boot protocol with one vCPU (without ACPI tables
-  // the kernel runs one CPU in virtual-wire mode, brief §1.7). Bytes the guest writes to ttyS0
-  // and ttyS1 go to `serial_output(port, byte)`.
+  // A Linux guest booted through the 64-bit boot protocol with `vcpus` vCPUs (with more than
+  // one, ACPI tables describe them; with one, the kernel runs in virtual-wire mode). Bytes the
+  // guest writes to ttyS0 and ttyS1 go to `serial_output(port, byte)`.
   using SerialOutput = std::function<void(int port, uint8_t byte)>;
   static Result<std::unique_ptr<Machine>> boot_linux(const KvmSystem& system, GuestMemory memory,
                                                      std::span<const uint8_t> kernel, std::span<const uint8_t> initrd,
-                                                     std::string_view command_line, SerialOutput serial_output,
-                                                     const MachineOptions& options);
+                                                     std::string_view command_line, uint32_t vcpus,
+                                                     SerialOutput serial_output, const MachineOptions& options);
   // Bytes for the guest's serial port `port` (0 or 1); returns how many it took.
   size_t serial_input(int port, std::span<const uint8_t> bytes);
 

@@ -153,6 +153,7 @@ class Vmm {
     DELTAVM_ASSIGN_OR_RETURN(std::string initrd_path, string_field(request, "initrd"));
     DELTAVM_ASSIGN_OR_RETURN(std::string command_line, string_field(request, "command_line"));
     DELTAVM_ASSIGN_OR_RETURN(uint64_t memory_bytes, number_field(request, "memory_bytes"));
+    DELTAVM_ASSIGN_OR_RETURN(uint64_t vcpus, number_field(request, "vcpus", 1));
     DELTAVM_ASSIGN_OR_RETURN(std::vector<uint8_t> kernel, read_file(kernel_path));
     DELTAVM_ASSIGN_OR_RETURN(std::vector<uint8_t> initrd, read_file(initrd_path));
     MachineOptions options;
@@ -165,7 +166,7 @@ class Vmm {
       DELTAVM_ASSIGN_OR_RETURN(memory, GuestMemory::anonymous(memory_bytes));
     }
     DELTAVM_ASSIGN_OR_RETURN(machine_, Machine::boot_linux(system_, std::move(memory), kernel, initrd, command_line,
-                                                           serial_output(), options));
+                                                           static_cast<uint32_t>(vcpus), serial_output(), options));
     connect_serial_input();
     return start(request);
   }

@@ -117,8 +117,7 @@ std::vector<kvm_cpuid_entry2> normalize_cpuid(std::span<const kvm_cpuid_entry2> 
   return entries;
 }
 
-Status configure_long_mode_vcpu(Vcpu& vcpu, std::span<const kvm_cpuid_entry2> cpuid, uint64_t entry, uint64_t rsi,
-                                uint64_t rdi) {
+Status configure_vcpu(Vcpu& vcpu, std::span<const kvm_cpuid_entry2> cpuid) {
   // CPUID first: KVM checks EFER.LME and CPUID-dependent MSRs against it.
   DELTAVM_TRY(vcpu.set_cpuid(cpuid));
 
@@ -147,6 +146,22 @@ Status configure_long_mode_vcpu(Vcpu& vcpu, std::span<const kvm_cpuid_entry2> cp
     (void)vcpu.set_msrs(std::span(&hwcr, 1));
   }
 
+  // LINT0 in ExtINT mode and LINT1 as NMI: the PIC reaches the CPU in virtual-wire mode.
+  DELTAVM_ASSIGN_OR_RETURN(kvm_lapic_state lapic, vcpu.lapic());
+  auto set_lvt = [&](size_t offset, uint32_t mode) {
+    uint32_t value;
+    std::memcpy(&value, lapic.regs + offset, 4);
+    value = (value & ~0x700u) | (mode << 8);
+    std::memcpy(lapic.regs + offset, &value, 4);
+  };
+  set_lvt(0x350, 7);
+  set_lvt(0x360, 4);
+  return vcpu.set_lapic(lapic);
+}
+
+Status configure_long_mode_vcpu(Vcpu& vcpu, std::span<const kvm_cpuid_entry2> cpuid, uint64_t entry, uint64_t rsi,
+                                uint64_t rdi) {
+  DELTAVM_TRY(configure_vcpu(vcpu, cpuid));
   kvm_fpu fpu{};
   fpu.fcw = 0x37f;
   fpu.mxcsr = 0x1f80;
@@ -174,19 +189,7 @@ Status configure_long_mode_vcpu(Vcpu& vcpu, std::span<const kvm_cpuid_entry2> cp
   regs.rdi = rdi;
   regs.rsp = regs.rbp = kBootStackAddress;
   regs.rflags = 0x2;
-  DELTAVM_TRY(vcpu.set_regs(regs));
-
-  // LINT0 in ExtINT mode and LINT1 as NMI: the PIC reaches the CPU in virtual-wire mode.
-  DELTAVM_ASSIGN_OR_RETURN(kvm_lapic_state lapic, vcpu.lapic());
-  auto set_lvt = [&](size_t offset, uint32_t mode) {
-    uint32_t value;
-    std::memcpy(&value, lapic.regs + offset, 4);
-    value = (value & ~0x700u) | (mode << 8);
-    std::memcpy(lapic.regs + offset, &value, 4);
-  };
-  set_lvt(0x350, 7);
-  set_lvt(0x360, 4);
-  return vcpu.set_lapic(lapic);
+  return vcpu.set_regs(regs);
 }
 
 }  // namespace deltavm::kvm

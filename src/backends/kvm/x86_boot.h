@@ -53,9 +53,14 @@ void write_boot_tables(std::span<uint8_t> ram, bool user_accessible);
 std::vector<kvm_cpuid_entry2> normalize_cpuid(std::span<const kvm_cpuid_entry2> supported, uint32_t vcpu_index,
                                               uint32_t vcpu_count);
 
-// CPUID, boot MSRs, FPU, LAPIC LINT0/LINT1 and registers for entering 64-bit code at `entry`
-// with paging on, the boot GDT loaded, `rsi` and `rdi` set (Linux wants boot_params in %rsi,
-// the micro guest its parameters in %rdi).
+// What every vCPU needs before it runs: CPUID, boot MSRs, LAPIC LINT0 (ExtINT) and LINT1 (NMI).
+// Application processors need nothing more: they wait for the BSP's INIT and SIPI, which KVM's
+// in-kernel LAPIC handles.
+Status configure_vcpu(Vcpu& vcpu, std::span<const kvm_cpuid_entry2> cpuid);
+
+// configure_vcpu, then FPU and registers for entering 64-bit code at `entry` with paging on,
+// the boot GDT loaded, `rsi` and `rdi` set (Linux wants boot_params in %rsi, the micro guest
+// its parameters in %rdi).
 Status configure_long_mode_vcpu(Vcpu& vcpu, std::span<const kvm_cpuid_entry2> cpuid, uint64_t entry, uint64_t rsi,
                                 uint64_t rdi);
 
