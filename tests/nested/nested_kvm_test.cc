@@ -137,7 +137,8 @@ TEST_F(NestedKvm, KvmBackendSuitePassesInsideHarness) {
 
 // The patent's flow on the kvm backend with Linux guests, inside the harness, through the
 // command line: a base template and a child with setup are booted by deltavm-vmm, captured and
-// stored as a chain; a VM loaded from the child answers commands and has the child's state.
+// stored as a chain; VMs loaded from the child (base + delta) and from the base alone answer
+// commands, the child's with the child's state. Then a two-vCPU template, loaded with both CPUs.
 TEST_F(NestedKvm, KvmBackendBuildsChainedLinuxTemplatesAndLoadsOneThatAnswers) {
   VmDirectory directory = start();
   const char* script = R"(set -e
@@ -153,11 +154,22 @@ id=$(deltavm run web)
 deltavm exec --timeout 300 "$id" -- cat /tmp/page
 deltavm exec --timeout 300 "$id" -- sh -c 'echo $((6 * 7))'
 deltavm stop "$id"
+id=$(deltavm run base)
+deltavm exec --timeout 300 "$id" -- echo base-answers
+deltavm stop "$id"
+echo '{"name": "pair", "memory_mib": 128, "vcpus": 2, "ready_timeout_s": 600}' > /tmp/pair.json
+deltavm template build --backend kvm /tmp/pair.json
+id=$(deltavm run pair)
+deltavm exec --timeout 300 "$id" -- 'echo cpus $(grep -c ^processor /proc/cpuinfo)'
+deltavm stop "$id"
 )";
   Result<ExecResult> flow = agent_exec(directory.agent_socket(), script, std::chrono::minutes(20));
   ASSERT_TRUE(flow) << flow.error().message;
   EXPECT_EQ(flow->exit_status, 0) << flow->stdout_bytes << flow->stderr_bytes;
   EXPECT_NE(flow->stdout_bytes.find("served-by-kvm\n42\n"), std::string::npos) << flow->stdout_bytes << flow->stderr_bytes;
+  EXPECT_NE(flow->stdout_bytes.find("base-answers\n"), std::string::npos) << flow->stdout_bytes << flow->stderr_bytes;
+  // Two vCPUs (ACPI tables), captured with both online and loaded with both running.
+  EXPECT_NE(flow->stdout_bytes.find("cpus 2\n"), std::string::npos) << flow->stdout_bytes << flow->stderr_bytes;
 }
 
 }  // namespace

@@ -48,18 +48,22 @@ uint64_t write_acpi_tables(std::span<uint8_t> ram, uint32_t vcpus) {
   std::vector<uint8_t> dsdt = table("DSDT", 36, 2);
   finish(dsdt);
 
-  // FADT, revision 6: hardware-reduced ACPI (no PM timer, no SCI, no legacy PIC or PIT
-  // needed), power and sleep buttons absent as fixed features, no VGA.
+  // FADT, revision 6, for a PC with its legacy PIC and PIT (a hardware-reduced FADT leaves
+  // Linux without the 8259 and the ISA interrupts the UARTs use: userspace then stalls). No SMI
+  // command port: ACPI is on from the start. SCI on IRQ 9, never raised. Power and sleep
+  // buttons absent as fixed features, no VGA.
   std::vector<uint8_t> fadt = table("FACP", 276, 6);
-  put(fadt, 109, 1u << 2, 2);                                // IAPC_BOOT_ARCH: VGA not present.
-  put(fadt, 112, (1u << 20) | (1u << 4) | (1u << 5), 4);     // HW_REDUCED_ACPI, PWR/SLP_BUTTON.
+  put(fadt, 46, 9, 2);                                       // SCI_INT.
+  put(fadt, 109, (1u << 0) | (1u << 2), 2);                  // IAPC_BOOT_ARCH: legacy devices, no VGA.
+  put(fadt, 112, (1u << 4) | (1u << 5), 4);                  // PWR_BUTTON, SLP_BUTTON.
   fadt[131] = 0;                                             // Minor version.
 
-  // MADT: one enabled local APIC per vCPU (UID = APIC ID = index) and the IOAPIC at GSI 0.
-  size_t madt_length = 44 + 8 * vcpus + 12;
+  // MADT: one enabled local APIC per vCPU (UID = APIC ID = index), the IOAPIC at GSI 0, and
+  // the PC's one override: the PIT's IRQ 0 arrives at IOAPIC pin 2 (KVM routes GSI 0 there).
+  size_t madt_length = 44 + 8 * vcpus + 12 + 10;
   std::vector<uint8_t> madt = table("APIC", madt_length, 5);
   put(madt, 36, kLocalApicAddress, 4);
-  put(madt, 40, 0, 4);  // Flags: no dual 8259 setup to disable.
+  put(madt, 40, 1, 4);  // PCAT_COMPAT: dual 8259s present.
   size_t offset = 44;
   for (uint32_t cpu = 0; cpu < vcpus; ++cpu, offset += 8) {
     madt[offset] = 0;  // Processor local APIC.
@@ -73,6 +77,13 @@ uint64_t write_acpi_tables(std::span<uint8_t> ram, uint32_t vcpus) {
   madt[offset + 2] = 0;  // Its ID.
   put(madt, offset + 4, kIoApicAddress, 4);
   put(madt, offset + 8, 0, 4);  // GSI base.
+  offset += 12;
+  madt[offset] = 2;  // Interrupt source override.
+  madt[offset + 1] = 10;
+  madt[offset + 2] = 0;         // ISA bus.
+  madt[offset + 3] = 0;         // IRQ 0...
+  put(madt, offset + 4, 2, 4);  // ...is GSI 2.
+  put(madt, offset + 8, 0, 2);  // Bus-conforming polarity and trigger.
 
   std::vector<uint8_t> xsdt = table("XSDT", 36 + 16, 1);
   uint64_t xsdt_address = kTablesAddress;

@@ -1,7 +1,7 @@
 // The ACPI tables Debian's cloud kernel needs to run more than one CPU (it ignores MP tables:
-// CONFIG_X86_MPPARSE is off; brief §1.7): an RSDP at 0xe0000 pointing to an XSDT, a
-// hardware-reduced FADT with an empty DSDT, and a MADT listing one local APIC per vCPU and
-// the IOAPIC. ACPI 6.x table layouts; every table's bytes sum to zero.
+// CONFIG_X86_MPPARSE is off; brief §1.7): an RSDP at 0xe0000 pointing to an XSDT, a FADT for
+// a PC with legacy PIC and PIT, an empty DSDT, and a MADT listing one local APIC per vCPU, the
+// IOAPIC and the IRQ 0 override. ACPI 6.x table layouts; every table's bytes sum to zero.
 #pragma once
 
 #include <cstdint>

@@ -55,14 +55,6 @@ class KvmBackend : public Backend {
   }
 
   Status boot(const MachineSpec& machine, const std::filesystem::path& ram_file, const VmDirectory& vm) override {
-    // With two vCPUs the kernel boots through the ACPI tables (acpi.cc) to /init, but then
-    // userspace makes no progress (no output on the console); until that is understood, one.
-    if (machine.vcpus != 1) {
-      return make_error(ErrorCode::kUnsupported,
-                        "the kvm backend runs Linux guests with 1 vCPU for now ({} asked): with more, the guest "
-                        "stalls after starting /init",
-                        machine.vcpus);
-    }
     DELTAVM_TRY(launch(vm, ram_file));
     DELTAVM_TRY(request(vm, {{"op", "boot_linux"},
                              {"kernel", machine.kernel.string()},

@@ -56,6 +56,10 @@ Status RamOverlayWriter::commit() {
   put_u64_le(header, sorted.size());
   put_u64_le(header, index_offset);
   DELTAVM_TRY(pwrite_all(fd_.get(), header.data(), header.size(), 0, path_));
+  // The file ends where the index does, also when there are no pages (a base-only chain).
+  if (::ftruncate(fd_.get(), static_cast<off_t>(index_offset + index.size())) != 0) {
+    return errno_error(fmt::format("truncate {}", path_.string()), errno);
+  }
   fd_ = Fd();
   return {};
 }
