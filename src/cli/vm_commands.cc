@@ -6,6 +6,7 @@
 #include <ctime>
 
 #include "backends/agent_client.h"
+#include "backends/kvm/guest_memory.h"
 #include "backends/kvm/kvm_backend.h"
 #include "backends/qemu/qemu_backend.h"
 #include "base/socket.h"
@@ -81,7 +82,7 @@ Status run_template_ls(const GlobalOptions& options) {
 }
 
 Status run_run(const GlobalOptions& options, const std::string& name, const std::string& backend_name,
-               const std::string& strategy_name, bool paused) {
+               const std::string& strategy_name, const std::string& kvm_memory, bool paused) {
   DELTAVM_ASSIGN_OR_RETURN(RamStrategy strategy, parse_ram_strategy(strategy_name));
   DELTAVM_ASSIGN_OR_RETURN(Store store, open_store(options));
   std::string chosen = backend_name;
@@ -89,7 +90,16 @@ Status run_run(const GlobalOptions& options, const std::string& name, const std:
     DELTAVM_ASSIGN_OR_RETURN(ImageRecord record, store.find(name));
     chosen = template_backend(record);
   }
-  DELTAVM_ASSIGN_OR_RETURN(std::unique_ptr<Backend> backend, make_backend(chosen));
+  std::unique_ptr<Backend> backend;
+  if (!kvm_memory.empty()) {
+    if (chosen != "kvm") {
+      return make_error(ErrorCode::kInvalidArgument, "--kvm-memory applies to the kvm backend, not {}", chosen);
+    }
+    DELTAVM_ASSIGN_OR_RETURN(kvm::MemoryStrategy memory, kvm::parse_memory_strategy(kvm_memory));
+    backend = make_kvm_backend(memory);
+  } else {
+    DELTAVM_ASSIGN_OR_RETURN(backend, make_backend(chosen));
+  }
   DELTAVM_ASSIGN_OR_RETURN(StartedVm vm, start_vm(name, store, *backend, runtime_directory(options), strategy, paused));
   if (options.json) {
     print_json({{"id", vm.id}, {"template", vm.template_name}, {"strategy", ram_strategy_name(vm.strategy)},
@@ -259,7 +269,7 @@ void add_vm_commands(CLI::App& app, const GlobalOptions& options, int& exit_stat
       ->callback([&options, finish] { finish(run_template_ls(options)); });
 
   struct RunArguments {
-    std::string name, backend, strategy = "base+deltas";
+    std::string name, backend, strategy = "base+deltas", kvm_memory;
     bool paused = false;
   };
   auto run = std::make_shared<RunArguments>();
@@ -268,8 +278,10 @@ void add_vm_commands(CLI::App& app, const GlobalOptions& options, int& exit_stat
   run_command->add_option("--backend", run->backend, "qemu or kvm (default: the one that captured the template)");
   run_command->add_option("--ram", run->strategy, "How RAM is built: base+deltas (default) or flat");
   run_command->add_flag("--paused", run->paused, "Load RAM and state but run no vCPU until deltavm resume");
+  run_command->add_option("--kvm-memory", run->kvm_memory,
+                          "kvm backend: eager, private or userfault (default: $DELTAVM_KVM_MEMORY, else userfault)");
   run_command->callback([&options, run, finish] {
-    finish(run_run(options, run->name, run->backend, run->strategy, run->paused));
+    finish(run_run(options, run->name, run->backend, run->strategy, run->kvm_memory, run->paused));
   });
 
   auto resume_id = std::make_shared<std::string>();

@@ -137,8 +137,9 @@ TEST_F(NestedKvm, KvmBackendSuitePassesInsideHarness) {
 
 // The patent's flow on the kvm backend with Linux guests, inside the harness, through the
 // command line: a base template and a child with setup are booted by deltavm-vmm, captured and
-// stored as a chain; VMs loaded from the child (base + delta) and from the base alone answer
-// commands, the child's with the child's state. Then a two-vCPU template, loaded with both CPUs.
+// stored as a chain; VMs loaded from the child (base + delta, userfault memory) and from the
+// base alone (eager) answer commands, the child's with the child's state. Then a two-vCPU
+// template, loaded (private memory) with both CPUs.
 TEST_F(NestedKvm, KvmBackendBuildsChainedLinuxTemplatesAndLoadsOneThatAnswers) {
   VmDirectory directory = start();
   const char* script = R"(set -e
@@ -154,12 +155,12 @@ id=$(deltavm run web)
 deltavm exec --timeout 300 "$id" -- cat /tmp/page
 deltavm exec --timeout 300 "$id" -- sh -c 'echo $((6 * 7))'
 deltavm stop "$id"
-id=$(deltavm run base)
+id=$(deltavm run base --kvm-memory eager)
 deltavm exec --timeout 300 "$id" -- echo base-answers
 deltavm stop "$id"
 echo '{"name": "pair", "memory_mib": 128, "vcpus": 2, "ready_timeout_s": 600}' > /tmp/pair.json
 deltavm template build --backend kvm /tmp/pair.json
-id=$(deltavm run pair)
+id=$(deltavm run pair --kvm-memory private)
 deltavm exec --timeout 300 "$id" -- 'echo cpus $(grep -c ^processor /proc/cpuinfo)'
 deltavm stop "$id"
 )";

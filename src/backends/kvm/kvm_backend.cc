@@ -175,8 +175,10 @@ std::unique_ptr<Backend> make_kvm_backend() {
   if (const char* configured = std::getenv("DELTAVM_KVM_MEMORY"); configured != nullptr && *configured) {
     if (Result<kvm::MemoryStrategy> parsed = kvm::parse_memory_strategy(configured)) strategy = *parsed;
   }
-  return std::make_unique<KvmBackend>(strategy);
+  return make_kvm_backend(strategy);
 }
+
+std::unique_ptr<Backend> make_kvm_backend(kvm::MemoryStrategy strategy) { return std::make_unique<KvmBackend>(strategy); }
 
 std::string describe_kvm_device() {
   Result<kvm::KvmSystem> system = kvm::KvmSystem::open();
