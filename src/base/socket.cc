@@ -10,6 +10,24 @@
 
 namespace deltavm {
 
+Result<Fd> listen_unix(const std::filesystem::path& path) {
+  sockaddr_un address{};
+  address.sun_family = AF_UNIX;
+  if (path.string().size() >= sizeof address.sun_path) {
+    return make_error(ErrorCode::kInvalidArgument, "socket path {} is longer than {} bytes", path.string(),
+                      sizeof address.sun_path - 1);
+  }
+  std::strcpy(address.sun_path, path.c_str());
+  Fd fd(::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0));
+  if (!fd.valid()) return errno_error("socket", errno);
+  ::unlink(path.c_str());
+  if (::bind(fd.get(), reinterpret_cast<sockaddr*>(&address), sizeof address) != 0) {
+    return errno_error(fmt::format("bind {}", path.string()), errno);
+  }
+  if (::listen(fd.get(), 4) != 0) return errno_error(fmt::format("listen {}", path.string()), errno);
+  return fd;
+}
+
 Result<Fd> connect_unix(const std::filesystem::path& path, Deadline deadline) {
   sockaddr_un address{};
   address.sun_family = AF_UNIX;

@@ -18,6 +18,9 @@ inline Deadline deadline_after(std::chrono::milliseconds timeout) {
   return std::chrono::steady_clock::now() + timeout;
 }
 
+// A listening Unix stream socket at `path`, replacing a stale socket file left there.
+Result<Fd> listen_unix(const std::filesystem::path& path);
+
 // Connects to the socket at `path`, retrying while it does not exist yet or refuses
 // connections, until `deadline`.
 Result<Fd> connect_unix(const std::filesystem::path& path, Deadline deadline);

@@ -312,7 +312,7 @@ void Machine::run_vcpu(Vcpu& vcpu) {
   }
 }
 
-bool Machine::handle_io(Vcpu& vcpu) {
+void Machine::handle_io(Vcpu& vcpu) {
   kvm_run* run = vcpu.run();
   std::span<uint8_t> data = vcpu.io_data();
   if (!reported_.exchange(true)) {
@@ -332,19 +332,19 @@ bool Machine::handle_io(Vcpu& vcpu) {
         serial_[serial]->write(offset, byte);
       }
     }
-    return true;
+    return;
   }
   if (kind_ == GuestKind::kLinux && port == 0x64 && run->io.direction == KVM_EXIT_IO_OUT && !data.empty() &&
       data[0] == 0xfe) {
     // i8042 pulse of the reset line: how `reboot=k` restarts; the VM ends.
     fail("guest reset itself (i8042 reset)");
-    return false;
+    return;
   }
   if (run->io.direction == KVM_EXIT_IO_IN) {
     std::memset(data.data(), 0xff, data.size());  // No device: the bus floats high.
-    return true;
+    return;
   }
-  if (kind_ != GuestKind::kMicro || run->io.size != 4 || data.size() < 4) return true;
+  if (kind_ != GuestKind::kMicro || run->io.size != 4 || data.size() < 4) return;
   uint32_t value = get_u32_le(data.data());
   std::lock_guard lock(mutex_);
   switch (run->io.port) {
@@ -374,7 +374,6 @@ bool Machine::handle_io(Vcpu& vcpu) {
       break;
   }
   changed_.notify_all();
-  return true;
 }
 
 Result<MachineState> Machine::save_state() {

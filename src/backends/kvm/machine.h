@@ -114,8 +114,8 @@ class Machine {
   static Result<std::unique_ptr<Machine>> create(const KvmSystem& system, GuestMemory memory, GuestKind kind,
                                                  uint32_t vcpus, const MachineOptions& options);
   void run_vcpu(Vcpu& vcpu);
-  // Handles one port access; returns false if the machine must stop running.
-  bool handle_io(Vcpu& vcpu);
+  // Handles one port access (an i8042 reset fails the machine).
+  void handle_io(Vcpu& vcpu);
   void request_pause_locked();
   void fail(std::string reason);
   void create_serial_ports(SerialOutput serial_output);

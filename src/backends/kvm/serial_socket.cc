@@ -1,9 +1,10 @@
 #include "backends/kvm/serial_socket.h"
 
+#include "base/socket.h"
+
 #include <poll.h>
 #include <sys/eventfd.h>
 #include <sys/socket.h>
-#include <sys/un.h>
 #include <unistd.h>
 
 #include <cstring>
@@ -11,19 +12,7 @@
 namespace deltavm::kvm {
 
 Result<std::unique_ptr<SerialSocket>> SerialSocket::listen(const std::filesystem::path& path, size_t history_bytes) {
-  sockaddr_un address{};
-  address.sun_family = AF_UNIX;
-  if (path.string().size() >= sizeof address.sun_path) {
-    return make_error(ErrorCode::kInvalidArgument, "socket path {} is too long", path.string());
-  }
-  std::strcpy(address.sun_path, path.c_str());
-  Fd listener(::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0));
-  if (!listener.valid()) return errno_error("socket", errno);
-  ::unlink(path.c_str());
-  if (::bind(listener.get(), reinterpret_cast<sockaddr*>(&address), sizeof address) != 0) {
-    return errno_error(fmt::format("bind {}", path.string()), errno);
-  }
-  if (::listen(listener.get(), 4) != 0) return errno_error(fmt::format("listen {}", path.string()), errno);
+  DELTAVM_ASSIGN_OR_RETURN(Fd listener, listen_unix(path));
   Fd stop(::eventfd(0, EFD_CLOEXEC));
   if (!stop.valid()) return errno_error("eventfd", errno);
   std::unique_ptr<SerialSocket> socket(new SerialSocket(std::move(listener), std::move(stop), history_bytes));

@@ -3,7 +3,6 @@
 // protocol is one JSON object per line each way (docs/kvm.md lists every request).
 #include <sys/ioctl.h>
 #include <sys/socket.h>
-#include <sys/un.h>
 #include <unistd.h>
 
 #include <CLI/CLI.hpp>
@@ -21,6 +20,7 @@
 #include "backends/kvm/machine_state.h"
 #include "backends/kvm/serial_socket.h"
 #include "base/file.h"
+#include "base/socket.h"
 
 namespace deltavm::kvm {
 namespace {
@@ -135,13 +135,7 @@ class Vmm {
     DELTAVM_ASSIGN_OR_RETURN(parameters.heartbeat_bytes, number_field(request, "heartbeat_bytes", 1 << 20));
     MachineOptions options;
     options.log_dirty = request.value("log_dirty", false);
-    GuestMemory memory;
-    if (request.contains("ram_file")) {
-      DELTAVM_ASSIGN_OR_RETURN(std::string ram_file, string_field(request, "ram_file"));
-      DELTAVM_ASSIGN_OR_RETURN(memory, GuestMemory::shared_file(ram_file, memory_bytes));
-    } else {
-      DELTAVM_ASSIGN_OR_RETURN(memory, GuestMemory::anonymous(memory_bytes));
-    }
+    DELTAVM_ASSIGN_OR_RETURN(GuestMemory memory, boot_memory(request, memory_bytes));
     DELTAVM_ASSIGN_OR_RETURN(machine_,
                              Machine::boot_micro(system_, std::move(memory), program, parameters, options));
     return start(request);
@@ -158,13 +152,7 @@ class Vmm {
     DELTAVM_ASSIGN_OR_RETURN(std::vector<uint8_t> initrd, read_file(initrd_path));
     MachineOptions options;
     options.log_dirty = request.value("log_dirty", false);
-    GuestMemory memory;
-    if (request.contains("ram_file")) {
-      DELTAVM_ASSIGN_OR_RETURN(std::string ram_file, string_field(request, "ram_file"));
-      DELTAVM_ASSIGN_OR_RETURN(memory, GuestMemory::shared_file(ram_file, memory_bytes));
-    } else {
-      DELTAVM_ASSIGN_OR_RETURN(memory, GuestMemory::anonymous(memory_bytes));
-    }
+    DELTAVM_ASSIGN_OR_RETURN(GuestMemory memory, boot_memory(request, memory_bytes));
     DELTAVM_ASSIGN_OR_RETURN(machine_, Machine::boot_linux(system_, std::move(memory), kernel, initrd, command_line,
                                                            static_cast<uint32_t>(vcpus), serial_output(), options));
     connect_serial_input();
@@ -224,6 +212,14 @@ class Vmm {
       serial_sockets_[port]->set_input(
           [machine = machine_.get(), port](std::span<const uint8_t> bytes) { return machine->serial_input(port, bytes); });
     }
+  }
+
+  // RAM for a boot: in the request's ram_file (shared, so the file is the RAM image for a
+  // capture), else anonymous.
+  static Result<GuestMemory> boot_memory(const json& request, uint64_t memory_bytes) {
+    if (!request.contains("ram_file")) return GuestMemory::anonymous(memory_bytes);
+    DELTAVM_ASSIGN_OR_RETURN(std::string ram_file, string_field(request, "ram_file"));
+    return GuestMemory::shared_file(ram_file, memory_bytes);
   }
 
   // Starts the machine unless the request says "paused"; may arm a checkpoint pause.
@@ -300,22 +296,6 @@ class Vmm {
   std::string serial_text_[2];
 };
 
-Result<Fd> listen_unix(const std::filesystem::path& path) {
-  sockaddr_un address{};
-  address.sun_family = AF_UNIX;
-  if (path.string().size() >= sizeof address.sun_path) {
-    return make_error(ErrorCode::kInvalidArgument, "socket path {} is too long", path.string());
-  }
-  std::strcpy(address.sun_path, path.c_str());
-  Fd fd(::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0));
-  if (!fd.valid()) return errno_error("socket", errno);
-  ::unlink(path.c_str());
-  if (::bind(fd.get(), reinterpret_cast<sockaddr*>(&address), sizeof address) != 0) {
-    return errno_error(fmt::format("bind {}", path.string()), errno);
-  }
-  if (::listen(fd.get(), 4) != 0) return errno_error(fmt::format("listen {}", path.string()), errno);
-  return fd;
-}
 
 // Serves one connection until it closes; returns true if the client asked the VMM to quit.
 bool serve(Vmm& vmm, int connection) {
@@ -372,7 +352,7 @@ int main(int argc, char** argv) {
     std::fprintf(stderr, "deltavm-vmm: %s\n", system.error().message.c_str());
     return 1;
   }
-  Result<Fd> listener = kvm::listen_unix(control);
+  Result<Fd> listener = listen_unix(control);
   if (!listener) {
     std::fprintf(stderr, "deltavm-vmm: %s\n", listener.error().message.c_str());
     return 1;
