@@ -121,7 +121,7 @@ int main(int argc, char** argv) {
   uint64_t work_bytes = memory_bytes - (32ull << 20);
 
   // 1. The chain c1 <- c2 <- c3 <- c4, captured from one micro guest at checkpoints 1-4.
-  Store store = check(Store::open(root / "store"), "opening the store");
+  Store store = check(Store::open_or_create(root / "store"), "opening the store");
   {
     progress(quiet, fmt::format("capturing a {} MiB micro guest at checkpoints 1-4", memory_mib));
     VmmProcess vmm = check(VmmProcess::launch(vmm_binary(), root / "capture"), "starting deltavm-vmm");

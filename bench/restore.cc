@@ -79,8 +79,8 @@ int main(int argc, char** argv) {
   std::vector<uint8_t> state = check(store.read_attachment(record, kMachineStateRole), "machine state");
   Loader loader(store);
   // The peers' inputs are made before any timing: the flat file of the whole target image...
-  std::filesystem::path flat = check(loader.flat_file(record), "flat file");
-  check(loader.flat_file(chain.front()), "base flat file");
+  std::filesystem::path flat = check(store.flat_file(record), "flat file");
+  check(store.flat_file(chain.front()), "base flat file");
   // ...and a stock snapshot, RAM in the stream, of a VM loaded from the template.
   std::filesystem::path stream = runtime / "stock.stream";
   {

@@ -8,8 +8,10 @@
 
 namespace deltavm::cli {
 
-// The store named by --store, $DELTAVM_STORE or the default, created if missing.
-Result<Store> open_store(const GlobalOptions& options);
+// The store named by --store, $DELTAVM_STORE or the default. Only commands that add images
+// pass `create`: a mistyped --store never turns into a new, empty store for the others.
+enum class StoreAccess { kExisting, kCreate };
+Result<Store> open_store(const GlobalOptions& options, StoreAccess access = StoreAccess::kExisting);
 
 // Each adds its subcommands to `app`; a subcommand sets `exit_status` when it runs.
 void add_image_commands(CLI::App& app, const GlobalOptions& options, int& exit_status);

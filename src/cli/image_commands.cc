@@ -39,6 +39,7 @@ void print_stats_table(const Delta& delta, uint64_t file_bytes) {
 Status run_diff(const GlobalOptions& options, const std::string& base_path, const std::string& target_path,
                 const std::string& output_path, const std::string& dirty_path, int level) {
   auto start = Clock::now();
+  DELTAVM_TRY(check_output_file(output_path, {base_path, target_path, dirty_path}));
   DELTAVM_ASSIGN_OR_RETURN(Mapping base, Mapping::map_file_readonly(base_path));
   DELTAVM_ASSIGN_OR_RETURN(Mapping target, Mapping::map_file_readonly(target_path));
   DELTAVM_TRY(check_image_size(base.size(), base_path));
@@ -79,6 +80,9 @@ Status run_diff(const GlobalOptions& options, const std::string& base_path, cons
 Status run_apply(const GlobalOptions& options, const std::string& base_path,
                  const std::vector<std::string>& delta_paths, const std::string& output_path) {
   auto start = Clock::now();
+  std::vector<std::string> inputs = delta_paths;
+  inputs.push_back(base_path);
+  DELTAVM_TRY(check_output_file(output_path, inputs));
   DELTAVM_ASSIGN_OR_RETURN(Mapping base, Mapping::map_file_readonly(base_path));
   std::vector<Delta> deltas;
   for (const std::string& path : delta_paths) {

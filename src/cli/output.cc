@@ -4,6 +4,9 @@
 #include "base/progress.h"
 
 #include <fmt/format.h>
+#include <sys/stat.h>
+
+#include <cerrno>
 
 #include <algorithm>
 #include <cctype>
@@ -59,6 +62,32 @@ std::string human_duration_ms(double milliseconds) {
   if (milliseconds < 1) return fmt::format("{:.0f} us", milliseconds * 1000);
   if (milliseconds < 1000) return fmt::format("{:.1f} ms", milliseconds);
   return fmt::format("{:.2f} s", milliseconds / 1000);
+}
+
+Status check_output_file(const std::string& output, const std::vector<std::string>& inputs) {
+  struct stat out {};
+  if (::stat(output.c_str(), &out) != 0) {
+    if (errno == ENOENT) return {};
+    return errno_error(fmt::format("output {}", output), errno);
+  }
+  if (!S_ISREG(out.st_mode)) {
+    const char* kind = S_ISDIR(out.st_mode)    ? "a directory"
+                       : S_ISCHR(out.st_mode)  ? "a character device"
+                       : S_ISBLK(out.st_mode)  ? "a block device"
+                       : S_ISFIFO(out.st_mode) ? "a FIFO"
+                       : S_ISSOCK(out.st_mode) ? "a socket"
+                                               : "not a regular file";
+    return make_error(ErrorCode::kInvalidArgument, "output {} is {}; refusing to replace it (give a regular file)",
+                      output, kind);
+  }
+  for (const std::string& input : inputs) {
+    struct stat in {};
+    if (::stat(input.c_str(), &in) == 0 && in.st_dev == out.st_dev && in.st_ino == out.st_ino) {
+      return make_error(ErrorCode::kInvalidArgument, "output {} is the input {}; refusing to overwrite an input",
+                        output, input);
+    }
+  }
+  return {};
 }
 
 Status write_image_file(const std::string& path, std::span<const uint8_t> bytes, bool quiet) {

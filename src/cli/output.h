@@ -41,6 +41,11 @@ std::string human_duration_ms(double milliseconds);
 
 void print_json(const nlohmann::json& value);
 
+// Checks that `output` may be written by replacing it: it does not exist yet, or it is a
+// regular file that is none of `inputs` (compared by device and inode, so another name for an
+// input is caught too). A device, a FIFO or a directory is never replaced.
+Status check_output_file(const std::string& output, const std::vector<std::string>& inputs);
+
 // Writes `bytes` crash-safely to `path`, showing progress unless `quiet`; the file appears
 // only when complete.
 Status write_image_file(const std::string& path, std::span<const uint8_t> bytes, bool quiet);

@@ -55,7 +55,7 @@ Status run_ls(const GlobalOptions& options) {
 
 Status run_put(const GlobalOptions& options, const std::string& name, const std::string& path,
                const std::string& parent) {
-  DELTAVM_ASSIGN_OR_RETURN(Store store, open_store(options));
+  DELTAVM_ASSIGN_OR_RETURN(Store store, open_store(options, StoreAccess::kCreate));
   DELTAVM_ASSIGN_OR_RETURN(Mapping image, Mapping::map_file_readonly(path));
   std::optional<std::string> parent_name;
   if (!parent.empty()) parent_name = parent;
@@ -75,6 +75,7 @@ Status run_put(const GlobalOptions& options, const std::string& name, const std:
 }
 
 Status run_get(const GlobalOptions& options, const std::string& name, const std::string& output) {
+  DELTAVM_TRY(check_output_file(output, {}));
   DELTAVM_ASSIGN_OR_RETURN(Store store, open_store(options));
   DELTAVM_ASSIGN_OR_RETURN(Mapping image, store.get_image(name));
   DELTAVM_TRY(write_image_file(output, image.bytes(), options.json));
@@ -138,10 +139,10 @@ Result<int> run_fsck(const GlobalOptions& options) {
 
 }  // namespace
 
-Result<Store> open_store(const GlobalOptions& options) {
+Result<Store> open_store(const GlobalOptions& options, StoreAccess access) {
   std::filesystem::path directory =
       options.store_directory.empty() ? default_store_directory() : std::filesystem::path(options.store_directory);
-  return Store::open(directory);
+  return access == StoreAccess::kCreate ? Store::open_or_create(directory) : Store::open(directory);
 }
 
 void add_store_commands(CLI::App& app, const GlobalOptions& options, int& exit_status) {

@@ -32,7 +32,7 @@ Result<std::unique_ptr<Backend>> backend_of(const VmDirectory& vm) {
 Status run_template_build(const GlobalOptions& options, const std::string& spec_path, const std::string& backend_name) {
   DELTAVM_ASSIGN_OR_RETURN(TemplateSpec spec, read_template_spec(spec_path));
   DELTAVM_ASSIGN_OR_RETURN(std::unique_ptr<Backend> backend, make_backend(backend_name));
-  DELTAVM_ASSIGN_OR_RETURN(Store store, open_store(options));
+  DELTAVM_ASSIGN_OR_RETURN(Store store, open_store(options, StoreAccess::kCreate));
   bool show = !options.json && ::isatty(STDERR_FILENO);
   DELTAVM_ASSIGN_OR_RETURN(TemplateBuild build,
                            build_template(spec, store, *backend, runtime_directory(options), [&](std::string_view phase) {

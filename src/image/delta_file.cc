@@ -3,7 +3,9 @@
 #include <xxhash.h>
 #include <zstd.h>
 
+#include <algorithm>
 #include <cstring>
+#include <memory>
 
 #include "base/coding.h"
 #include "base/file.h"
@@ -39,6 +41,8 @@ constexpr const char* kSectionNames[] = {"", "edits", "data"};
 // The largest encoded edit: page gap (10), encoding (1), run count (2), and per run an offset
 // gap and a length of at most 2 bytes each, for at most kPageSize runs.
 constexpr uint64_t kMaxEditBytes = 10 + 1 + 2 + kPageSize * 4;
+// The smallest: a one-byte page gap and the encoding of a zero or whole page.
+constexpr uint64_t kMinEditBytes = 2;
 
 uint64_t checksum(std::span<const uint8_t> bytes) { return XXH3_64bits(bytes.data(), bytes.size()); }
 
@@ -138,6 +142,11 @@ Result<Header> read_header(std::span<const uint8_t> bytes, std::string_view name
                       "{}: header field image_size_bytes {} is not a multiple of {}", name,
                       header.image_size_bytes, kPageSize);
   }
+  if (header.image_size_bytes > kMaxImageSizeBytes) {
+    return make_error(ErrorCode::kCorruption,
+                      "{}: header field image_size_bytes {} exceeds the largest image, {} bytes", name,
+                      header.image_size_bytes, kMaxImageSizeBytes);
+  }
   header.edit_count = get_u64_le(h + kEditCountOffset);
   if (header.edit_count > page_count(header.image_size_bytes)) {
     return make_error(ErrorCode::kCorruption,
@@ -223,6 +232,9 @@ Result<Section> read_section(std::span<const uint8_t> bytes, size_t& offset, Sec
   return section;
 }
 
+// Decompresses a section. The output grows only as zstd produces it (never to the size the
+// section claims up front), so a small hostile frame that claims gigabytes costs what it
+// really decodes to, which zstd bounds at a small multiple of the frame's own size.
 Result<std::vector<uint8_t>> section_bytes(const Section& section, std::string_view section_name,
                                            std::string_view name, const CompressionReference* reference) {
   if (section.compression == SectionCompression::kNone) {
@@ -235,19 +247,51 @@ Result<std::vector<uint8_t>> section_bytes(const Section& section, std::string_v
                       "{}: {} section: zstd frame declares {} bytes, header says {}", name,
                       section_name, static_cast<long long>(content_size), section.raw_size);
   }
-  std::vector<uint8_t> raw(section.raw_size);
-  ZSTD_DCtx* context = ZSTD_createDCtx();
+  std::unique_ptr<ZSTD_DCtx, size_t (*)(ZSTD_DCtx*)> context(ZSTD_createDCtx(), ZSTD_freeDCtx);
+  if (!context) return make_error(ErrorCode::kIo, "{}: {} section: zstd: out of memory", name, section_name);
   if (reference != nullptr) {
-    ZSTD_DCtx_setParameter(context, ZSTD_d_windowLogMax, kReferenceWindowLog);
-    ZSTD_DCtx_refPrefix(context, reference->bytes.data(), reference->bytes.size());
+    ZSTD_DCtx_setParameter(context.get(), ZSTD_d_windowLogMax, kReferenceWindowLog);
+    ZSTD_DCtx_refPrefix(context.get(), reference->bytes.data(), reference->bytes.size());
   }
-  size_t result = ZSTD_decompressDCtx(context, raw.data(), raw.size(), section.stored.data(), section.stored.size());
-  ZSTD_freeDCtx(context);
-  if (ZSTD_isError(result) || result != raw.size()) {
-    return make_error(ErrorCode::kCorruption, "{}: {} section: zstd: {}", name, section_name,
-                      ZSTD_isError(result) ? ZSTD_getErrorName(result) : "short output");
+  // A zstd block decodes to at most 128 KiB and takes at least 4 bytes (its 3-byte header and
+  // one byte of content), so a frame can never hold more than this. A header that claims more
+  // is refused before any memory is sized by it.
+  const uint64_t most_possible = (section.stored.size() / 4 + 1) * ZSTD_BLOCKSIZE_MAX;
+  if (section.raw_size > most_possible) {
+    return make_error(ErrorCode::kCorruption, "{}: {} section: a {}-byte zstd frame cannot hold the {} bytes the header says",
+                      name, section_name, section.stored.size(), section.raw_size);
   }
-  return raw;
+  // One byte of room beyond the promised size, so that a frame holding more shows it.
+  std::vector<uint8_t> raw(section.raw_size + 1);
+  ZSTD_inBuffer input{section.stored.data(), section.stored.size(), 0};
+  ZSTD_outBuffer output{raw.data(), raw.size(), 0};
+  for (;;) {
+    size_t left = ZSTD_decompressStream(context.get(), &output, &input);
+    if (ZSTD_isError(left)) {
+      return make_error(ErrorCode::kCorruption, "{}: {} section: zstd: {}", name, section_name,
+                        ZSTD_getErrorName(left));
+    }
+    if (output.pos > section.raw_size) {
+      return make_error(ErrorCode::kCorruption, "{}: {} section: zstd frame holds more than the {} bytes the header says",
+                        name, section_name, section.raw_size);
+    }
+    if (left == 0) {  // The frame is complete.
+      if (output.pos != section.raw_size) {
+        return make_error(ErrorCode::kCorruption, "{}: {} section: zstd frame ends after {} bytes, header says {}",
+                          name, section_name, output.pos, section.raw_size);
+      }
+      if (input.pos != input.size) {
+        return make_error(ErrorCode::kCorruption, "{}: {} section: {} bytes after the zstd frame", name, section_name,
+                          input.size - input.pos);
+      }
+      raw.resize(output.pos);
+      return raw;
+    }
+    if (input.pos == input.size) {
+      return make_error(ErrorCode::kCorruption, "{}: {} section: zstd frame is truncated after {} of {} bytes", name,
+                        section_name, output.pos, section.raw_size);
+    }
+  }
 }
 
 struct Sections {
@@ -261,6 +305,13 @@ Result<Sections> read_sections(std::span<const uint8_t> bytes, std::string_view 
   size_t offset = kDeltaHeaderBytes;
   DELTAVM_ASSIGN_OR_RETURN(Section edits, read_section(bytes, offset, SectionKind::kEdits,
                                                        header.edit_count * kMaxEditBytes, name));
+  // Every edit takes at least two bytes (a page gap and an encoding): a count the edits section
+  // cannot hold is refused before anything is sized by it.
+  if (header.edit_count > edits.raw_size / kMinEditBytes) {
+    return make_error(ErrorCode::kCorruption,
+                      "{}: header field edit_count {} needs at least {} bytes of edits, the edits section holds {}",
+                      name, header.edit_count, header.edit_count * kMinEditBytes, edits.raw_size);
+  }
   DELTAVM_ASSIGN_OR_RETURN(Section data, read_section(bytes, offset, SectionKind::kData,
                                                       header.edit_count * kPageSize, name));
   if (offset != bytes.size()) {

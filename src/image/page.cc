@@ -65,6 +65,10 @@ Status check_image_size(uint64_t size_bytes, std::string_view name) {
                       "{}: size {} bytes is not a whole number of {}-byte pages", name,
                       size_bytes, kPageSize);
   }
+  if (size_bytes > kMaxImageSizeBytes) {
+    return make_error(ErrorCode::kInvalidArgument, "{}: size {} bytes is more than the {} bytes deltavm handles",
+                      name, size_bytes, kMaxImageSizeBytes);
+  }
   return {};
 }
 

@@ -16,6 +16,10 @@ namespace deltavm {
 
 inline constexpr size_t kPageSize = 4096;
 
+// The largest guest RAM image deltavm handles (1 TiB): a bound on every size a file claims, so
+// that no count derived from it can overflow or ask for more memory than a host has.
+inline constexpr uint64_t kMaxImageSizeBytes = 1ull << 40;
+
 // True if every byte of the page is zero.
 bool is_zero_page(const uint8_t* page);
 
@@ -51,7 +55,8 @@ class ImageDigester {
 // Pages count of an image; REQUIRES: size_bytes is a multiple of kPageSize.
 inline uint64_t page_count(uint64_t size_bytes) { return size_bytes / kPageSize; }
 
-// Checks that an image of `size_bytes` is a whole number of pages; `name` goes in the error.
+// Checks that an image of `size_bytes` is a whole number of pages and at most
+// kMaxImageSizeBytes; `name` goes in the error.
 Status check_image_size(uint64_t size_bytes, std::string_view name);
 
 // One bit per page, bit (i % 8) of byte (i / 8) for page i: the layout of a KVM dirty log

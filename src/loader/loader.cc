@@ -1,7 +1,5 @@
 #include "loader/loader.h"
 
-#include <sys/stat.h>
-
 #include <algorithm>
 #include <chrono>
 #include <cstdint>
@@ -23,29 +21,13 @@ Result<RamStrategy> parse_ram_strategy(std::string_view name) {
   return make_error(ErrorCode::kInvalidArgument, "unknown RAM strategy {} (base+deltas or flat)", name);
 }
 
-Result<std::filesystem::path> Loader::flat_file(const ImageRecord& record) {
-  std::filesystem::path directory = store_.directory() / "cache" / "flat";
-  std::filesystem::path path = directory / (record.digest + ".ram");
-  std::error_code error;
-  if (std::filesystem::file_size(path, error) == record.image_size_bytes && !error) return path;
-  std::filesystem::create_directories(directory, error);
-  if (error) return make_error(ErrorCode::kIo, "create {}: {}", directory.string(), error.message());
-  // get_image verifies every object and the rebuilt image's digest.
-  DELTAVM_ASSIGN_OR_RETURN(Mapping image, store_.get_image(record.name));
-  DELTAVM_ASSIGN_OR_RETURN(AtomicFileWriter writer, AtomicFileWriter::create(path));
-  DELTAVM_TRY(writer.append(image.bytes()));
-  DELTAVM_TRY(writer.commit());
-  ::chmod(path.c_str(), 0444);
-  return path;
-}
-
 Result<PreparedRam> Loader::prepare(const std::string& image_name, RamStrategy strategy) {
   auto start = std::chrono::steady_clock::now();
   DELTAVM_ASSIGN_OR_RETURN(std::vector<ImageRecord> chain, store_.chain(image_name));
   PreparedRam ram;
   ram.store_ = &store_;
   const ImageRecord& flat_record = strategy == RamStrategy::kFlatTarget ? chain.back() : chain.front();
-  DELTAVM_ASSIGN_OR_RETURN(ram.flat_file_, flat_file(flat_record));
+  DELTAVM_ASSIGN_OR_RETURN(ram.flat_file_, store_.flat_file(flat_record));
   DELTAVM_ASSIGN_OR_RETURN(ram.flat_mapping_, Mapping::map_file_readonly(ram.flat_file_));
   if (ram.flat_mapping_.size() != flat_record.image_size_bytes) {
     return make_error(ErrorCode::kCorruption, "cached image {} is {} bytes, expected {}", ram.flat_file_.string(),

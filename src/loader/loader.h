@@ -1,7 +1,8 @@
 // The loader: builds a VM's RAM from a stored chain (base + deltas) and hands it to a backend.
 //
 // The base image is materialised once into an immutable flat file in the store's cache
-// (verified against its digest when written); each VM maps it private, so no clone ever
+// (Store::flat_file: verified against its digest, sealed, checked at every use); each VM maps
+// it private, so no clone ever
 // writes into it and nothing is copied up front. Then, as the patent has it, the first set of
 // differences is applied, then the second, and so on: for every page any delta of the chain
 // changes, the base page is taken and each delta's edit of it applied in chain order, and only
@@ -53,9 +54,6 @@ class PreparedRam {
 class Loader {
  public:
   explicit Loader(Store& store) : store_(store) {}
-
-  // The flat file holding image `record`, materialising it on first use.
-  Result<std::filesystem::path> flat_file(const ImageRecord& record);
 
   Result<PreparedRam> prepare(const std::string& image_name, RamStrategy strategy);
 

@@ -1,11 +1,16 @@
 #include "store/catalog.h"
 
+#include <fcntl.h>
 #include <sqlite3.h>
+#include <unistd.h>
+
+#include "base/file.h"
 
 namespace deltavm {
 namespace {
 
-constexpr int kSchemaVersion = 1;
+// 1: images, attachments. 2: flat_files (seals of the flat-file cache).
+constexpr int kSchemaVersion = 2;
 
 constexpr const char* kSchema = R"sql(
 CREATE TABLE IF NOT EXISTS images (
@@ -28,6 +33,17 @@ CREATE TABLE IF NOT EXISTS attachments (
   object_id  TEXT NOT NULL,
   size_bytes INTEGER NOT NULL CHECK (size_bytes >= 0),
   PRIMARY KEY (image, role)
+);
+)sql";
+
+constexpr const char* kFlatFilesSchema = R"sql(
+CREATE TABLE IF NOT EXISTS flat_files (
+  digest     TEXT PRIMARY KEY,
+  size_bytes INTEGER NOT NULL CHECK (size_bytes >= 0),
+  device     INTEGER NOT NULL,
+  inode      INTEGER NOT NULL,
+  mtime_ns   INTEGER NOT NULL,
+  ctime_ns   INTEGER NOT NULL
 );
 )sql";
 
@@ -107,12 +123,25 @@ ImageRecord read_record(Statement& statement) {
 }  // namespace
 
 Result<Catalog> Catalog::open(const std::filesystem::path& path) {
+  std::error_code error;
+  uint64_t size = std::filesystem::file_size(path, error);
+  if (error) {
+    return make_error(error == std::errc::no_such_file_or_directory ? ErrorCode::kNotFound : ErrorCode::kIo,
+                      "catalog {}: {}", path.string(), error.message());
+  }
+  if (size == 0) {
+    return make_error(ErrorCode::kCorruption, "catalog {} is empty (0 bytes): the store's catalog was lost or truncated",
+                      path.string());
+  }
   sqlite3* db = nullptr;
-  int rc = sqlite3_open_v2(path.c_str(), &db, SQLITE_OPEN_READWRITE | SQLITE_OPEN_CREATE, nullptr);
+  int rc = sqlite3_open_v2(path.c_str(), &db, SQLITE_OPEN_READWRITE, nullptr);
   Catalog catalog(db);  // Closes db on every return below.
   if (rc != SQLITE_OK) return sqlite_error(db, fmt::format("open {}", path.string()));
   sqlite3_busy_timeout(db, 30000);
-  DELTAVM_TRY(execute(db, "PRAGMA journal_mode=WAL; PRAGMA synchronous=FULL; PRAGMA foreign_keys=ON;"));
+  Status pragmas = execute(db, "PRAGMA journal_mode=WAL; PRAGMA synchronous=FULL; PRAGMA foreign_keys=ON;");
+  if (!pragmas) {
+    return make_error(ErrorCode::kCorruption, "catalog {} is unreadable: {}", path.string(), pragmas.error().message);
+  }
   Statement version(db, "PRAGMA user_version");
   if (!version.ok() || version.step() != SQLITE_ROW) return sqlite_error(db, "read user_version");
   int64_t found = version.integer(0);
@@ -120,13 +149,53 @@ Result<Catalog> Catalog::open(const std::filesystem::path& path) {
     return make_error(ErrorCode::kUnsupported, "catalog {}: schema version {}, this build knows {}",
                       path.string(), found, kSchemaVersion);
   }
-  if (found < kSchemaVersion) {
+  if (found < 1) {
+    return make_error(ErrorCode::kCorruption,
+                      "catalog {} is an SQLite database but not a deltavm catalog (schema version {})", path.string(),
+                      found);
+  }
+  if (found < kSchemaVersion) {  // Version 1 gains the flat-file seals.
     DELTAVM_TRY(execute(db, "BEGIN IMMEDIATE"));
-    DELTAVM_TRY(execute(db, kSchema));
-    DELTAVM_TRY(execute(db, fmt::format("PRAGMA user_version = {}", kSchemaVersion).c_str()));
+    Status migrated = execute(db, kFlatFilesSchema);
+    if (migrated) migrated = execute(db, fmt::format("PRAGMA user_version = {}", kSchemaVersion).c_str());
+    if (!migrated) {
+      (void)execute(db, "ROLLBACK");
+      return migrated.error();
+    }
     DELTAVM_TRY(execute(db, "COMMIT"));
   }
   return catalog;
+}
+
+Status Catalog::create(const std::filesystem::path& path) {
+  std::filesystem::path temporary = path;
+  temporary += fmt::format("{}{}", kTemporaryMarker, ::getpid());
+  ::unlink(temporary.c_str());
+  {
+    sqlite3* db = nullptr;
+    int rc = sqlite3_open_v2(temporary.c_str(), &db, SQLITE_OPEN_READWRITE | SQLITE_OPEN_CREATE, nullptr);
+    Catalog catalog(db);
+    if (rc != SQLITE_OK) return sqlite_error(db, fmt::format("create {}", temporary.string()));
+    // A rollback journal while the file has its temporary name: nothing is left beside it.
+    DELTAVM_TRY(execute(db, "PRAGMA journal_mode=DELETE; PRAGMA synchronous=FULL;"));
+    DELTAVM_TRY(execute(db, "BEGIN IMMEDIATE"));
+    DELTAVM_TRY(execute(db, kSchema));
+    DELTAVM_TRY(execute(db, kFlatFilesSchema));
+    DELTAVM_TRY(execute(db, fmt::format("PRAGMA user_version = {}", kSchemaVersion).c_str()));
+    DELTAVM_TRY(execute(db, "COMMIT"));
+  }
+  {
+    DELTAVM_ASSIGN_OR_RETURN(Fd fd, open_file(temporary, O_RDONLY));
+    if (::fsync(fd.get()) != 0) return errno_error(fmt::format("fsync {}", temporary.string()), errno);
+  }
+  // link(2) fails if `path` exists: a catalog that appeared meanwhile is never replaced.
+  if (::link(temporary.c_str(), path.c_str()) != 0) {
+    int saved = errno;
+    ::unlink(temporary.c_str());
+    return errno_error(fmt::format("create catalog {}", path.string()), saved);
+  }
+  ::unlink(temporary.c_str());
+  return fsync_directory(path.parent_path());
 }
 
 Catalog::Catalog(Catalog&& other) noexcept : db_(other.db_) {
@@ -246,8 +315,8 @@ Result<std::vector<std::string>> Catalog::children(const std::string& name) {
   return names;
 }
 
-Result<std::vector<std::string>> Catalog::integrity_check() {
-  Statement statement(db_, "PRAGMA integrity_check");
+Result<std::vector<std::string>> Catalog::integrity_check(bool quick) {
+  Statement statement(db_, quick ? "PRAGMA quick_check" : "PRAGMA integrity_check");
   if (!statement.ok()) return sqlite_error(db_, "prepare integrity_check");
   std::vector<std::string> problems;
   int rc;
@@ -257,6 +326,64 @@ Result<std::vector<std::string>> Catalog::integrity_check() {
   }
   if (rc != SQLITE_DONE) return sqlite_error(db_, "integrity_check");
   return problems;
+}
+
+namespace {
+
+FlatFileSeal read_seal(Statement& statement) {
+  return FlatFileSeal{statement.text(0),
+                      static_cast<uint64_t>(statement.integer(1)),
+                      static_cast<uint64_t>(statement.integer(2)),
+                      static_cast<uint64_t>(statement.integer(3)),
+                      statement.integer(4),
+                      statement.integer(5)};
+}
+
+constexpr const char* kSelectSeal = "SELECT digest, size_bytes, device, inode, mtime_ns, ctime_ns FROM flat_files";
+
+}  // namespace
+
+Result<std::optional<FlatFileSeal>> Catalog::find_flat_file(const std::string& digest) {
+  Statement statement(db_, fmt::format("{} WHERE digest = ?1", kSelectSeal).c_str());
+  if (!statement.ok()) return sqlite_error(db_, "prepare find flat file");
+  statement.bind(1, digest);
+  int rc = statement.step();
+  if (rc == SQLITE_DONE) return std::optional<FlatFileSeal>();
+  if (rc != SQLITE_ROW) return sqlite_error(db_, fmt::format("find flat file {}", digest));
+  return std::optional<FlatFileSeal>(read_seal(statement));
+}
+
+Result<std::vector<FlatFileSeal>> Catalog::list_flat_files() {
+  Statement statement(db_, fmt::format("{} ORDER BY digest", kSelectSeal).c_str());
+  if (!statement.ok()) return sqlite_error(db_, "prepare list flat files");
+  std::vector<FlatFileSeal> seals;
+  int rc;
+  while ((rc = statement.step()) == SQLITE_ROW) seals.push_back(read_seal(statement));
+  if (rc != SQLITE_DONE) return sqlite_error(db_, "list flat files");
+  return seals;
+}
+
+Status Catalog::put_flat_file(const FlatFileSeal& seal) {
+  Statement statement(db_,
+                      "INSERT OR REPLACE INTO flat_files (digest, size_bytes, device, inode, mtime_ns, ctime_ns) "
+                      "VALUES (?1, ?2, ?3, ?4, ?5, ?6)");
+  if (!statement.ok()) return sqlite_error(db_, "prepare seal flat file");
+  statement.bind(1, seal.digest);
+  statement.bind(2, static_cast<int64_t>(seal.size_bytes));
+  statement.bind(3, static_cast<int64_t>(seal.device));
+  statement.bind(4, static_cast<int64_t>(seal.inode));
+  statement.bind(5, seal.mtime_ns);
+  statement.bind(6, seal.ctime_ns);
+  if (statement.step() != SQLITE_DONE) return sqlite_error(db_, fmt::format("seal flat file {}", seal.digest));
+  return {};
+}
+
+Status Catalog::remove_flat_file(const std::string& digest) {
+  Statement statement(db_, "DELETE FROM flat_files WHERE digest = ?1");
+  if (!statement.ok()) return sqlite_error(db_, "prepare remove flat file");
+  statement.bind(1, digest);
+  if (statement.step() != SQLITE_DONE) return sqlite_error(db_, fmt::format("remove flat file {}", digest));
+  return {};
 }
 
 }  // namespace deltavm

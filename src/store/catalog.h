@@ -41,9 +41,26 @@ struct ImageRecord {
   std::vector<Attachment> attachments;
 };
 
+// What the store recorded of a flat file in its cache when it verified the file's bytes: the
+// file's identity and the times the kernel sets on every change. A file that still matches
+// was not written, replaced or truncated since; a file that does not is verified again.
+struct FlatFileSeal {
+  std::string digest;  // The image the file holds.
+  uint64_t size_bytes = 0;
+  uint64_t device = 0;
+  uint64_t inode = 0;
+  int64_t mtime_ns = 0;
+  int64_t ctime_ns = 0;
+};
+
 class Catalog {
  public:
+  // Opens an existing catalog. A missing, empty or unreadable file, or one that is not a
+  // deltavm catalog, is refused: a catalog is never recreated in place of a lost one.
   static Result<Catalog> open(const std::filesystem::path& path);
+  // Creates a new, empty catalog at `path`, which must not exist: built under a temporary name
+  // and renamed into place, so that `path` either does not exist or holds a whole catalog.
+  static Status create(const std::filesystem::path& path);
   Catalog(Catalog&&) noexcept;
   Catalog& operator=(Catalog&&) noexcept;
   ~Catalog();
@@ -54,8 +71,14 @@ class Catalog {
   Status insert(const ImageRecord& record);
   Status remove(const std::string& name);
   Result<std::vector<std::string>> children(const std::string& name);
-  // SQLite's own consistency check: an empty list means the database is sound.
-  Result<std::vector<std::string>> integrity_check();
+  // SQLite's own consistency check: an empty list means the database is sound. `quick` skips
+  // the index checks.
+  Result<std::vector<std::string>> integrity_check(bool quick = false);
+
+  Result<std::optional<FlatFileSeal>> find_flat_file(const std::string& digest);
+  Result<std::vector<FlatFileSeal>> list_flat_files();
+  Status put_flat_file(const FlatFileSeal& seal);
+  Status remove_flat_file(const std::string& digest);
 
  private:
   explicit Catalog(sqlite3* db) : db_(db) {}

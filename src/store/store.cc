@@ -1,6 +1,7 @@
 #include "store/store.h"
 
 #include <fcntl.h>
+#include <sys/stat.h>
 #include <sys/file.h>
 #include <unistd.h>
 #include <xxhash.h>
@@ -140,15 +141,78 @@ Result<StoreLock> StoreLock::acquire(const std::filesystem::path& directory, Mod
   return StoreLock(std::move(fd));
 }
 
+namespace {
+
+// Entries of a store directory that a new store may be created among: what an interrupted
+// creation leaves behind, and nothing that holds data.
+bool holds_no_data(const std::filesystem::path& directory, std::string& found) {
+  std::error_code error;
+  for (auto it = std::filesystem::recursive_directory_iterator(directory, error);
+       !error && it != std::filesystem::recursive_directory_iterator(); it.increment(error)) {
+    std::string name = it->path().filename().string();
+    bool directory_entry = it->is_directory(error);
+    if (error) break;
+    if (directory_entry && (name == "objects" || name == "cache" || name == "flat" || name.size() == 2)) continue;
+    if (name == "lock" || name.find(kTemporaryMarker) != std::string::npos) continue;
+    found = it->path().string();
+    return false;
+  }
+  if (error) {
+    found = fmt::format("{} (unreadable: {})", directory.string(), error.message());
+    return false;
+  }
+  return true;
+}
+
+}  // namespace
+
 Result<Store> Store::open(const std::filesystem::path& directory) {
   std::error_code error;
-  std::filesystem::create_directories(directory / "objects", error);
-  if (error) {
-    return make_error(ErrorCode::kIo, "create store directory {}: {}", directory.string(),
-                      error.message());
+  bool is_directory = std::filesystem::is_directory(directory, error);
+  if (error && error != std::errc::no_such_file_or_directory) {
+    return make_error(ErrorCode::kIo, "store {}: {}", directory.string(), error.message());
   }
-  DELTAVM_ASSIGN_OR_RETURN(Catalog catalog, Catalog::open(directory / "catalog.sqlite"));
-  return Store(directory, std::move(catalog));
+  if (!is_directory) {
+    return make_error(ErrorCode::kNotFound,
+                      "no store at {} (check --store or $DELTAVM_STORE; deltavm store put and template build create one)",
+                      directory.string());
+  }
+  std::filesystem::path catalog_path = directory / "catalog.sqlite";
+  if (!std::filesystem::exists(catalog_path, error)) {
+    std::string found;
+    if (holds_no_data(directory, found)) {
+      return make_error(ErrorCode::kNotFound, "no store at {}: the directory has no catalog.sqlite", directory.string());
+    }
+    return make_error(ErrorCode::kCorruption,
+                      "store {}: its catalog {} is missing but the store holds data ({}); refusing to open it: "
+                      "without the catalog every object would look unreferenced (restore catalog.sqlite from a backup)",
+                      directory.string(), catalog_path.string(), found);
+  }
+  Result<Catalog> catalog = Catalog::open(catalog_path);
+  if (!catalog) return catalog.error().with_context(fmt::format("store {}", directory.string()));
+  return Store(directory, std::move(catalog).value());
+}
+
+Result<Store> Store::open_or_create(const std::filesystem::path& directory) {
+  std::filesystem::path catalog_path = directory / "catalog.sqlite";
+  std::error_code error;
+  if (!std::filesystem::exists(catalog_path, error)) {
+    std::string found;
+    if (std::filesystem::exists(directory, error) && !holds_no_data(directory, found)) {
+      return make_error(ErrorCode::kCorruption,
+                        "store {}: its catalog {} is missing but the store holds data ({}); refusing to start a new "
+                        "catalog over it (restore catalog.sqlite from a backup, or use an empty directory)",
+                        directory.string(), catalog_path.string(), found);
+    }
+    std::filesystem::create_directories(directory / "objects", error);
+    if (error) {
+      return make_error(ErrorCode::kIo, "create store directory {}: {}", directory.string(), error.message());
+    }
+    Status created = Catalog::create(catalog_path);
+    // Another process may have created the store meanwhile; its catalog is opened below.
+    if (!created && !std::filesystem::exists(catalog_path, error)) return created.error();
+  }
+  return open(directory);
 }
 
 std::filesystem::path Store::object_path(const std::string& object_id) const {
@@ -189,36 +253,43 @@ Result<Mapping> Store::map_object(const std::string& object_id, uint64_t expecte
   return bytes;
 }
 
-Status Store::verify_object(const std::string& object_id, uint64_t expected_size) {
-  // Streams the file through one small buffer: hashing a mapping would fault in every page of
-  // it, which costs more than the copy on hosts where page faults are slow.
-  std::filesystem::path path = object_path(object_id);
-  DELTAVM_ASSIGN_OR_RETURN(Fd fd, open_file(path, O_RDONLY));
-  XXH3_state_t* state = XXH3_createState();
-  XXH3_128bits_reset(state);
+namespace {
+
+struct FileDigest {
+  ImageDigest digest;
+  uint64_t size_bytes = 0;
+};
+
+// XXH3-128 of a whole file, streamed through one small buffer: hashing a mapping would fault
+// in every page of it, which costs more than the copy on hosts where page faults are slow.
+Result<FileDigest> digest_file(const std::filesystem::path& path) {
+  DELTAVM_ASSIGN_OR_RETURN(Fd fd, open_file(path, O_RDONLY | O_NOFOLLOW));
+  ImageDigester digester;
   static thread_local std::vector<uint8_t> buffer(1 << 20);
-  uint64_t total = 0;
+  FileDigest result;
   for (;;) {
     ssize_t n = ::read(fd.get(), buffer.data(), buffer.size());
     if (n < 0 && errno == EINTR) continue;
-    if (n < 0) {
-      XXH3_freeState(state);
-      return errno_error(fmt::format("read {}", path.string()), errno);
-    }
+    if (n < 0) return errno_error(fmt::format("read {}", path.string()), errno);
     if (n == 0) break;
-    XXH3_128bits_update(state, buffer.data(), static_cast<size_t>(n));
-    total += static_cast<uint64_t>(n);
+    digester.update({buffer.data(), static_cast<size_t>(n)});
+    result.size_bytes += static_cast<uint64_t>(n);
   }
-  XXH128_hash_t hash = XXH3_128bits_digest(state);
-  XXH3_freeState(state);
-  if (total != expected_size) {
-    return make_error(ErrorCode::kCorruption, "object {}: size {} bytes, catalog says {}", object_id, total,
+  result.digest = digester.finish();
+  return result;
+}
+
+}  // namespace
+
+Status Store::verify_object(const std::string& object_id, uint64_t expected_size) {
+  DELTAVM_ASSIGN_OR_RETURN(FileDigest file, digest_file(object_path(object_id)));
+  if (file.size_bytes != expected_size) {
+    return make_error(ErrorCode::kCorruption, "object {}: size {} bytes, catalog says {}", object_id, file.size_bytes,
                       expected_size);
   }
-  std::string actual = ImageDigest{hash.high64, hash.low64}.hex();
-  if (actual != object_id) {
+  if (file.digest.hex() != object_id) {
     return make_error(ErrorCode::kCorruption, "object {}: content hash is {}: the object is damaged", object_id,
-                      actual);
+                      file.digest.hex());
   }
   return {};
 }
@@ -409,6 +480,91 @@ Result<Mapping> Store::rebuild_image(const std::string& name) {
   return memory;
 }
 
+std::filesystem::path Store::flat_file_path(const std::string& digest) const {
+  return directory_ / "cache" / "flat" / (digest + ".ram");
+}
+
+namespace {
+
+// What a seal records of the file at `path`, from one fstat.
+Result<std::optional<FlatFileSeal>> stat_flat_file(const std::filesystem::path& path, const std::string& digest) {
+  Result<Fd> fd = open_file(path, O_RDONLY | O_NOFOLLOW);
+  if (!fd) {
+    if (!std::filesystem::exists(path)) return std::optional<FlatFileSeal>();
+    return fd.error();
+  }
+  struct stat st {};
+  if (::fstat(fd->get(), &st) != 0) return errno_error(fmt::format("stat {}", path.string()), errno);
+  if (!S_ISREG(st.st_mode)) {
+    return make_error(ErrorCode::kCorruption, "flat file {} is not a regular file", path.string());
+  }
+  auto nanoseconds = [](const timespec& time) { return static_cast<int64_t>(time.tv_sec) * 1000000000 + time.tv_nsec; };
+  return std::optional<FlatFileSeal>(FlatFileSeal{digest, static_cast<uint64_t>(st.st_size),
+                                                  static_cast<uint64_t>(st.st_dev), static_cast<uint64_t>(st.st_ino),
+                                                  nanoseconds(st.st_mtim), nanoseconds(st.st_ctim)});
+}
+
+bool same_file_state(const FlatFileSeal& a, const FlatFileSeal& b) {
+  return a.size_bytes == b.size_bytes && a.device == b.device && a.inode == b.inode && a.mtime_ns == b.mtime_ns &&
+         a.ctime_ns == b.ctime_ns;
+}
+
+}  // namespace
+
+Result<bool> Store::flat_file_is_sealed(const std::string& digest, uint64_t size_bytes) {
+  DELTAVM_ASSIGN_OR_RETURN(std::optional<FlatFileSeal> seal, catalog_.find_flat_file(digest));
+  if (!seal || seal->size_bytes != size_bytes) return false;
+  DELTAVM_ASSIGN_OR_RETURN(std::optional<FlatFileSeal> now, stat_flat_file(flat_file_path(digest), digest));
+  return now && same_file_state(*seal, *now);
+}
+
+Status Store::make_flat_file(const ImageRecord& record) {
+  std::filesystem::path path = flat_file_path(record.digest);
+  std::error_code error;
+  if (std::filesystem::exists(path, error)) {
+    // Unsealed, or changed since it was sealed: its bytes decide. A file that still holds the
+    // image is sealed again as it is (a copied store, a touched file); any other is replaced.
+    Result<FileDigest> found = digest_file(path);
+    if (!found || found->size_bytes != record.image_size_bytes || found->digest.hex() != record.digest) {
+      if (::unlink(path.c_str()) != 0) return errno_error(fmt::format("remove damaged flat file {}", path.string()), errno);
+    }
+  }
+  if (!std::filesystem::exists(path, error)) {
+    std::filesystem::create_directories(path.parent_path(), error);
+    if (error) return make_error(ErrorCode::kIo, "create {}: {}", path.parent_path().string(), error.message());
+    // rebuild_image verifies every object of the chain and the rebuilt image's digest.
+    DELTAVM_ASSIGN_OR_RETURN(Mapping image, rebuild_image(record.name));
+    DELTAVM_ASSIGN_OR_RETURN(AtomicFileWriter writer, AtomicFileWriter::create(path));
+    DELTAVM_TRY(writer.append(image.bytes()));
+    DELTAVM_TRY(writer.commit());
+  }
+  if (::chmod(path.c_str(), 0444) != 0) return errno_error(fmt::format("chmod {}", path.string()), errno);
+  DELTAVM_ASSIGN_OR_RETURN(std::optional<FlatFileSeal> seal, stat_flat_file(path, record.digest));
+  if (!seal) return make_error(ErrorCode::kIo, "flat file {} vanished while it was made", path.string());
+  // The kernel stamps changes with a coarse clock (a tick of a few milliseconds). Once that
+  // clock has passed the file's change time, any later change stamps a later time, so the seal
+  // cannot miss one made in the same tick as the file.
+  for (;;) {
+    timespec now{};
+    ::clock_gettime(CLOCK_REALTIME_COARSE, &now);
+    if (static_cast<int64_t>(now.tv_sec) * 1000000000 + now.tv_nsec > seal->ctime_ns) break;
+    ::usleep(1000);
+  }
+  return catalog_.put_flat_file(*seal);
+}
+
+Result<std::filesystem::path> Store::flat_file(const ImageRecord& record) {
+  {
+    DELTAVM_ASSIGN_OR_RETURN(StoreLock lock, StoreLock::acquire(directory_, StoreLock::Mode::kShared));
+    DELTAVM_ASSIGN_OR_RETURN(bool sealed, flat_file_is_sealed(record.digest, record.image_size_bytes));
+    if (sealed) return flat_file_path(record.digest);
+  }
+  DELTAVM_ASSIGN_OR_RETURN(StoreLock lock, StoreLock::acquire(directory_, StoreLock::Mode::kExclusive));
+  DELTAVM_ASSIGN_OR_RETURN(bool sealed, flat_file_is_sealed(record.digest, record.image_size_bytes));
+  if (!sealed) DELTAVM_TRY(make_flat_file(record));
+  return flat_file_path(record.digest);
+}
+
 Status Store::remove_image(const std::string& name) {
   DELTAVM_ASSIGN_OR_RETURN(StoreLock lock, StoreLock::acquire(directory_, StoreLock::Mode::kExclusive));
   DELTAVM_ASSIGN_OR_RETURN(ImageRecord record, find(name));
@@ -422,28 +578,55 @@ Status Store::remove_image(const std::string& name) {
 
 namespace {
 
-struct DiskObject {
-  std::string id;
+struct DiskFile {
+  std::string id;  // The object id, or the digest of a flat file's image.
   std::filesystem::path path;
   uint64_t size_bytes;
 };
 
-// Walks DIR/objects: sound-looking object files go to `objects`, temporaries and stray files to
-// `temporaries`.
-Status scan_objects(const std::filesystem::path& objects_directory, std::vector<DiskObject>& objects,
-                    std::vector<std::filesystem::path>& temporaries) {
+// Walks a directory of the store: the files `id_of` names go to `files`, every other file
+// (temporaries, strays) to `others`. Nothing here throws: a file that vanishes or cannot be
+// read ends the walk with an error naming it.
+Status scan_files(const std::filesystem::path& directory,
+                  const std::function<std::optional<std::string>(const std::filesystem::path&)>& id_of,
+                  std::vector<DiskFile>& files, std::vector<std::filesystem::path>& others) {
   std::error_code error;
-  for (auto it = std::filesystem::recursive_directory_iterator(objects_directory, error);
+  if (!std::filesystem::exists(directory, error)) return {};
+  for (auto it = std::filesystem::recursive_directory_iterator(directory, error);
        !error && it != std::filesystem::recursive_directory_iterator(); it.increment(error)) {
-    if (!it->is_regular_file()) continue;
-    std::string file_name = it->path().filename().string();
-    if (is_object_id(file_name) && it->path().parent_path().filename() == file_name.substr(0, 2)) {
-      objects.push_back({file_name, it->path(), it->file_size()});
+    bool regular = it->is_regular_file(error);
+    if (error) break;
+    if (!regular) continue;
+    if (std::optional<std::string> id = id_of(it->path())) {
+      uint64_t size = it->file_size(error);
+      if (error) break;
+      files.push_back({*id, it->path(), size});
     } else {
-      temporaries.push_back(it->path());
+      others.push_back(it->path());
     }
   }
-  if (error) return make_error(ErrorCode::kIo, "scan {}: {}", objects_directory.string(), error.message());
+  if (error) return make_error(ErrorCode::kIo, "scan {}: {}", directory.string(), error.message());
+  return {};
+}
+
+// DIR/objects/ab/abcd…: an object id in a shard named by its first two digits.
+std::optional<std::string> object_file_id(const std::filesystem::path& path) {
+  std::string name = path.filename().string();
+  if (is_object_id(name) && path.parent_path().filename() == name.substr(0, 2)) return name;
+  return std::nullopt;
+}
+
+// DIR/cache/flat/DIGEST.ram.
+std::optional<std::string> flat_file_digest(const std::filesystem::path& path) {
+  std::string name = path.filename().string();
+  if (path.extension() != ".ram") return std::nullopt;
+  std::string digest = name.substr(0, name.size() - 4);
+  if (!is_object_id(digest)) return std::nullopt;
+  return digest;
+}
+
+Status remove_file(const std::filesystem::path& path) {
+  if (::unlink(path.c_str()) != 0 && errno != ENOENT) return errno_error(fmt::format("unlink {}", path.string()), errno);
   return {};
 }
 
@@ -451,26 +634,58 @@ Status scan_objects(const std::filesystem::path& objects_directory, std::vector<
 
 Result<GcReport> Store::gc() {
   DELTAVM_ASSIGN_OR_RETURN(StoreLock lock, StoreLock::acquire(directory_, StoreLock::Mode::kExclusive));
+  // Nothing is removed unless the catalog proves it unreferenced: a catalog SQLite does not
+  // vouch for is no proof.
+  DELTAVM_ASSIGN_OR_RETURN(std::vector<std::string> catalog_problems, catalog_.integrity_check(/*quick=*/true));
+  if (!catalog_problems.empty()) {
+    return make_error(ErrorCode::kCorruption, "store {}: the catalog fails SQLite's check ({}); gc removes nothing",
+                      directory_.string(), catalog_problems.front());
+  }
   DELTAVM_ASSIGN_OR_RETURN(std::vector<ImageRecord> records, catalog_.list());
-  std::set<std::string> referenced;
+  std::set<std::string> referenced, digests;
   for (const ImageRecord& record : records) {
     referenced.insert(record.object_id);
+    digests.insert(record.digest);
     for (const Attachment& attachment : record.attachments) referenced.insert(attachment.object_id);
   }
-  std::vector<DiskObject> objects;
+  std::vector<DiskFile> objects, flat_files;
   std::vector<std::filesystem::path> temporaries;
-  DELTAVM_TRY(scan_objects(directory_ / "objects", objects, temporaries));
+  DELTAVM_TRY(scan_files(directory_ / "objects", object_file_id, objects, temporaries));
+  DELTAVM_TRY(scan_files(directory_ / "cache" / "flat", flat_file_digest, flat_files, temporaries));
   GcReport report;
-  for (const DiskObject& object : objects) {
+  for (const DiskFile& object : objects) {
     if (referenced.count(object.id)) continue;
-    if (::unlink(object.path.c_str()) != 0) return errno_error(fmt::format("unlink {}", object.path.string()), errno);
+    DELTAVM_TRY(remove_file(object.path));
     ++report.objects_removed;
     report.bytes_freed += object.size_bytes;
   }
+  // A flat file stays if an image still uses it and its bytes are still that image's; any
+  // other (unused, changed since sealed, or damaged) goes, and the next load makes it anew.
+  for (const DiskFile& flat : flat_files) {
+    if (digests.count(flat.id)) {
+      DELTAVM_ASSIGN_OR_RETURN(std::optional<FlatFileSeal> seal, catalog_.find_flat_file(flat.id));
+      DELTAVM_ASSIGN_OR_RETURN(std::optional<FlatFileSeal> now, stat_flat_file(flat.path, flat.id));
+      Result<FileDigest> found = digest_file(flat.path);
+      if (seal && now && same_file_state(*seal, *now) && found && found->digest.hex() == flat.id) continue;
+    }
+    DELTAVM_TRY(catalog_.remove_flat_file(flat.id));
+    DELTAVM_TRY(remove_file(flat.path));
+    ++report.flat_files_removed;
+    report.bytes_freed += flat.size_bytes;
+  }
+  DELTAVM_ASSIGN_OR_RETURN(std::vector<FlatFileSeal> seals, catalog_.list_flat_files());
+  for (const FlatFileSeal& seal : seals) {
+    std::error_code error;
+    if (!digests.count(seal.digest) || !std::filesystem::exists(flat_file_path(seal.digest), error)) {
+      DELTAVM_TRY(catalog_.remove_flat_file(seal.digest));
+    }
+  }
+  // Writers hold the exclusive lock while a temporary exists, so every temporary seen here is
+  // the leftover of an interrupted writer.
   for (const std::filesystem::path& path : temporaries) {
     std::error_code error;
     uint64_t size = std::filesystem::file_size(path, error);
-    if (::unlink(path.c_str()) != 0) return errno_error(fmt::format("unlink {}", path.string()), errno);
+    DELTAVM_TRY(remove_file(path));
     ++report.temporaries_removed;
     if (!error) report.bytes_freed += size;
   }
@@ -530,15 +745,36 @@ Result<FsckReport> Store::fsck() {
     }
   }
 
-  std::vector<DiskObject> objects;
+  std::vector<DiskFile> objects, flat_files;
   std::vector<std::filesystem::path> temporaries;
-  DELTAVM_TRY(scan_objects(directory_ / "objects", objects, temporaries));
-  for (const DiskObject& object : objects) {
+  DELTAVM_TRY(scan_files(directory_ / "objects", object_file_id, objects, temporaries));
+  DELTAVM_TRY(scan_files(directory_ / "cache" / "flat", flat_file_digest, flat_files, temporaries));
+  for (const DiskFile& object : objects) {
     ++report.objects_checked;
     if (referenced.count(object.id)) continue;  // Verified above through its image.
     report.unreferenced.push_back(object.id);
     Result<Mapping> bytes = map_object(object.id, object.size_bytes);
     if (!bytes) report.problems.push_back(bytes.error().message);
+  }
+  // Every flat file is verified whole: the seal shows changes through the file system, the
+  // digest any change at all.
+  std::set<std::string> digests;
+  for (const ImageRecord& record : records) digests.insert(record.digest);
+  for (const DiskFile& flat : flat_files) {
+    ++report.flat_files_checked;
+    if (!digests.count(flat.id)) {
+      report.unused_flat_files.push_back(flat.path.string());
+      continue;
+    }
+    Result<FileDigest> found = digest_file(flat.path);
+    if (!found) {
+      report.problems.push_back(fmt::format("flat file {}: {}", flat.path.string(), found.error().message));
+    } else if (found->digest.hex() != flat.id) {
+      report.problems.push_back(fmt::format(
+          "flat file {}: its bytes have digest {}, not the image's {}: the cached image is damaged (deltavm store "
+          "gc removes it; the next load makes it anew from the verified chain)",
+          flat.path.string(), found->digest.hex(), flat.id));
+    }
   }
   for (const std::filesystem::path& path : temporaries) report.temporaries.push_back(path.string());
   return report;

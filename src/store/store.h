@@ -3,9 +3,10 @@
 // the delta from its parent. Objects are named by the XXH3-128 of their bytes and verified
 // against that name whenever they are read.
 //
-// Layout:  DIR/catalog.sqlite   the catalog (catalog.h)
-//          DIR/objects/ab/abcd…  one object per file, named by its hash
-//          DIR/lock              flock: readers shared, writers exclusive
+// Layout:  DIR/catalog.sqlite              the catalog (catalog.h)
+//          DIR/objects/ab/abcd…             one object per file, named by its hash
+//          DIR/cache/flat/DIGEST.ram        whole images as flat files, for VMs to map
+//          DIR/lock                         flock: readers shared, writers exclusive
 //
 // Crash safety: an object is written under a temporary name, fsync'ed and renamed, and only
 // then recorded in the catalog, so a crash leaves at worst an unreferenced object (which gc
@@ -36,12 +37,15 @@ struct FsckReport {
   std::vector<std::string> problems;         // Corruption: the store is not sound.
   std::vector<std::string> unreferenced;     // Objects no image uses (gc removes them).
   std::vector<std::string> temporaries;      // Leftovers of interrupted writes (gc removes them).
+  std::vector<std::string> unused_flat_files;  // Cached images no stored image is (gc removes them).
+  uint64_t flat_files_checked = 0;
   bool clean() const { return problems.empty(); }
 };
 
 struct GcReport {
   uint64_t objects_removed = 0;
   uint64_t temporaries_removed = 0;
+  uint64_t flat_files_removed = 0;
   uint64_t bytes_freed = 0;
 };
 
@@ -74,8 +78,14 @@ struct Similarity {
 
 class Store {
  public:
-  // Opens the store at `directory`, creating it if it does not exist.
+  // Opens the existing store at `directory`. Refused with a clear error: no such directory, a
+  // directory without a catalog, and a catalog that is missing (while objects exist), empty,
+  // unreadable or not a deltavm catalog. Nothing is created.
   static Result<Store> open(const std::filesystem::path& directory);
+  // Opens the store at `directory`, or creates an empty one there if the directory does not
+  // exist or holds no data. A directory that holds objects but no catalog is refused, never
+  // given a fresh catalog.
+  static Result<Store> open_or_create(const std::filesystem::path& directory);
 
   const std::filesystem::path& directory() const { return directory_; }
 
@@ -105,6 +115,15 @@ class Store {
   // digest, so the returned memory is exactly the image that was stored.
   Result<Mapping> get_image(const std::string& name);
 
+  // The whole image `record` as a flat raw file for a VM to map privately (never to write):
+  // DIR/cache/flat/DIGEST.ram, read-only. Made on first use from the verified chain, under the
+  // exclusive lock, and sealed in the catalog. Every later use checks the file against its
+  // seal (identity, size and change times: one fstat); a file that no longer matches is
+  // verified whole again and rebuilt if its bytes are wrong. So no caller is ever handed a
+  // flat file whose bytes were not verified against the image's digest since they last changed.
+  Result<std::filesystem::path> flat_file(const ImageRecord& record);
+  std::filesystem::path flat_file_path(const std::string& digest) const;
+
   // Removes an image with no children from the catalog; its object goes at the next gc.
   Status remove_image(const std::string& name);
 
@@ -126,6 +145,11 @@ class Store {
   Result<const std::vector<uint8_t>*> reference_of(const ImageRecord& record);
   // get_image without taking the lock. REQUIRES: the caller holds the store lock.
   Result<Mapping> rebuild_image(const std::string& name);
+  // True if the flat file of `digest` exists and matches its seal. REQUIRES: the store lock.
+  Result<bool> flat_file_is_sealed(const std::string& digest, uint64_t size_bytes);
+  // Verifies an unsealed flat file whole, or writes it anew, then seals it. REQUIRES: the
+  // exclusive lock.
+  Status make_flat_file(const ImageRecord& record);
 
   std::filesystem::path directory_;
   Catalog catalog_;

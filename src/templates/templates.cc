@@ -201,8 +201,7 @@ Result<TemplateBuild> build_template(const TemplateSpec& spec, Store& store, Bac
   DELTAVM_ASSIGN_OR_RETURN(build.record, store.put_image(spec.name, ram.bytes(), parent, options));
   // The first request for this template should not pay for materialising its base.
   DELTAVM_ASSIGN_OR_RETURN(std::vector<ImageRecord> chain, store.chain(spec.name));
-  Loader loader(store);
-  DELTAVM_TRY(loader.flat_file(chain.front()));
+  DELTAVM_TRY(store.flat_file(chain.front()));
   build.store_ms = elapsed_ms(start);
   return build;
 }

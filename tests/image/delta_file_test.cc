@@ -129,9 +129,13 @@ TEST(DeltaFile, RefusesARunPastTheEndOfThePage) {
 TEST(DeltaFile, RefusesDataThatNoEditUses) {
   Delta delta;
   delta.image_size_bytes = 4 * kPageSize;
-  delta.data.resize(10);
+  delta.runs.push_back(PageRun{0, 5});
+  delta.edits.push_back(PageEdit{1, PageEncoding::kRuns, 1, 0, 0});
+  delta.data.resize(10);  // Within the data section's bound; the run uses 5 of the 10 bytes.
   Result<Delta> decoded = decode_delta(encode_unchecked(delta), "crafted");
   ASSERT_FALSE(decoded);
+  EXPECT_NE(decoded.error().message.find("data section has 5 bytes no edit uses"), std::string::npos)
+      << decoded.error().message;
 }
 
 TEST(DeltaFile, RefusesAWholePageWithoutItsBytes) {
@@ -168,6 +172,46 @@ TEST(DeltaFile, RefusesAnEditCountLargerThanThePageCount) {
   Result<Delta> decoded = decode_delta(pair.encoded, "crafted");
   ASSERT_FALSE(decoded);
   EXPECT_NE(decoded.error().message.find("edit_count"), std::string::npos);
+}
+
+// The probe's 176-byte file: a header claiming a 1 TiB image with every page changed, and two
+// empty sections. Sizing anything by the claimed count would ask for gigabytes.
+TEST(DeltaFile, RefusesAnEditCountTheEditsSectionCannotHold) {
+  std::vector<uint8_t> file = testing::craft_delta_file(kMaxImageSizeBytes, kMaxImageSizeBytes / kPageSize, {}, {});
+  ASSERT_EQ(file.size(), 176u);
+  Result<Delta> decoded = decode_delta(file, "tiny.dvd");
+  ASSERT_FALSE(decoded);
+  EXPECT_EQ(decoded.error().code, ErrorCode::kCorruption);
+  EXPECT_NE(decoded.error().message.find("edit_count 268435456 needs at least"), std::string::npos)
+      << decoded.error().message;
+}
+
+TEST(DeltaFile, RefusesAnImageSizeAboveTheLargestImage) {
+  std::vector<uint8_t> file = testing::craft_delta_file(kMaxImageSizeBytes + kPageSize, 0, {}, {});
+  Result<Delta> decoded = decode_delta(file, "huge.dvd");
+  ASSERT_FALSE(decoded);
+  EXPECT_NE(decoded.error().message.find("image_size_bytes"), std::string::npos) << decoded.error().message;
+}
+
+// A frame of a few bytes that claims 1 GiB or 64 GiB: refused from its own size, before any
+// memory is sized by the claim.
+TEST(DeltaFile, RefusesAZstdFrameClaimingMoreThanItCanHold) {
+  for (uint64_t claimed : {1ull << 30, 64ull << 30}) {
+    testing::CraftedSection edits{1, claimed, testing::zstd_frame_claiming(claimed, 1 << 17)};
+    std::vector<uint8_t> file = testing::craft_delta_file(kMaxImageSizeBytes, claimed / 1024, edits, {});
+    Result<Delta> decoded = decode_delta(file, "claims.dvd");
+    ASSERT_FALSE(decoded) << claimed;
+    EXPECT_NE(decoded.error().message.find("zstd frame cannot hold"), std::string::npos) << decoded.error().message;
+  }
+}
+
+TEST(DeltaFile, RefusesAZstdFrameThatEndsBeforeItsClaim) {
+  // 200 KiB claimed; one 128 KiB block held: possible by size, short in fact.
+  testing::CraftedSection edits{1, 200 << 10, testing::zstd_frame_claiming(200 << 10, 1 << 17)};
+  std::vector<uint8_t> file = testing::craft_delta_file(kMaxImageSizeBytes, 1000, edits, {});
+  Result<Delta> decoded = decode_delta(file, "short.dvd");
+  ASSERT_FALSE(decoded);
+  EXPECT_EQ(decoded.error().code, ErrorCode::kCorruption);
 }
 
 TEST(DeltaFile, CompressesAgainstAReferenceAndNeedsItToDecode) {

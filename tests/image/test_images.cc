@@ -2,7 +2,10 @@
 
 #include <cstdlib>
 
+#include "base/coding.h"
 #include "image/page.h"
+
+#include <xxhash.h>
 
 namespace deltavm::testing {
 
@@ -61,6 +64,43 @@ std::optional<std::filesystem::path> real_image_directory() {
     if (!std::filesystem::exists(path / name)) return std::nullopt;
   }
   return path;
+}
+
+std::vector<uint8_t> craft_delta_file(uint64_t image_size_bytes, uint64_t edit_count, const CraftedSection& edits,
+                                      const CraftedSection& data) {
+  std::vector<uint8_t> out = {'D', 'V', 'M', 'D', 'E', 'L', 'T', 'A'};
+  put_u32_le(out, 1);
+  put_u32_le(out, kPageSize);
+  put_u64_le(out, image_size_bytes);
+  put_u64_le(out, edit_count);
+  put_u32_le(out, 0);  // flags
+  put_u32_le(out, 2);  // section_count
+  out.resize(out.size() + 48, 0);  // digests
+  put_u64_le(out, XXH3_64bits(out.data(), out.size()));
+  uint32_t kind = 1;
+  for (const CraftedSection* section : {&edits, &data}) {
+    size_t start = out.size();
+    put_u32_le(out, kind++);
+    put_u32_le(out, section->compression);
+    put_u64_le(out, section->raw_size);
+    put_u64_le(out, section->stored.size());
+    put_u64_le(out, XXH3_64bits(section->stored.data(), section->stored.size()));
+    put_u64_le(out, XXH3_64bits(out.data() + start, 32));
+    out.insert(out.end(), section->stored.begin(), section->stored.end());
+  }
+  return out;
+}
+
+std::vector<uint8_t> zstd_frame_claiming(uint64_t content_size, uint32_t block_bytes) {
+  // RFC 8878: magic, a frame header descriptor with an 8-byte content size and the single
+  // segment flag (no window descriptor), then one last RLE block: a 3-byte header
+  // (last = 1, type = 1, size) and the byte to repeat.
+  std::vector<uint8_t> frame = {0x28, 0xB5, 0x2F, 0xFD, 0xE0};
+  put_u64_le(frame, content_size);
+  uint32_t block_header = 1u | (1u << 1) | (block_bytes << 3);
+  for (int i = 0; i < 3; ++i) frame.push_back(static_cast<uint8_t>(block_header >> (8 * i)));
+  frame.push_back(0x41);
+  return frame;
 }
 
 }  // namespace deltavm::testing

@@ -22,4 +22,18 @@ std::vector<uint8_t> mutate_image(const std::vector<uint8_t>& image, double chan
 // nothing when the fixture has not produced them (DELTAVM_TEST_IMAGES unset or empty).
 std::optional<std::filesystem::path> real_image_directory();
 
+// A delta file as a hostile writer would make it: any header fields, any section contents,
+// with every checksum valid, so that only the decoder's meaning checks stand in the way.
+struct CraftedSection {
+  uint32_t compression = 0;  // 0 none, 1 zstd.
+  uint64_t raw_size = 0;
+  std::vector<uint8_t> stored;
+};
+std::vector<uint8_t> craft_delta_file(uint64_t image_size_bytes, uint64_t edit_count, const CraftedSection& edits,
+                                      const CraftedSection& data);
+
+// A zstd frame that declares `content_size` bytes but holds one RLE block of `block_bytes`
+// copies of one byte: what a hostile section uses to claim more than it holds.
+std::vector<uint8_t> zstd_frame_claiming(uint64_t content_size, uint32_t block_bytes);
+
 }  // namespace deltavm::testing

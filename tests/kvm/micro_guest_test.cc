@@ -114,7 +114,7 @@ class ChainEnvironment : public ::testing::Environment {
     std::filesystem::remove_all(chain->root);
     std::filesystem::create_directories(chain->root);
     chain->expected_checksum = reference_checksum();
-    Result<Store> store = Store::open(chain->root / "store");
+    Result<Store> store = Store::open_or_create(chain->root / "store");
     ASSERT_TRUE(store) << store.error().message;
     chain->store.emplace(std::move(store).value());
 

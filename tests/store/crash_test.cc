@@ -27,7 +27,7 @@ std::vector<uint8_t> image_for(uint64_t n) {
 // Child: stores image-N for N = first, first + 1, ... until killed; every fourth starts a new
 // base, the others chain on the previous image.
 [[noreturn]] void run_writer(const std::filesystem::path& directory, uint64_t first) {
-  Result<Store> store = Store::open(directory);
+  Result<Store> store = Store::open_or_create(directory);
   if (!store) _exit(2);
   for (uint64_t n = first;; ++n) {
     std::optional<std::string> parent;
@@ -60,7 +60,7 @@ TEST(StoreCrash, WriterKilledAtRandomPointsLeavesACleanStore) {
     ::waitpid(pid, &status, 0);
     ASSERT_TRUE(WIFSIGNALED(status)) << "writer exited on its own with status " << WEXITSTATUS(status);
 
-    Result<Store> store = Store::open(directory);
+    Result<Store> store = Store::open_or_create(directory);
     ASSERT_TRUE(store) << store.error().message;
     Result<FsckReport> report = store->fsck();
     ASSERT_TRUE(report) << report.error().message;

@@ -2,6 +2,9 @@
 
 #include <gtest/gtest.h>
 
+#include <fcntl.h>
+#include <unistd.h>
+
 #include <cstring>
 
 #include "image/test_images.h"
@@ -23,7 +26,7 @@ class StoreTest : public ::testing::Test {
  protected:
   void SetUp() override {
     directory_ = fresh_store_directory(::testing::UnitTest::GetInstance()->current_test_info()->name());
-    Result<Store> store = Store::open(directory_);
+    Result<Store> store = Store::open_or_create(directory_);
     ASSERT_TRUE(store) << store.error().message;
     store_.emplace(std::move(*store));
     std::mt19937_64 random(42);
@@ -147,6 +150,124 @@ TEST_F(StoreTest, GcRemovesUnreferencedObjectsAndTemporariesOnly) {
   EXPECT_TRUE(after->unreferenced.empty());
 }
 
+// A store whose catalog is lost must be refused, never given a fresh, empty catalog that would
+// make every object look unreferenced (the next gc would delete them all).
+TEST_F(StoreTest, StoreWhoseCatalogWasDeletedIsRefusedAndKeepsItsObjects) {
+  ASSERT_TRUE(store_->put_image("a", a_, std::nullopt));
+  store_.reset();
+  for (const char* file : {"catalog.sqlite", "catalog.sqlite-wal", "catalog.sqlite-shm"}) {
+    std::filesystem::remove(directory_ / file);
+  }
+  Result<Store> opened = Store::open(directory_);
+  ASSERT_FALSE(opened);
+  EXPECT_EQ(opened.error().code, ErrorCode::kCorruption);
+  EXPECT_NE(opened.error().message.find("catalog.sqlite is missing"), std::string::npos) << opened.error().message;
+  Result<Store> created = Store::open_or_create(directory_);
+  ASSERT_FALSE(created);
+  EXPECT_NE(created.error().message.find("refusing to start a new catalog"), std::string::npos)
+      << created.error().message;
+  EXPECT_FALSE(std::filesystem::exists(directory_ / "catalog.sqlite"));
+  size_t objects = 0;
+  for (const auto& entry : std::filesystem::recursive_directory_iterator(directory_ / "objects")) {
+    if (entry.is_regular_file()) ++objects;
+  }
+  EXPECT_GT(objects, 0u);
+}
+
+TEST_F(StoreTest, EmptyCatalogIsRefused) {
+  ASSERT_TRUE(store_->put_image("a", a_, std::nullopt));
+  store_.reset();
+  std::filesystem::remove(directory_ / "catalog.sqlite-wal");
+  std::filesystem::remove(directory_ / "catalog.sqlite-shm");
+  std::filesystem::resize_file(directory_ / "catalog.sqlite", 0);
+  for (auto open : {&Store::open, &Store::open_or_create}) {
+    Result<Store> opened = open(directory_);
+    ASSERT_FALSE(opened);
+    EXPECT_EQ(opened.error().code, ErrorCode::kCorruption);
+    EXPECT_NE(opened.error().message.find("is empty (0 bytes)"), std::string::npos) << opened.error().message;
+  }
+  EXPECT_EQ(std::filesystem::file_size(directory_ / "catalog.sqlite"), 0u);
+}
+
+TEST_F(StoreTest, UnreadableCatalogIsRefused) {
+  ASSERT_TRUE(store_->put_image("a", a_, std::nullopt));
+  store_.reset();
+  std::filesystem::remove(directory_ / "catalog.sqlite-wal");
+  std::filesystem::remove(directory_ / "catalog.sqlite-shm");
+  std::string garbage(8192, 'x');
+  ASSERT_TRUE(write_file_atomic(directory_ / "catalog.sqlite", std::span(reinterpret_cast<const uint8_t*>(garbage.data()), garbage.size())));
+  Result<Store> opened = Store::open(directory_);
+  ASSERT_FALSE(opened);
+  EXPECT_EQ(opened.error().code, ErrorCode::kCorruption);
+  EXPECT_NE(opened.error().message.find("unreadable"), std::string::npos) << opened.error().message;
+  EXPECT_NE(opened.error().message.find("catalog.sqlite"), std::string::npos) << opened.error().message;
+}
+
+TEST(StoreOpen, MissingDirectoryIsRefusedAndNotCreated) {
+  std::filesystem::path directory = fresh_store_directory("no_such_store");
+  Result<Store> opened = Store::open(directory);
+  ASSERT_FALSE(opened);
+  EXPECT_EQ(opened.error().code, ErrorCode::kNotFound);
+  EXPECT_NE(opened.error().message.find("no store at"), std::string::npos) << opened.error().message;
+  EXPECT_FALSE(std::filesystem::exists(directory));
+  Result<Store> created = Store::open_or_create(directory);
+  ASSERT_TRUE(created) << created.error().message;
+  Result<Store> reopened = Store::open(directory);
+  EXPECT_TRUE(reopened) << reopened.error().message;
+}
+
+// The flat file a VM maps is sealed when it is made; a changed one is never handed out: it is
+// verified whole and rebuilt from the verified chain.
+TEST_F(StoreTest, ChangedFlatFileIsRebuiltNotHandedOut) {
+  Result<ImageRecord> a = store_->put_image("a", a_, std::nullopt);
+  ASSERT_TRUE(a);
+  Result<std::filesystem::path> path = store_->flat_file(*a);
+  ASSERT_TRUE(path) << path.error().message;
+  EXPECT_EQ(std::filesystem::status(*path).permissions() & std::filesystem::perms::all,
+            std::filesystem::perms::owner_read | std::filesystem::perms::group_read | std::filesystem::perms::others_read);
+  {
+    Fd fd = std::move(*open_file(*path, O_WRONLY));
+    const uint8_t bytes[4] = {0xde, 0xad, 0xbe, 0xef};
+    ASSERT_EQ(::pwrite(fd.get(), bytes, sizeof bytes, 5 * kPageSize + 100), 4);
+  }
+  Result<FsckReport> fsck = store_->fsck();
+  ASSERT_TRUE(fsck);
+  ASSERT_FALSE(fsck->clean());
+  EXPECT_NE(fsck->problems.front().find("the cached image is damaged"), std::string::npos) << fsck->problems.front();
+  Result<std::filesystem::path> again = store_->flat_file(*a);
+  ASSERT_TRUE(again) << again.error().message;
+  Result<std::vector<uint8_t>> bytes = read_file(*again);
+  ASSERT_TRUE(bytes);
+  EXPECT_EQ(*bytes, a_);
+  Result<FsckReport> after = store_->fsck();
+  ASSERT_TRUE(after);
+  EXPECT_TRUE(after->clean());
+}
+
+TEST_F(StoreTest, GcRemovesDamagedAndUnusedFlatFilesAndCacheTemporaries) {
+  Result<ImageRecord> a = store_->put_image("a", a_, std::nullopt);
+  Result<ImageRecord> b = store_->put_image("b", b_, std::nullopt);
+  ASSERT_TRUE(a && b);
+  Result<std::filesystem::path> a_path = store_->flat_file(*a);
+  Result<std::filesystem::path> b_path = store_->flat_file(*b);
+  ASSERT_TRUE(a_path && b_path);
+  ASSERT_TRUE(store_->remove_image("b"));
+  std::filesystem::path leftover = a_path->parent_path() / "x.ram.tmp-77-1";
+  ASSERT_TRUE(write_file_atomic(leftover, std::vector<uint8_t>(10)));
+  Result<FsckReport> fsck = store_->fsck();
+  ASSERT_TRUE(fsck);
+  EXPECT_TRUE(fsck->clean());
+  EXPECT_EQ(fsck->unused_flat_files.size(), 1u);
+  EXPECT_EQ(fsck->temporaries.size(), 1u);
+  Result<GcReport> gc = store_->gc();
+  ASSERT_TRUE(gc) << gc.error().message;
+  EXPECT_EQ(gc->flat_files_removed, 1u);
+  EXPECT_EQ(gc->temporaries_removed, 1u);
+  EXPECT_TRUE(std::filesystem::exists(*a_path));
+  EXPECT_FALSE(std::filesystem::exists(*b_path));
+  EXPECT_FALSE(std::filesystem::exists(leftover));
+}
+
 TEST_F(StoreTest, ImageOfTheWrongSizeForItsParentIsRefused) {
   ASSERT_TRUE(store_->put_image("a", a_, std::nullopt));
   std::vector<uint8_t> small(kPageSize * 2);
@@ -199,7 +320,7 @@ TEST(StoreRealImages, ChainOfRealGuestImagesIsSmallAndExact) {
   if (std::getenv("DELTAVM_TEST_IMAGES") == nullptr) GTEST_SKIP() << "DELTAVM_TEST_IMAGES not set";
   auto directory = testing::real_image_directory();
   ASSERT_TRUE(directory) << "DELTAVM_TEST_IMAGES is set but the images are missing";
-  Result<Store> store = Store::open(fresh_store_directory("real_images_store"));
+  Result<Store> store = Store::open_or_create(fresh_store_directory("real_images_store"));
   ASSERT_TRUE(store);
   std::optional<std::string> parent;
   std::vector<Mapping> images;
