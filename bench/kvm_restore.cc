@@ -124,7 +124,7 @@ int main(int argc, char** argv) {
   Store store = check(Store::open_or_create(root / "store"), "opening the store");
   {
     progress(quiet, fmt::format("capturing a {} MiB micro guest at checkpoints 1-4", memory_mib));
-    VmmProcess vmm = check(VmmProcess::launch(vmm_binary(), root / "capture"), "starting deltavm-vmm");
+    VmmProcess vmm = check(VmmProcess::launch(vmm_binary(), root / "capture", {micro_guest_program(), root}), "starting deltavm-vmm");
     std::filesystem::path ram = root / "capture" / "ram";
     check(vmm.request({{"op", "boot_micro"},
                        {"program", micro_guest_program().string()},
@@ -186,7 +186,7 @@ int main(int argc, char** argv) {
     if (!quiet && isatty(STDERR_FILENO)) fmt::print(stderr, "\rload {}/{}", load + 1, loads);
     if (!isatty(STDERR_FILENO) && (load + 1) % 10 == 0) fmt::print(stderr, "load {}/{}\n", load + 1, loads);
     for (const std::string& strategy : strategies) {
-      VmmProcess vmm = check(VmmProcess::launch(vmm_binary(), root / "load"), "starting deltavm-vmm");
+      VmmProcess vmm = check(VmmProcess::launch(vmm_binary(), root / "load", {micro_guest_program(), root}), "starting deltavm-vmm");
       json floor_answer = check(vmm.request({{"op", "floor"}}), "floor");
       floor.push_back(floor_answer["floor_us"]);
       json request = restore_request(strategy);
@@ -210,7 +210,7 @@ int main(int argc, char** argv) {
     uint64_t dirty_pages = 0;
     for (int i = 0; i < count; ++i) {
       running.push_back(
-          check(VmmProcess::launch(vmm_binary(), root / fmt::format("clone{}", i)), "starting deltavm-vmm"));
+          check(VmmProcess::launch(vmm_binary(), root / fmt::format("clone{}", i), {micro_guest_program(), root}), "starting deltavm-vmm"));
       json request = restore_request(strategy);
       request["log_dirty"] = true;
       check(running.back().request(request), "restoring a clone");

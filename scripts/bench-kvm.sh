@@ -9,7 +9,7 @@ set -euo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
 "$repo/scripts/setup.sh" >/dev/null
 "$repo/scripts/build.sh" >/dev/null
-if [ -c /dev/kvm ] && [ -r /dev/kvm ] && [ -w /dev/kvm ]; then
+if [ -c /dev/kvm ] && [ -r /dev/kvm ] && [ -w /dev/kvm ] && [ ! -d /sys/module/kvm_pvm ]; then
   exec "$repo/build/bench-kvm-restore" "$@"
 fi
 "$repo/scripts/guest-kit.sh" >/dev/null

@@ -1,91 +1,250 @@
 #include "backends/agent_client.h"
 
 #include <fcntl.h>
+#include <poll.h>
 #include <sys/file.h>
+#include <sys/socket.h>
+#include <unistd.h>
 
+#include <cstring>
 #include <random>
+#include <thread>
 
-#include "base/socket.h"
+extern "C" {
+#include "agent_protocol.h"
+}
 
 namespace deltavm {
 namespace {
 
-// The most output one command may return: a guest cannot make the host buffer without bound.
-constexpr uint64_t kMaxBlockBytes = 64ull << 20;
+using Clock = std::chrono::steady_clock;
 
-struct Header {
-  char kind = 0;
+// How long the host waits for the guest's answer after the guest's own timeout has passed.
+constexpr auto kAnswerGrace = std::chrono::seconds(5);
+
+Deadline request_deadline(std::chrono::milliseconds timeout) {
+  if (timeout.count() <= 0) return Deadline::max();
+  return deadline_after(timeout) + kAnswerGrace;
+}
+
+std::string header_of(char kind, uint64_t id, std::string_view payload) {
+  unsigned char header[AGENT_HEADER_BYTES];
+  agent_make_header(header, kind, id, payload.data(), static_cast<uint32_t>(payload.size()));
+  return std::string(reinterpret_cast<const char*>(header), sizeof header);
+}
+
+uint64_t fresh_id() {
+  static thread_local std::mt19937_64 random{std::random_device{}()};
   uint64_t id = 0;
-  uint64_t number = 0;  // Block length for O and E, exit status for S.
-};
-
-// Parses "<kind> <id> <number>"; false for any other line.
-bool parse_header(const std::string& line, Header& header) {
-  unsigned long long id = 0, number = 0;
-  char kind = 0;
-  if (std::sscanf(line.c_str(), "%c %llu %llu", &kind, &id, &number) != 3) return false;
-  if (kind != 'O' && kind != 'E' && kind != 'S') return false;
-  header = Header{kind, id, number};
-  return true;
+  while (id == 0) id = random();
+  return id;
 }
 
 }  // namespace
 
-Result<ExecResult> agent_exec(const std::filesystem::path& agent_socket, std::string_view command,
-                              std::chrono::milliseconds timeout) {
-  Deadline deadline = deadline_after(timeout);
+Result<AgentConnection> AgentConnection::connect(const std::filesystem::path& agent_socket, Deadline deadline) {
+  DELTAVM_ASSIGN_OR_RETURN(Fd fd, connect_unix(agent_socket, deadline));
+  return AgentConnection(std::move(fd), fmt::format("agent {}", agent_socket.string()));
+}
+
+Status AgentConnection::send_frame(char kind, uint64_t id, std::string_view payload, Deadline deadline) {
+  std::string frame = header_of(kind, id, payload);
+  frame.append(payload);
+  std::string_view left = frame;
+  while (!left.empty()) {
+    // While the guest is slow to take our bytes it may be sending its own: keep reading them,
+    // or both sides could wait on each other forever.
+    auto remaining = std::chrono::duration_cast<std::chrono::milliseconds>(deadline - Clock::now());
+    if (remaining.count() <= 0) return make_error(ErrorCode::kIo, "{}: timed out sending a request", what_);
+    pollfd fd{fd_.get(), POLLIN | POLLOUT, 0};
+    int ready = ::poll(&fd, 1, static_cast<int>(std::min<int64_t>(remaining.count(), 1000)));
+    if (ready < 0 && errno != EINTR) return errno_error(fmt::format("poll {}", what_), errno);
+    if (ready <= 0) continue;
+    if (fd.revents & POLLIN) DELTAVM_TRY(receive(deadline));
+    if (fd.revents & (POLLOUT | POLLERR | POLLHUP)) {
+      ssize_t n = ::send(fd_.get(), left.data(), left.size(), MSG_NOSIGNAL | MSG_DONTWAIT);
+      if (n < 0 && (errno == EAGAIN || errno == EINTR)) continue;
+      if (n < 0) return errno_error(fmt::format("send {}", what_), errno);
+      left.remove_prefix(static_cast<size_t>(n));
+    }
+  }
+  return {};
+}
+
+Result<uint64_t> AgentConnection::start(const ExecRequest& request, Deadline deadline) {
+  if (request.command.size() > kMaxCommandBytes) {
+    return make_error(ErrorCode::kInvalidArgument,
+                      "the command is {} bytes, more than the {} a guest shell takes as one argument (send a longer "
+                      "script on stdin to sh -s)",
+                      request.command.size(), kMaxCommandBytes);
+  }
+  if (request.command.find('\0') != std::string::npos) {
+    return make_error(ErrorCode::kInvalidArgument, "the command holds a NUL byte");
+  }
+  if (request.stdin_bytes && request.stdin_bytes->size() > kMaxStdinBytes) {
+    return make_error(ErrorCode::kInvalidArgument, "stdin is {} bytes, more than the {} allowed",
+                      request.stdin_bytes->size(), kMaxStdinBytes);
+  }
+  uint64_t id = fresh_id();
+  unsigned char prefix[AGENT_EXEC_PREFIX_BYTES];
+  uint64_t timeout_ms = static_cast<uint64_t>(std::max<int64_t>(0, request.timeout.count()));
+  agent_put_u32(prefix, static_cast<uint32_t>(std::min<uint64_t>(timeout_ms, UINT32_MAX)));
+  agent_put_u32(prefix + 4, request.stdin_bytes ? AGENT_FLAG_STDIN : 0);
+  std::string payload(reinterpret_cast<const char*>(prefix), sizeof prefix);
+  payload += request.command;
+  pending_[id].started = Clock::now();
+  DELTAVM_TRY(send_frame('X', id, payload, deadline));
+  if (request.stdin_bytes) {
+    std::string_view input = *request.stdin_bytes;
+    for (size_t offset = 0; offset < input.size(); offset += AGENT_MAX_CHUNK_BYTES) {
+      DELTAVM_TRY(send_frame('I', id, input.substr(offset, AGENT_MAX_CHUNK_BYTES), deadline));
+    }
+    DELTAVM_TRY(send_frame('I', id, {}, deadline));  // End of stdin.
+  }
+  return id;
+}
+
+Status AgentConnection::cancel(uint64_t id) {
+  return send_frame('K', id, {}, deadline_after(std::chrono::seconds(2)));
+}
+
+Status AgentConnection::receive(Deadline deadline) {
+  DELTAVM_TRY(read_some(fd_.get(), buffer_, deadline, what_));
+  // A serial port delivers a few bytes at a time: until the frame begun at the buffer's start
+  // is whole, there is nothing to parse.
+  if (buffer_.size() < frame_bytes_needed_) {
+    // Far from whole: let the bytes gather instead of reading them one system call each.
+    if (frame_bytes_needed_ - buffer_.size() > 1024) std::this_thread::sleep_for(std::chrono::milliseconds(1));
+    return {};
+  }
+  frame_bytes_needed_ = 0;
+  for (;;) {
+    size_t magic = buffer_.find(AGENT_MAGIC);
+    if (magic == std::string::npos) {
+      // Not a frame: dropped, keeping only what could be the start of the next magic.
+      if (buffer_.size() > 3) buffer_.erase(0, buffer_.size() - 3);
+      return {};
+    }
+    buffer_.erase(0, magic);
+    if (buffer_.size() < AGENT_HEADER_BYTES) {
+      frame_bytes_needed_ = AGENT_HEADER_BYTES;
+      return {};
+    }
+    const auto* header = reinterpret_cast<const unsigned char*>(buffer_.data());
+    if (!agent_header_valid(header)) {
+      buffer_.erase(0, 1);
+      continue;
+    }
+    char kind = static_cast<char>(header[4]);
+    uint64_t id = agent_get_u64(header + 8);
+    uint32_t length = agent_get_u32(header + 16);
+    uint32_t payload_check = agent_get_u32(header + 20);
+    if (length > AGENT_MAX_CHUNK_BYTES) {
+      return make_error(ErrorCode::kIo, "{}: the guest sent a frame of {} bytes, more than the {} allowed", what_,
+                        length, AGENT_MAX_CHUNK_BYTES);
+    }
+    if (buffer_.size() < AGENT_HEADER_BYTES + length) {
+      frame_bytes_needed_ = AGENT_HEADER_BYTES + length;
+      return {};
+    }
+    std::string_view payload(buffer_.data() + AGENT_HEADER_BYTES, length);
+    if (agent_fnv1a(AGENT_FNV_START, payload.data(), payload.size()) != payload_check) {
+      return make_error(ErrorCode::kIo,
+                        "{}: a frame from the guest failed its payload check (something else writes to the agent's "
+                        "serial port)",
+                        what_);
+    }
+    auto it = pending_.find(id);
+    if (it != pending_.end() && !it->second.done) {
+      Pending& pending = it->second;
+      ExecResult& result = pending.result;
+      switch (kind) {
+        case 'O':
+        case 'E': {
+          std::string& out = kind == 'O' ? result.stdout_bytes : result.stderr_bytes;
+          bool& truncated = kind == 'O' ? result.stdout_truncated : result.stderr_truncated;
+          size_t room = kMaxOutputBytes - std::min(kMaxOutputBytes, out.size());
+          if (payload.size() > room) truncated = true;
+          out.append(payload.substr(0, room));
+          break;
+        }
+        case 'S': {
+          if (length != 12) {
+            return make_error(ErrorCode::kIo, "{}: a status frame of {} bytes, expected 12", what_, length);
+          }
+          const auto* p = reinterpret_cast<const unsigned char*>(payload.data());
+          int32_t code = static_cast<int32_t>(agent_get_u32(p));
+          uint32_t signal = agent_get_u32(p + 4);
+          uint32_t flags = agent_get_u32(p + 8);
+          if (code < -1 || code > 255 || signal > 128) {
+            return make_error(ErrorCode::kIo, "{}: a status frame with exit code {} and signal {}", what_, code,
+                              signal);
+          }
+          result.signal = static_cast<int>(signal);
+          result.exit_status = signal != 0 ? 128 + static_cast<int>(signal) : std::max(code, 0);
+          result.timed_out = flags & AGENT_STATUS_TIMED_OUT;
+          result.cancelled = flags & AGENT_STATUS_CANCELLED;
+          result.stdout_truncated |= (flags & AGENT_STATUS_STDOUT_TRUNCATED) != 0;
+          result.stderr_truncated |= (flags & AGENT_STATUS_STDERR_TRUNCATED) != 0;
+          result.duration_ms = std::chrono::duration<double, std::milli>(Clock::now() - pending.started).count();
+          pending.done = true;
+          break;
+        }
+        case 'F':
+          pending.failure = make_error(ErrorCode::kIo, "{}: the guest agent refused the command: {}", what_,
+                                       std::string(payload.substr(0, 512)));
+          pending.done = true;
+          break;
+        default:
+          break;
+      }
+    }
+    // Frames of other commands (one that ended, an abandoned earlier request) are read past.
+    buffer_.erase(0, AGENT_HEADER_BYTES + length);
+  }
+}
+
+Result<ExecResult> AgentConnection::wait(uint64_t id, Deadline deadline) {
+  auto it = pending_.find(id);
+  if (it == pending_.end()) return make_error(ErrorCode::kInvalidArgument, "{}: no command {}", what_, id);
+  while (!it->second.done) {
+    Status received = receive(deadline);
+    if (!received) {
+      (void)cancel(id);  // Never leave a command running that the caller was told failed.
+      pending_.erase(it);
+      return received.error();
+    }
+  }
+  Pending pending = std::move(it->second);
+  pending_.erase(it);
+  if (pending.failure) return *pending.failure;
+  return std::move(pending.result);
+}
+
+Result<ExecResult> agent_exec(const std::filesystem::path& agent_socket, const ExecRequest& request) {
+  Deadline deadline = request_deadline(request.timeout);
   std::filesystem::path lock_path = agent_socket;
   lock_path += ".lock";
   DELTAVM_ASSIGN_OR_RETURN(Fd lock, open_file(lock_path, O_RDWR | O_CREAT, 0600));
-  while (::flock(lock.get(), LOCK_EX) != 0) {
-    if (errno != EINTR) return errno_error(fmt::format("flock {}", lock_path.string()), errno);
+  while (::flock(lock.get(), LOCK_EX | LOCK_NB) != 0) {
+    if (errno != EWOULDBLOCK && errno != EINTR) return errno_error(fmt::format("flock {}", lock_path.string()), errno);
+    if (Clock::now() >= deadline) {
+      return make_error(ErrorCode::kBusy, "agent {}: another command held the VM's exec channel until the timeout",
+                        agent_socket.string());
+    }
+    std::this_thread::sleep_for(std::chrono::milliseconds(5));
   }
-  DELTAVM_ASSIGN_OR_RETURN(Fd socket, connect_unix(agent_socket, deadline));
-  static thread_local std::mt19937_64 random{std::random_device{}()};
-  uint64_t id = random() >> 1;
-  std::string what = fmt::format("agent {}", agent_socket.string());
-  // The leading newline ends any half-sent request an interrupted client left behind.
-  DELTAVM_TRY(send_all(socket.get(), fmt::format("\nX {} {}\n", id, command.size()), what));
-  DELTAVM_TRY(send_all(socket.get(), command, what));
+  DELTAVM_ASSIGN_OR_RETURN(AgentConnection connection, AgentConnection::connect(agent_socket, deadline));
+  DELTAVM_ASSIGN_OR_RETURN(uint64_t id, connection.start(request, deadline));
+  return connection.wait(id, deadline);
+}
 
-  std::string buffer;
-  ExecResult result;
-  // Reads the next line; stale output of earlier requests (other ids) is skipped by the caller.
-  auto next_line = [&](std::string& line) -> Status {
-    for (;;) {
-      size_t newline = buffer.find('\n');
-      if (newline != std::string::npos) {
-        line = buffer.substr(0, newline);
-        buffer.erase(0, newline + 1);
-        return {};
-      }
-      DELTAVM_TRY(read_some(socket.get(), buffer, deadline, what));
-    }
-  };
-  auto read_block = [&](uint64_t length, std::string& out) -> Status {
-    while (buffer.size() < length) DELTAVM_TRY(read_some(socket.get(), buffer, deadline, what));
-    out = buffer.substr(0, length);
-    buffer.erase(0, length);
-    return {};
-  };
-  std::string line, skipped;
-  Header header;
-  for (;;) {
-    DELTAVM_TRY(next_line(line));
-    if (!parse_header(line, header)) continue;
-    if (header.kind == 'S') {
-      if (header.id != id) continue;  // The end of an abandoned earlier request.
-      result.exit_status = static_cast<int>(header.number);
-      return result;
-    }
-    if (header.number > kMaxBlockBytes) {
-      return make_error(ErrorCode::kIo, "{}: the guest sent a {}-byte block, more than the {} bytes allowed", what,
-                        header.number, kMaxBlockBytes);
-    }
-    // A block of ours is kept; a block of an abandoned request is read past, whole.
-    std::string& out = header.id != id ? skipped : header.kind == 'O' ? result.stdout_bytes : result.stderr_bytes;
-    DELTAVM_TRY(read_block(header.number, out));
-  }
+Result<ExecResult> agent_exec(const std::filesystem::path& agent_socket, std::string_view command,
+                              std::chrono::milliseconds timeout) {
+  ExecRequest request;
+  request.command = std::string(command);
+  request.timeout = timeout;
+  return agent_exec(agent_socket, request);
 }
 
 }  // namespace deltavm

@@ -1,22 +1,89 @@
-// The host side of the guest command agent (guest/agent.c): sends one command over the VM's
-// agent socket and collects its stdout, stderr and exit status. Requests to one VM are
-// serialised by an flock on the socket's lock file.
+// The host side of the guest command agent (guest/agent.c; the frames are defined in
+// guest/agent_protocol.h): runs commands in a VM over its agent socket and collects their
+// stdout, stderr and exit status.
+//
+// Everything read from the guest is hostile until checked: frames are found by magic and
+// header check, a payload is taken only whole and checked, and what one command may return is
+// bounded (kMaxOutputBytes a stream, flagged when cut), so a guest that floods or lies costs
+// the host bounded memory and at most the request's deadline.
 #pragma once
 
 #include <chrono>
+#include <cstdint>
 #include <filesystem>
+#include <map>
+#include <optional>
 #include <string>
 
 #include "base/error.h"
+#include "base/file.h"
+#include "base/socket.h"
 
 namespace deltavm {
 
-struct ExecResult {
-  int exit_status = 0;
-  std::string stdout_bytes;
-  std::string stderr_bytes;
+struct ExecRequest {
+  std::string command;  // Run as /bin/sh -c COMMAND; at most kMaxCommandBytes.
+  std::optional<std::string> stdin_bytes;  // Else stdin is /dev/null. At most kMaxStdinBytes.
+  // The guest kills the command's process group after this long (0: never); the host then
+  // waits a little more for the guest's answer and, without one, cancels and reports a timeout.
+  std::chrono::milliseconds timeout{std::chrono::seconds(60)};
 };
 
+struct ExecResult {
+  int exit_status = 0;  // 0-255, or 128 + the signal that ended the command.
+  int signal = 0;       // The signal that ended it, or 0.
+  bool timed_out = false;   // Killed by the guest when its timeout passed.
+  bool cancelled = false;   // Killed on the host's request.
+  bool stdout_truncated = false;
+  bool stderr_truncated = false;
+  std::string stdout_bytes;
+  std::string stderr_bytes;
+  double duration_ms = 0;
+};
+
+inline constexpr size_t kMaxCommandBytes = 131071;
+inline constexpr size_t kMaxStdinBytes = 16 << 20;
+inline constexpr size_t kMaxOutputBytes = 16 << 20;  // Per stream, per command.
+
+// One connection to a VM's agent. Several commands may run over it at once: start() sends
+// one and returns its id, wait() collects the answer of one (keeping what arrives for the
+// others). Not thread-safe: one thread uses a connection.
+class AgentConnection {
+ public:
+  static Result<AgentConnection> connect(const std::filesystem::path& agent_socket, Deadline deadline);
+
+  Result<uint64_t> start(const ExecRequest& request, Deadline deadline);
+  // Waits for command `id` to end. At the deadline the command is cancelled in the guest and
+  // the error says it timed out.
+  Result<ExecResult> wait(uint64_t id, Deadline deadline);
+  Status cancel(uint64_t id);
+
+ private:
+  AgentConnection(Fd fd, std::string what) : fd_(std::move(fd)), what_(std::move(what)) {}
+  // Reads what the socket has (waiting until `deadline` for something) and files every whole
+  // frame under its command.
+  Status receive(Deadline deadline);
+  Status send_frame(char kind, uint64_t id, std::string_view payload, Deadline deadline);
+
+  struct Pending {
+    ExecResult result;
+    std::chrono::steady_clock::time_point started;
+    bool done = false;
+    std::optional<Error> failure;  // An F frame: the command did not run (or stopped).
+  };
+
+  Fd fd_;
+  std::string what_;
+  std::string buffer_;
+  size_t frame_bytes_needed_ = 0;  // Bytes the frame at the start of buffer_ needs to be whole.
+  std::map<uint64_t, Pending> pending_;
+};
+
+// Runs one command: waits (until the request's deadline) for the VM's exec lock, connects,
+// sends the command and waits for its answer. The lock keeps commands of different host
+// processes from interleaving on the one serial channel.
+Result<ExecResult> agent_exec(const std::filesystem::path& agent_socket, const ExecRequest& request);
+// The same, for a command without stdin.
 Result<ExecResult> agent_exec(const std::filesystem::path& agent_socket, std::string_view command,
                               std::chrono::milliseconds timeout);
 

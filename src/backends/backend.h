@@ -4,6 +4,8 @@
 // to write over it, and machine state as opaque bytes they produced themselves.
 #pragma once
 
+#include <sys/types.h>
+
 #include <cstdint>
 #include <filesystem>
 #include <functional>
@@ -80,5 +82,9 @@ class Backend {
 };
 
 Result<std::unique_ptr<Backend>> make_backend(std::string_view name);
+
+// The umask of every VM process: the sockets and files it creates (control, console, agent)
+// are 0600, reachable by their owner alone.
+inline constexpr mode_t kVmProcessUmask = 0177;
 
 }  // namespace deltavm

@@ -1,25 +1,52 @@
-// A running VM is a directory: its control sockets, its log, its process id and a small JSON
-// record. Commands that outlive each other (run, exec, console, ps, stop) find a VM by id here.
+// A running VM is a directory: its control sockets, its log and a small JSON record of what
+// runs it. Commands that outlive each other (run, exec, console, ps, stop) find a VM by id here.
 //
-//   RUNTIME/vms/ID/vm.json        id, backend, template, pid, created_at_unix
+//   RUNTIME/vms/ID/vm.json        VmRecord: id, backend, template, the VM process, ...
 //   RUNTIME/vms/ID/control.sock   the backend's control channel (QMP for qemu)
 //   RUNTIME/vms/ID/console.sock   serial console (ttyS0)
 //   RUNTIME/vms/ID/agent.sock     command agent (ttyS1)
 //   RUNTIME/vms/ID/vm.log         the VM process's own output
+//
+// Whoever can connect to a VM's control socket controls the VM (QMP can run commands on the
+// host as the VM process's user), so RUNTIME and RUNTIME/vms are the caller's alone and never
+// writable by others, each VM directory is 0700 and every file and socket in it 0600,
+// whatever the umask.
 #pragma once
 
-#include <nlohmann/json.hpp>
-
+#include <cstdint>
 #include <filesystem>
+#include <functional>
+#include <optional>
 #include <string>
 #include <vector>
 
 #include "base/error.h"
+#include "base/subprocess.h"
 
 namespace deltavm {
 
-// RUNTIME: $DELTAVM_RUNTIME, else /run/deltavm as root, else $XDG_RUNTIME_DIR/deltavm.
+// RUNTIME: $DELTAVM_RUNTIME, else /run/deltavm as root, else $XDG_RUNTIME_DIR/deltavm, else
+// /tmp/deltavm-UID.
 std::filesystem::path default_runtime_directory();
+
+// Creates RUNTIME (and RUNTIME/vms) if missing, mode 0700, and checks that each is a real
+// directory (not a symlink) owned by this user and not writable by group or others: a
+// runtime another user owns or can write to is refused, since that user could replace or
+// connect to the sockets in it.
+Status prepare_runtime_directory(const std::filesystem::path& runtime);
+
+// What vm.json records. Parsed field by field: a damaged record is an error, never a crash.
+struct VmRecord {
+  std::string id;
+  std::string backend;        // "qemu" or "kvm"; empty until the VM process is started.
+  std::string template_name;
+  std::string purpose;        // "template build" while a build owns the VM; else empty.
+  std::optional<ProcessIdentity> process;  // The VM process (QEMU, deltavm-vmm).
+  std::optional<ProcessIdentity> owner;    // The deltavm process creating the VM, until done.
+  std::string ram_file;
+  std::string strategy;
+  int64_t created_at_unix = 0;
+};
 
 class VmDirectory {
  public:
@@ -35,10 +62,11 @@ class VmDirectory {
   std::filesystem::path agent_socket() const { return path_ / "agent.sock"; }
   std::filesystem::path log_file() const { return path_ / "vm.log"; }
 
-  Result<nlohmann::json> read_record() const;
-  Status write_record(const nlohmann::json& record) const;
-  // The VM's process id from its record, or 0.
-  int pid() const;
+  Result<VmRecord> read_record() const;
+  Status write_record(const VmRecord& record) const;
+  // Reads the record, lets `change` edit it, writes it back (a missing record starts empty).
+  Status update_record(const std::function<void(VmRecord&)>& change) const;
+  // True while the recorded VM process runs (checked by pid and start time).
   bool running() const;
   Status remove() const;
 
@@ -47,5 +75,9 @@ class VmDirectory {
   std::string id_;
   std::filesystem::path path_;
 };
+
+// Directories of template builds whose owner has died (killed mid-build): their VM process is
+// ended if it still runs and the directory, with its RAM file, is removed. Returns how many.
+Result<size_t> remove_abandoned_builds(const std::filesystem::path& runtime);
 
 }  // namespace deltavm

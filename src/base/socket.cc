@@ -5,6 +5,7 @@
 #include <sys/un.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cstring>
 #include <thread>
 
@@ -54,7 +55,7 @@ Status wait_readable(int fd, Deadline deadline, std::string_view what) {
     auto remaining = std::chrono::duration_cast<std::chrono::milliseconds>(deadline - std::chrono::steady_clock::now());
     if (remaining.count() <= 0) return make_error(ErrorCode::kIo, "{}: timed out", what);
     pollfd poll_fd{fd, POLLIN, 0};
-    int ready = ::poll(&poll_fd, 1, static_cast<int>(remaining.count()));
+    int ready = ::poll(&poll_fd, 1, static_cast<int>(std::min<int64_t>(remaining.count(), 60000)));
     if (ready > 0) return {};
     if (ready < 0 && errno != EINTR) return errno_error(fmt::format("poll {}", what), errno);
   }

@@ -101,7 +101,10 @@ Status write_image_file(const std::string& path, std::span<const uint8_t> bytes,
   return writer.commit();
 }
 
-void print_json(const nlohmann::json& value) { fmt::print("{}\n", value.dump(2)); }
+void print_json(const nlohmann::json& value) {
+  // Bytes that are not UTF-8 (a guest's output) are replaced, never a reason to throw.
+  fmt::print("{}\n", value.dump(2, ' ', false, nlohmann::json::error_handler_t::replace));
+}
 
 int report_error(const Error& error) {
   fmt::print(stderr, "deltavm: {}: {}\n", error_code_name(error.code), error.message);

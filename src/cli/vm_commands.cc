@@ -24,9 +24,8 @@ std::filesystem::path runtime_directory(const GlobalOptions& options) {
 
 // The backend that runs VM `vm`, as its record says.
 Result<std::unique_ptr<Backend>> backend_of(const VmDirectory& vm) {
-  Result<nlohmann::json> record = vm.read_record();
-  std::string name = record && record->contains("backend") ? (*record)["backend"].get<std::string>() : "qemu";
-  return make_backend(name);
+  DELTAVM_ASSIGN_OR_RETURN(VmRecord record, vm.read_record());
+  return make_backend(record.backend.empty() ? "qemu" : record.backend);
 }
 
 Status run_template_build(const GlobalOptions& options, const std::string& spec_path, const std::string& backend_name) {
@@ -129,19 +128,47 @@ std::string command_line(const std::vector<std::string>& arguments) {
   return joined;
 }
 
+// The exit status `deltavm exec` gives for a command the guest killed at its timeout, as
+// timeout(1) does.
+constexpr int kTimedOutExitStatus = 124;
+
 Result<int> run_exec(const GlobalOptions& options, const std::string& id, const std::vector<std::string>& arguments,
-                     int timeout_s) {
+                     int timeout_s, bool pass_stdin) {
   DELTAVM_ASSIGN_OR_RETURN(VmDirectory vm, VmDirectory::open(runtime_directory(options), id));
   if (!vm.running()) return make_error(ErrorCode::kNotFound, "VM {} is not running", id);
-  DELTAVM_ASSIGN_OR_RETURN(ExecResult result,
-                           agent_exec(vm.agent_socket(), command_line(arguments), std::chrono::seconds(timeout_s)));
+  ExecRequest request;
+  request.command = command_line(arguments);
+  request.timeout = std::chrono::seconds(timeout_s);
+  if (pass_stdin) {
+    std::string input;
+    char buffer[65536];
+    for (;;) {
+      ssize_t n = ::read(STDIN_FILENO, buffer, sizeof buffer);
+      if (n < 0 && errno == EINTR) continue;
+      if (n < 0) return errno_error("read stdin", errno);
+      if (n == 0) break;
+      input.append(buffer, static_cast<size_t>(n));
+      if (input.size() > kMaxStdinBytes) {
+        return make_error(ErrorCode::kInvalidArgument, "stdin is more than the {} bytes exec takes", kMaxStdinBytes);
+      }
+    }
+    request.stdin_bytes = std::move(input);
+  }
+  DELTAVM_ASSIGN_OR_RETURN(ExecResult result, agent_exec(vm.agent_socket(), request));
   if (options.json) {
-    print_json({{"exit_status", result.exit_status}, {"stdout", result.stdout_bytes}, {"stderr", result.stderr_bytes}});
+    print_json({{"exit_status", result.exit_status}, {"signal", result.signal}, {"timed_out", result.timed_out},
+                {"stdout", result.stdout_bytes}, {"stderr", result.stderr_bytes},
+                {"stdout_truncated", result.stdout_truncated}, {"stderr_truncated", result.stderr_truncated},
+                {"duration_ms", result.duration_ms}});
   } else {
     fwrite(result.stdout_bytes.data(), 1, result.stdout_bytes.size(), stdout);
     fwrite(result.stderr_bytes.data(), 1, result.stderr_bytes.size(), stderr);
+    if (result.stdout_truncated || result.stderr_truncated) {
+      fmt::print(stderr, "deltavm: output cut at {} bytes a stream\n", kMaxOutputBytes);
+    }
+    if (result.timed_out) fmt::print(stderr, "deltavm: the command ran past {} s and was killed\n", timeout_s);
   }
-  return result.exit_status;
+  return result.timed_out ? kTimedOutExitStatus : result.exit_status;
 }
 
 // Relays the terminal to the VM's serial console until Ctrl-] or the VM goes away. Without a
@@ -197,35 +224,62 @@ Status run_console(const GlobalOptions& options, const std::string& id) {
 }
 
 Status run_ps(const GlobalOptions& options) {
-  DELTAVM_ASSIGN_OR_RETURN(std::vector<VmDirectory> vms, VmDirectory::list(runtime_directory(options)));
+  std::filesystem::path runtime = runtime_directory(options);
+  DELTAVM_TRY(remove_abandoned_builds(runtime));
+  DELTAVM_ASSIGN_OR_RETURN(std::vector<VmDirectory> vms, VmDirectory::list(runtime));
   nlohmann::json rows = nlohmann::json::array();
   Table table({"id", "template", "backend", "pid", "state"});
   for (const VmDirectory& vm : vms) {
-    Result<nlohmann::json> record = vm.read_record();
-    nlohmann::json r = record ? *record : nlohmann::json::object();
-    std::string state = vm.running() ? "running" : "exited";
-    rows.push_back({{"id", vm.id()}, {"template", r.value("template", "")}, {"backend", r.value("backend", "")},
-                    {"pid", vm.pid()}, {"state", state}});
-    table.add_row({vm.id(), r.value("template", "?"), r.value("backend", "?"), std::to_string(vm.pid()), state});
+    Result<VmRecord> record = vm.read_record();
+    if (!record) {
+      // A damaged record is shown, not fatal: the other VMs are still listed.
+      rows.push_back({{"id", vm.id()}, {"state", "unknown"}, {"error", record.error().message}});
+      table.add_row({vm.id(), "?", "?", "-", "unknown: " + record.error().message});
+      continue;
+    }
+    std::string state = record->process && process_running(*record->process) ? "running" : "exited";
+    if (!record->purpose.empty() && state == "running") state += " (" + record->purpose + ")";
+    int pid = record->process ? record->process->pid : 0;
+    rows.push_back({{"id", vm.id()}, {"template", record->template_name}, {"backend", record->backend},
+                    {"pid", pid}, {"state", state}});
+    table.add_row({vm.id(), record->template_name.empty() ? "?" : record->template_name,
+                   record->backend.empty() ? "?" : record->backend, pid > 0 ? std::to_string(pid) : "-", state});
   }
   if (options.json) print_json({{"vms", rows}});
   else table.print();
   return {};
 }
 
+// Stops each VM; one that cannot be stopped (a damaged record names no process to stop) is
+// reported and the others are still stopped. Its directory is left for a person to look at.
 Status run_stop(const GlobalOptions& options, const std::vector<std::string>& ids, bool all) {
+  std::filesystem::path runtime = runtime_directory(options);
   std::vector<std::string> targets = ids;
   if (all) {
-    DELTAVM_ASSIGN_OR_RETURN(std::vector<VmDirectory> vms, VmDirectory::list(runtime_directory(options)));
+    DELTAVM_TRY(remove_abandoned_builds(runtime));
+    DELTAVM_ASSIGN_OR_RETURN(std::vector<VmDirectory> vms, VmDirectory::list(runtime));
     for (const VmDirectory& vm : vms) targets.push_back(vm.id());
   }
+  std::vector<std::string> stopped;
+  std::optional<Error> first_failure;
   for (const std::string& id : targets) {
-    DELTAVM_ASSIGN_OR_RETURN(VmDirectory vm, VmDirectory::open(runtime_directory(options), id));
-    DELTAVM_ASSIGN_OR_RETURN(std::unique_ptr<Backend> backend, backend_of(vm));
-    DELTAVM_TRY(stop_vm(id, *backend, runtime_directory(options)));
+    Status status = [&]() -> Status {
+      DELTAVM_ASSIGN_OR_RETURN(VmDirectory vm, VmDirectory::open(runtime, id));
+      DELTAVM_ASSIGN_OR_RETURN(std::unique_ptr<Backend> backend, backend_of(vm));
+      return stop_vm(id, *backend, runtime);
+    }();
+    if (!status) {
+      Error error = status.error().with_context(fmt::format("stop {}", id));
+      fmt::print(stderr, "deltavm: {}: {}\n", error_code_name(error.code), error.message);
+      if (!first_failure) first_failure = error;
+      continue;
+    }
+    stopped.push_back(id);
     if (!options.json) fmt::print("stopped {}\n", id);
   }
-  if (options.json) print_json({{"stopped", targets}});
+  if (options.json) print_json({{"stopped", stopped}});
+  if (first_failure) return make_error(first_failure->code, "{} of {} VM(s) could not be stopped",
+                                       targets.size() - stopped.size(), targets.size());
   return {};
 }
 
@@ -293,14 +347,18 @@ void add_vm_commands(CLI::App& app, const GlobalOptions& options, int& exit_stat
     std::string id;
     std::vector<std::string> command;
     int timeout_s = 60;
+    bool pass_stdin = false;
   };
   auto exec = std::make_shared<ExecArguments>();
   CLI::App* exec_command = app.add_subcommand("exec", "Run a command in a VM: deltavm exec ID -- CMD ...");
   exec_command->add_option("ID", exec->id)->required();
   exec_command->add_option("COMMAND", exec->command, "Command (after --)")->required();
-  exec_command->add_option("--timeout", exec->timeout_s, "Seconds to wait for the answer");
+  exec_command->add_option("--timeout", exec->timeout_s,
+                           "Seconds the command may run before the guest kills it (0: no limit); exit status 124 then")
+      ->check(CLI::Range(0, 86400 * 7));
+  exec_command->add_flag("--stdin", exec->pass_stdin, "Pass this command's stdin to the guest command");
   exec_command->callback([&options, &exit_status, exec] {
-    Result<int> status = run_exec(options, exec->id, exec->command, exec->timeout_s);
+    Result<int> status = run_exec(options, exec->id, exec->command, exec->timeout_s, exec->pass_stdin);
     exit_status = status ? *status : report_error(status.error());
   });
 

@@ -490,7 +490,8 @@ namespace {
 Result<std::optional<FlatFileSeal>> stat_flat_file(const std::filesystem::path& path, const std::string& digest) {
   Result<Fd> fd = open_file(path, O_RDONLY | O_NOFOLLOW);
   if (!fd) {
-    if (!std::filesystem::exists(path)) return std::optional<FlatFileSeal>();
+    std::error_code error;
+    if (!std::filesystem::exists(path, error) && !error) return std::optional<FlatFileSeal>();
     return fd.error();
   }
   struct stat st {};

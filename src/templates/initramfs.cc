@@ -61,7 +61,8 @@ Result<GuestKit> GuestKit::locate() {
   GuestKit kit{kit_directory / "vmlinuz", kit_directory / "busybox",
                agent_env != nullptr && *agent_env ? agent_env : DELTAVM_DEFAULT_AGENT};
   for (const auto& [what, path] : {std::pair{"kernel", kit.kernel}, {"busybox", kit.busybox}, {"agent", kit.agent}}) {
-    if (!std::filesystem::is_regular_file(path)) {
+    std::error_code error;
+    if (!std::filesystem::is_regular_file(path, error)) {
       return make_error(ErrorCode::kNotFound,
                         "guest kit: {} {} is missing (run scripts/guest-kit.sh, or set DELTAVM_KIT / DELTAVM_AGENT)",
                         what, path.string());

@@ -66,6 +66,26 @@ class Checker {
   std::string prefix_;
 };
 
+// Checks that `path` names a regular file. Every failure of the file system (no such file, a
+// name too long, a loop of symbolic links) is an error naming the field, never an exception.
+Status check_regular_file(const std::filesystem::path& path, const std::string& where, std::string_view field) {
+  std::error_code error;
+  std::filesystem::file_status status = std::filesystem::status(path, error);
+  if (error && error != std::errc::no_such_file_or_directory) {
+    return make_error(ErrorCode::kInvalidArgument, "template spec {}: field {}: {}: {}", where, field, path.string(),
+                      error.message());
+  }
+  if (!std::filesystem::exists(status)) {
+    return make_error(ErrorCode::kNotFound, "template spec {}: field {}: {} does not exist", where, field,
+                      path.string());
+  }
+  if (!std::filesystem::is_regular_file(status)) {
+    return make_error(ErrorCode::kInvalidArgument, "template spec {}: field {}: {} is not a regular file", where,
+                      field, path.string());
+  }
+  return {};
+}
+
 bool valid_name(const std::string& name) {
   if (name.empty() || name.size() > 64) return false;
   for (char c : name) {
@@ -113,10 +133,7 @@ Result<TemplateSpec> parse_template_spec(std::string_view json_text, const std::
   DELTAVM_TRY(check.string("kernel", kernel, false));
   if (!kernel.empty()) {
     spec.kernel = std::filesystem::path(kernel).is_absolute() ? std::filesystem::path(kernel) : base_directory / kernel;
-    if (!std::filesystem::is_regular_file(spec.kernel)) {
-      return make_error(ErrorCode::kNotFound, "template spec {}: field kernel: {} does not exist", where,
-                        spec.kernel.string());
-    }
+    DELTAVM_TRY(check_regular_file(spec.kernel, where, "kernel"));
   }
   DELTAVM_TRY(check.string("command_line", spec.command_line, false));
   DELTAVM_TRY(check.integer("memory_mib", spec.memory_mib, 32, kMaxTemplateMemoryMib));
@@ -143,10 +160,7 @@ Result<TemplateSpec> parse_template_spec(std::string_view json_text, const std::
       DELTAVM_TRY(file_check.string("destination", file.destination, true));
       DELTAVM_TRY(file_check.string("mode", mode, false));
       file.source = std::filesystem::path(source).is_absolute() ? std::filesystem::path(source) : base_directory / source;
-      if (!std::filesystem::is_regular_file(file.source)) {
-        return make_error(ErrorCode::kNotFound, "template spec {}: field {}.source: {} does not exist", where, field,
-                          file.source.string());
-      }
+      DELTAVM_TRY(check_regular_file(file.source, where, field + ".source"));
       if (file.destination.empty() || file.destination[0] != '/' || file.destination.find("..") != std::string::npos) {
         return file_check.wrong("destination", "an absolute guest path without '..'", entry["destination"]);
       }

@@ -148,13 +148,19 @@ Result<TemplateBuild> build_template(const TemplateSpec& spec, Store& store, Bac
   DELTAVM_ASSIGN_OR_RETURN(std::vector<uint8_t> kernel, read_file(kernel_path));
   DELTAVM_ASSIGN_OR_RETURN(std::vector<uint8_t> initramfs, build_initramfs(effective, kit));
 
+  (void)remove_abandoned_builds(runtime);
   DELTAVM_ASSIGN_OR_RETURN(VmDirectory vm, VmDirectory::create(runtime));
   VmGuard guard(backend, vm);
   std::filesystem::path initramfs_path = vm.path() / "initramfs.cpio";
   DELTAVM_TRY(write_file_atomic(initramfs_path, initramfs));
   MachineSpec machine = machine_for(effective, kernel_path, initramfs_path);
-  nlohmann::json record = {{"id", vm.id()}, {"template", spec.name}, {"purpose", "template build"}};
-  DELTAVM_TRY(vm.write_record(record));
+  // The record names this process as the build's owner: if it dies mid-build, its VM dies
+  // with it (the backend spawns it so) and the next build or ps removes the directory.
+  DELTAVM_TRY(vm.update_record([&](VmRecord& record) {
+    record.template_name = spec.name;
+    record.purpose = "template build";
+    record.owner = ProcessIdentity::self();
+  }));
 
   TemplateBuild build;
   report("booting");
@@ -236,7 +242,10 @@ Result<StartedVm> start_vm(const std::string& name, Store& store, Backend& backe
 
   DELTAVM_ASSIGN_OR_RETURN(VmDirectory vm, VmDirectory::create(runtime));
   VmGuard guard(backend, vm);
-  DELTAVM_TRY(vm.write_record({{"id", vm.id()}, {"template", name}, {"strategy", ram_strategy_name(strategy)}}));
+  DELTAVM_TRY(vm.update_record([&](VmRecord& vm_record) {
+    vm_record.template_name = name;
+    vm_record.strategy = ram_strategy_name(strategy);
+  }));
   StartedVm started;
   started.id = vm.id();
   started.template_name = name;

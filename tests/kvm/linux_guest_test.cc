@@ -9,6 +9,7 @@
 #include <cstdlib>
 #include <thread>
 
+#include "backends/kvm/kvm.h"
 #include "backends/kvm/vmm_client.h"
 
 namespace deltavm::kvm {
@@ -24,11 +25,12 @@ std::filesystem::path vmm_binary() {
 TEST(KvmLinux, BootsDebianCloudKernelToTheGuestInit) {
   const char* kernel = std::getenv("DELTAVM_KVM_LINUX_KERNEL");
   const char* initrd = std::getenv("DELTAVM_KVM_LINUX_INITRD");
-  if (::access("/dev/kvm", R_OK | W_OK) != 0 || kernel == nullptr || initrd == nullptr) {
-    GTEST_SKIP() << "needs /dev/kvm, DELTAVM_KVM_LINUX_KERNEL and DELTAVM_KVM_LINUX_INITRD";
+  if (std::optional<std::string> why = kvm_unusable_reason()) GTEST_SKIP() << *why;
+  if (kernel == nullptr || initrd == nullptr) {
+    GTEST_SKIP() << "needs DELTAVM_KVM_LINUX_KERNEL and DELTAVM_KVM_LINUX_INITRD (tests/nested sets them)";
   }
   std::filesystem::path directory = std::filesystem::path(::testing::TempDir()) / "deltavm_kvm_linux";
-  Result<VmmProcess> vmm = VmmProcess::launch(vmm_binary(), directory);
+  Result<VmmProcess> vmm = VmmProcess::launch(vmm_binary(), directory, {kernel, initrd});
   ASSERT_TRUE(vmm) << vmm.error().message;
   Result<json> booted = vmm->request({{"op", "boot_linux"},
                                       {"kernel", kernel},

@@ -16,6 +16,7 @@
 #include <fstream>
 
 #include "backends/kvm/guest_memory.h"
+#include "backends/kvm/kvm.h"
 #include "backends/kvm/machine_state.h"
 #include "backends/kvm/ram_overlay.h"
 #include "backends/kvm/vmm_client.h"
@@ -83,6 +84,10 @@ struct ScopedDirectory {
   }
 };
 
+// What every test's VMM may read besides its own directory: the micro guest and the files the
+// tests prepare under the chain's root (the store's flat files among them).
+std::vector<std::filesystem::path> readable_inputs();
+
 json boot_request(const std::filesystem::path& ram_file) {
   return {{"op", "boot_micro"},   {"program", micro_guest_program().string()},
           {"memory_bytes", kMemoryBytes}, {"work_bytes", kWorkBytes},
@@ -104,11 +109,13 @@ struct Chain {
 Chain* chain = nullptr;
 bool chain_ready = false;  // Set once the environment built the whole chain.
 
+std::vector<std::filesystem::path> readable_inputs() { return {micro_guest_program(), chain->root}; }
+
 // Builds the chain once for the whole binary (both test suites use it).
 class ChainEnvironment : public ::testing::Environment {
  public:
   void SetUp() override {
-    if (::access("/dev/kvm", R_OK | W_OK) != 0) return;
+    if (kvm_unusable_reason()) return;
     chain = new Chain;
     chain->root = std::filesystem::path(::testing::TempDir()) / "deltavm_kvm_test";
     std::filesystem::remove_all(chain->root);
@@ -118,7 +125,7 @@ class ChainEnvironment : public ::testing::Environment {
     ASSERT_TRUE(store) << store.error().message;
     chain->store.emplace(std::move(store).value());
 
-    Result<VmmProcess> vmm = VmmProcess::launch(vmm_binary(), chain->root / "capture");
+    Result<VmmProcess> vmm = VmmProcess::launch(vmm_binary(), chain->root / "capture", readable_inputs());
     ASSERT_TRUE(vmm) << vmm.error().message;
     std::filesystem::path ram = chain->root / "capture" / "ram";
     Result<json> booted = vmm->request(boot_request(ram));
@@ -129,8 +136,8 @@ class ChainEnvironment : public ::testing::Environment {
       ASSERT_TRUE(status) << status.error().message;
       ASSERT_EQ((*status)["state"], "paused") << status->dump();
       ASSERT_EQ((*status)["checkpoint"], checkpoint) << status->dump();
-      std::filesystem::path state = chain->root / fmt::format("state{}", checkpoint);
-      std::filesystem::path dirty = chain->root / fmt::format("dirty{}", checkpoint);
+      std::filesystem::path state = chain->root / "capture" / fmt::format("state{}", checkpoint);
+      std::filesystem::path dirty = chain->root / "capture" / fmt::format("dirty{}", checkpoint);
       Result<json> saved = vmm->request({{"op", "save"}, {"state", state.string()}, {"dirty", dirty.string()}});
       ASSERT_TRUE(saved) << saved.error().message;
       if (checkpoint == 3) chain->dirty_pages_c3 = (*saved)["dirty_pages"];
@@ -171,7 +178,9 @@ class ChainEnvironment : public ::testing::Environment {
 class KvmMicroGuest : public ::testing::Test {
  protected:
   void SetUp() override {
-    if (chain == nullptr) GTEST_SKIP() << "/dev/kvm is not available here; tests/nested runs this inside the harness";
+    if (std::optional<std::string> why = kvm_unusable_reason()) {
+      GTEST_SKIP() << *why << "; tests/nested runs this suite inside the nested harness";
+    }
     ASSERT_TRUE(chain_ready) << "capturing the chain c1 <- c2 <- c3 failed (see the environment's failure above)";
   }
 };
@@ -208,7 +217,7 @@ json restore_request(const RestoreFiles& files, std::string_view strategy) {
 }
 
 TEST_F(KvmMicroGuest, UninterruptedRunMatchesHostModel) {
-  Result<VmmProcess> vmm = VmmProcess::launch(vmm_binary(), chain->root / "uninterrupted");
+  Result<VmmProcess> vmm = VmmProcess::launch(vmm_binary(), chain->root / "uninterrupted", readable_inputs());
   ASSERT_TRUE(vmm) << vmm.error().message;
   ScopedDirectory cleanup{chain->root / "uninterrupted"};
   json request = boot_request(chain->root / "uninterrupted" / "ram");
@@ -230,7 +239,7 @@ TEST_P(KvmMicroGuestStrategy, RestoredFromDeltaChainEndsWithUninterruptedChecksu
   ScopedDirectory cleanup{directory};
   Result<RestoreFiles> files = prepare_restore("c3", directory);
   ASSERT_TRUE(files) << files.error().message;
-  Result<VmmProcess> vmm = VmmProcess::launch(vmm_binary(), directory);
+  Result<VmmProcess> vmm = VmmProcess::launch(vmm_binary(), directory, readable_inputs());
   ASSERT_TRUE(vmm) << vmm.error().message;
   Result<json> restored = vmm->request(restore_request(*files, GetParam()));
   ASSERT_TRUE(restored) << restored.error().message;
@@ -254,7 +263,7 @@ TEST_F(KvmMicroGuest, DirtyLogCaptureOfRestoredVmStoresOnlyWhatChanged) {
   ScopedDirectory cleanup{directory};
   Result<RestoreFiles> files = prepare_restore("c3", directory);
   ASSERT_TRUE(files) << files.error().message;
-  Result<VmmProcess> vmm = VmmProcess::launch(vmm_binary(), directory);
+  Result<VmmProcess> vmm = VmmProcess::launch(vmm_binary(), directory, readable_inputs());
   ASSERT_TRUE(vmm) << vmm.error().message;
   json request = restore_request(*files, "userfault");
   request["log_dirty"] = true;
@@ -288,7 +297,7 @@ TEST_F(KvmMicroGuest, DirtyLogCaptureOfRestoredVmStoresOnlyWhatChanged) {
   // And the capture is exact: c4 (depth 3) loads and finishes like the uninterrupted run.
   Result<RestoreFiles> again = prepare_restore("c4", directory / "again");
   ASSERT_TRUE(again) << again.error().message;
-  Result<VmmProcess> second = VmmProcess::launch(vmm_binary(), directory / "again");
+  Result<VmmProcess> second = VmmProcess::launch(vmm_binary(), directory / "again", readable_inputs());
   ASSERT_TRUE(second);
   ASSERT_TRUE(second->request(restore_request(*again, "private")));
   Result<json> final_status = second->request({{"op", "wait"}}, kRunTimeout);
@@ -301,7 +310,7 @@ TEST_F(KvmMicroGuest, DirtyLogCaptureOfRestoredVmStoresOnlyWhatChanged) {
 // machine created.
 void expect_refused(const RestoreFiles& files, const std::filesystem::path& directory, std::string_view expected) {
   ScopedDirectory cleanup{directory};
-  Result<VmmProcess> vmm = VmmProcess::launch(vmm_binary(), directory);
+  Result<VmmProcess> vmm = VmmProcess::launch(vmm_binary(), directory, readable_inputs());
   ASSERT_TRUE(vmm) << vmm.error().message;
   Result<json> restored = vmm->request(restore_request(files, "private"));
   ASSERT_FALSE(restored) << restored->dump();

@@ -4,6 +4,7 @@
 #include <fcntl.h>
 #include <sys/ioctl.h>
 #include <sys/mman.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <cerrno>
@@ -54,6 +55,17 @@ class FlexibleArray {
 };
 
 }  // namespace
+
+std::optional<std::string> kvm_unusable_reason(const std::filesystem::path& device) {
+  if (::access(device.c_str(), R_OK | W_OK) != 0) {
+    return fmt::format("{} is not usable here ({})", device.string(), std::strerror(errno));
+  }
+  std::error_code error;
+  if (std::filesystem::exists("/sys/module/kvm_pvm", error)) {
+    return fmt::format("{} is software nested virtualisation (kvm_pvm): guest ring 0 is emulated", device.string());
+  }
+  return std::nullopt;
+}
 
 Result<KvmSystem> KvmSystem::open(const std::filesystem::path& device) {
   int raw = ::open(device.c_str(), O_RDWR | O_CLOEXEC);

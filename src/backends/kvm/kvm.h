@@ -8,6 +8,7 @@
 
 #include <cstdint>
 #include <filesystem>
+#include <optional>
 #include <span>
 #include <string>
 #include <vector>
@@ -40,6 +41,12 @@ inline constexpr unsigned long kIoctlGetXsave = _IOC(_IOC_READ, KVMIO, 0xa4, kXs
 inline constexpr unsigned long kIoctlSetXsave = _IOC(_IOC_WRITE, KVMIO, 0xa5, kXsaveBytes);
 
 class KvmVm;
+
+// Why /dev/kvm cannot run this VMM's guests in useful time here, or nothing if it can: the
+// device is missing or inaccessible, or it is software nested virtualisation (the kvm_pvm
+// module), which runs guest ring 0 about 1000x slower than TCG and does not run the micro
+// guest at all (design.md §3).
+std::optional<std::string> kvm_unusable_reason(const std::filesystem::path& device = "/dev/kvm");
 
 class KvmSystem {
  public:

@@ -5,6 +5,8 @@
 
 #include <chrono>
 #include <cstdlib>
+#include <map>
+#include <mutex>
 #include <thread>
 
 #include "backends/kvm/guest_memory.h"
@@ -13,6 +15,7 @@
 #include "backends/kvm/vmm_client.h"
 #include "backends/process.h"
 #include "base/file.h"
+#include "base/subprocess.h"
 
 namespace deltavm {
 namespace {
@@ -55,7 +58,8 @@ class KvmBackend : public Backend {
   }
 
   Status boot(const MachineSpec& machine, const std::filesystem::path& ram_file, const VmDirectory& vm) override {
-    DELTAVM_TRY(launch(vm, ram_file));
+    // A booting VM exists only for the build that boots it: it dies with its owner.
+    DELTAVM_TRY(launch(vm, ram_file, {machine.kernel, machine.initramfs}, /*die_with_parent=*/true));
     DELTAVM_TRY(request(vm, {{"op", "boot_linux"},
                              {"kernel", machine.kernel.string()},
                              {"initrd", machine.initramfs.string()},
@@ -75,7 +79,8 @@ class KvmBackend : public Backend {
     std::filesystem::path state = vm.path() / "state.out";
     DELTAVM_TRY(request(vm, {{"op", "save"}, {"state", state.string()}}));
     DELTAVM_ASSIGN_OR_RETURN(std::vector<uint8_t> bytes, read_file(state));
-    std::filesystem::remove(state);
+    std::error_code error;
+    std::filesystem::remove(state, error);
     return bytes;
   }
 
@@ -96,7 +101,7 @@ class KvmBackend : public Backend {
     timings.fill_ms = elapsed_ms(start);
 
     start = Clock::now();
-    DELTAVM_TRY(launch(vm, base_ram_file));
+    DELTAVM_TRY(launch(vm, base_ram_file, {base_ram_file}, /*die_with_parent=*/false));
     timings.launch_ms = elapsed_ms(start);
     start = Clock::now();
     DELTAVM_TRY(request(vm, {{"op", "restore"},
@@ -123,48 +128,86 @@ class KvmBackend : public Backend {
                         out.size());
     }
     std::copy_n(mapping.data(), out.size(), out.data());
-    std::filesystem::remove(ram);
+    std::error_code error;
+    std::filesystem::remove(ram, error);
     return {};
   }
 
   Status stop(const VmDirectory& vm) override {
-    int pid = vm.pid();
-    if (pid <= 0 || ::kill(pid, 0) != 0) return {};
+    std::optional<Subprocess> child = take_child(vm.id());
+    Result<VmRecord> record = vm.read_record();
+    std::optional<ProcessIdentity> identity = child ? std::optional(child->identity())
+                                              : record ? record->process
+                                                       : std::nullopt;
+    if (!identity || !process_running(*identity)) {
+      if (child) (void)child->wait(deadline_after(std::chrono::seconds(1)));
+      return {};
+    }
     Result<kvm::VmmClient> client = kvm::VmmClient::connect(vm.control_socket(), deadline_after(std::chrono::seconds(2)));
     if (client) (void)client->request({{"op", "quit"}}, std::chrono::seconds(2));
-    auto deadline = Clock::now() + std::chrono::seconds(5);
-    while (::kill(pid, 0) == 0 && Clock::now() < deadline) std::this_thread::sleep_for(std::chrono::milliseconds(5));
-    if (::kill(pid, 0) == 0) ::kill(pid, SIGKILL);
+    DELTAVM_TRY(terminate_process(*identity, std::chrono::seconds(5)));
+    if (child) (void)child->wait(deadline_after(std::chrono::seconds(5)));  // Reaps our own child.
     return {};
   }
 
  private:
-  // Starts the VM's deltavm-vmm, records it, and waits for its control socket.
-  Status launch(const VmDirectory& vm, const std::filesystem::path& ram_file) {
-    std::filesystem::path binary = kvm::default_vmm_binary();
-    DELTAVM_ASSIGN_OR_RETURN(int pid, spawn_detached({binary.string(), "--control", vm.control_socket().string(),
-                                                      "--console", vm.console_socket().string(), "--agent",
-                                                      vm.agent_socket().string()},
-                                                     vm.log_file()));
-    Result<json> existing = vm.read_record();
-    json record = existing ? *existing : json::object();
-    record["id"] = vm.id();
-    record["backend"] = "kvm";
-    record["pid"] = pid;
-    record["ram_file"] = ram_file.string();
-    DELTAVM_TRY(vm.write_record(record));
+  // Starts the VM's deltavm-vmm, records it, and waits for its control socket. The VMM may
+  // write only inside the VM's directory and read only there and in `read_only` files.
+  Status launch(const VmDirectory& vm, const std::filesystem::path& ram_file,
+                const std::vector<std::filesystem::path>& read_only, bool die_with_parent) {
+    SpawnOptions options;
+    options.argv = {kvm::default_vmm_binary().string(), "--directory", vm.path().string(), "--control",
+                    vm.control_socket().string(), "--console", vm.console_socket().string(), "--agent",
+                    vm.agent_socket().string()};
+    for (const std::filesystem::path& path : read_only) options.argv.insert(options.argv.end(), {"--read-only", path.string()});
+    options.log = vm.log_file();
+    options.umask = kVmProcessUmask;
+    options.die_with_parent = die_with_parent;
+    DELTAVM_ASSIGN_OR_RETURN(Subprocess vmm, Subprocess::spawn(options));
+    ProcessIdentity identity = vmm.identity();
+    {
+      std::lock_guard lock(mutex_);
+      children_.insert_or_assign(vm.id(), std::move(vmm));
+    }
+    DELTAVM_TRY(vm.update_record([&](VmRecord& record) {
+      record.backend = "kvm";
+      record.process = identity;
+      record.ram_file = ram_file.string();
+    }));
     Deadline deadline = deadline_after(kLaunchTimeout);
     for (;;) {
       Result<kvm::VmmClient> client =
           kvm::VmmClient::connect(vm.control_socket(), std::min(deadline, deadline_after(std::chrono::milliseconds(50))));
       if (client) return {};
-      if (::kill(pid, 0) != 0) {
-        return make_error(ErrorCode::kIo, "deltavm-vmm exited at start: {}", tail_of_log(vm.log_file()));
+      if (std::optional<std::string> ended = exit_of(vm.id())) {
+        return make_error(ErrorCode::kIo, "deltavm-vmm {} at start: {}", *ended, tail_of_log(vm.log_file()));
       }
       if (Clock::now() >= deadline) return client.error().with_context("deltavm-vmm");
     }
   }
 
+  // How our child VMM of VM `id` ended, if it has.
+  std::optional<std::string> exit_of(const std::string& id) {
+    std::lock_guard lock(mutex_);
+    auto it = children_.find(id);
+    if (it == children_.end()) return std::nullopt;
+    Result<std::optional<int>> status = it->second.poll_exit();
+    if (!status) return status.error().message;
+    if (!*status) return std::nullopt;
+    return describe_wait_status(**status);
+  }
+
+  std::optional<Subprocess> take_child(const std::string& id) {
+    std::lock_guard lock(mutex_);
+    auto it = children_.find(id);
+    if (it == children_.end()) return std::nullopt;
+    std::optional<Subprocess> child(std::move(it->second));
+    children_.erase(it);
+    return child;
+  }
+
+  std::mutex mutex_;
+  std::map<std::string, Subprocess> children_;  // VMMs this backend started, by VM id.
   kvm::MemoryStrategy strategy_;
 };
 
@@ -181,12 +224,9 @@ std::unique_ptr<Backend> make_kvm_backend() {
 std::unique_ptr<Backend> make_kvm_backend(kvm::MemoryStrategy strategy) { return std::make_unique<KvmBackend>(strategy); }
 
 std::string describe_kvm_device() {
+  if (std::optional<std::string> why = kvm::kvm_unusable_reason()) return fmt::format("not usable: {}", *why);
   Result<kvm::KvmSystem> system = kvm::KvmSystem::open();
   if (!system) return fmt::format("not usable: {}", system.error().message);
-  std::error_code error;
-  if (std::filesystem::exists("/sys/module/kvm_pvm", error)) {
-    return "/dev/kvm is software nested virtualisation (kvm_pvm): guest ring 0 is emulated, Linux boots slowly";
-  }
   return "/dev/kvm ready";
 }
 

@@ -44,48 +44,31 @@ std::filesystem::path default_vmm_binary() {
 }
 
 Result<VmmProcess> VmmProcess::launch(const std::filesystem::path& binary, const std::filesystem::path& directory,
+                                      const std::vector<std::filesystem::path>& read_only,
                                       std::chrono::milliseconds timeout) {
   std::filesystem::path socket = directory / "control.sock";
   std::filesystem::path log = directory / "vmm.log";
   std::error_code error;
   std::filesystem::create_directories(directory, error);
-  std::filesystem::remove(socket, error);
-  pid_t pid = ::fork();
-  if (pid < 0) return errno_error("fork", errno);
-  if (pid == 0) {
-    int null = ::open("/dev/null", O_RDONLY);
-    int out = ::open(log.c_str(), O_WRONLY | O_CREAT | O_APPEND, 0644);
-    if (null < 0 || out < 0) ::_exit(127);
-    ::dup2(null, 0);
-    ::dup2(out, 1);
-    ::dup2(out, 2);
-    ::execl(binary.c_str(), binary.c_str(), "--control", socket.c_str(), static_cast<char*>(nullptr));
-    ::_exit(127);
-  }
+  if (error) return make_error(ErrorCode::kIo, "create {}: {}", directory.string(), error.message());
+  SpawnOptions options;
+  options.argv = {binary.string(), "--directory", directory.string(), "--control", socket.string()};
+  for (const std::filesystem::path& path : read_only) options.argv.insert(options.argv.end(), {"--read-only", path.string()});
+  options.log = log;
+  options.die_with_parent = true;
+  DELTAVM_ASSIGN_OR_RETURN(Subprocess process, Subprocess::spawn(options));
+  process.kill_on_destroy();
   Deadline deadline = deadline_after(timeout);
   for (;;) {
     Result<VmmClient> client = VmmClient::connect(socket, std::min(deadline, deadline_after(std::chrono::milliseconds(50))));
-    if (client) return VmmProcess(pid, std::move(client).value(), log);
-    int status = 0;
-    if (::waitpid(pid, &status, WNOHANG) == pid) {
-      return make_error(ErrorCode::kIo, "{} exited at start: {}", binary.string(), tail_of_log(log));
+    if (client) return VmmProcess(std::move(process), std::move(client).value(), log);
+    DELTAVM_ASSIGN_OR_RETURN(std::optional<int> status, process.poll_exit());
+    if (status) {
+      return make_error(ErrorCode::kIo, "{} {} at start: {}", binary.string(), describe_wait_status(*status),
+                        tail_of_log(log));
     }
-    if (std::chrono::steady_clock::now() >= deadline) {
-      ::kill(pid, SIGKILL);
-      ::waitpid(pid, &status, 0);
-      return client.error().with_context(binary.string());
-    }
+    if (std::chrono::steady_clock::now() >= deadline) return client.error().with_context(binary.string());
   }
-}
-
-VmmProcess::VmmProcess(VmmProcess&& other) noexcept
-    : pid_(std::exchange(other.pid_, -1)), client_(std::move(other.client_)), log_(std::move(other.log_)) {}
-
-VmmProcess::~VmmProcess() {
-  if (pid_ <= 0) return;
-  ::kill(pid_, SIGKILL);
-  int status = 0;
-  ::waitpid(pid_, &status, 0);
 }
 
 Result<nlohmann::json> VmmProcess::request(const nlohmann::json& request, std::chrono::milliseconds timeout) {

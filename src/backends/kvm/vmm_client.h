@@ -8,10 +8,12 @@
 #include <chrono>
 #include <filesystem>
 #include <string>
+#include <vector>
 
 #include "base/error.h"
 #include "base/file.h"
 #include "base/socket.h"
+#include "base/subprocess.h"
 
 namespace deltavm::kvm {
 
@@ -33,25 +35,26 @@ class VmmClient {
 std::filesystem::path default_vmm_binary();
 
 // A deltavm-vmm process that is this process's child, killed when the object is destroyed.
-// Its control socket and log live in `directory`.
+// Its control socket and log live in `directory`, the only place it may write; it may read
+// there and in the `read_only` files and directories.
 class VmmProcess {
  public:
   static Result<VmmProcess> launch(const std::filesystem::path& binary, const std::filesystem::path& directory,
+                                   const std::vector<std::filesystem::path>& read_only = {},
                                    std::chrono::milliseconds timeout = std::chrono::seconds(10));
-  VmmProcess(VmmProcess&& other) noexcept;
+  VmmProcess(VmmProcess&& other) noexcept = default;
   VmmProcess& operator=(VmmProcess&&) = delete;
-  ~VmmProcess();
 
-  int pid() const { return pid_; }
+  int pid() const { return process_.pid(); }
   VmmClient& client() { return client_; }
   // The request, with the tail of the VMM's log added to any error.
   Result<nlohmann::json> request(const nlohmann::json& request,
                                  std::chrono::milliseconds timeout = std::chrono::seconds(60));
 
  private:
-  VmmProcess(int pid, VmmClient client, std::filesystem::path log)
-      : pid_(pid), client_(std::move(client)), log_(std::move(log)) {}
-  int pid_ = -1;
+  VmmProcess(Subprocess process, VmmClient client, std::filesystem::path log)
+      : process_(std::move(process)), client_(std::move(client)), log_(std::move(log)) {}
+  Subprocess process_;
   VmmClient client_;
   std::filesystem::path log_;
 };

@@ -3,6 +3,7 @@
 // protocol is one JSON object per line each way (docs/kvm.md lists every request).
 #include <sys/ioctl.h>
 #include <sys/socket.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <CLI/CLI.hpp>
@@ -18,6 +19,7 @@
 #include "backends/kvm/kvm.h"
 #include "backends/kvm/machine.h"
 #include "backends/kvm/machine_state.h"
+#include "backends/kvm/path_policy.h"
 #include "backends/kvm/serial_socket.h"
 #include "base/file.h"
 #include "base/socket.h"
@@ -68,8 +70,8 @@ json status_json(const MachineStatus& status, const GuestMemory& memory) {
 
 class Vmm {
  public:
-  Vmm(KvmSystem system, std::unique_ptr<SerialSocket> console, std::unique_ptr<SerialSocket> agent)
-      : system_(std::move(system)) {
+  Vmm(KvmSystem system, PathPolicy paths, std::unique_ptr<SerialSocket> console, std::unique_ptr<SerialSocket> agent)
+      : system_(std::move(system)), paths_(std::move(paths)) {
     serial_sockets_[0] = std::move(console);
     serial_sockets_[1] = std::move(agent);
   }
@@ -121,7 +123,7 @@ class Vmm {
  private:
   Result<json> boot_micro(const json& request) {
     if (machine_) return make_error(ErrorCode::kInvalidArgument, "this VMM already runs a machine");
-    DELTAVM_ASSIGN_OR_RETURN(std::string program_path, string_field(request, "program"));
+    DELTAVM_ASSIGN_OR_RETURN(std::filesystem::path program_path, readable_field(request, "program"));
     DELTAVM_ASSIGN_OR_RETURN(uint64_t memory_bytes, number_field(request, "memory_bytes"));
     DELTAVM_ASSIGN_OR_RETURN(std::vector<uint8_t> program, read_file(program_path));
     MicroGuestParameters parameters;
@@ -143,8 +145,8 @@ class Vmm {
 
   Result<json> boot_linux(const json& request) {
     if (machine_) return make_error(ErrorCode::kInvalidArgument, "this VMM already runs a machine");
-    DELTAVM_ASSIGN_OR_RETURN(std::string kernel_path, string_field(request, "kernel"));
-    DELTAVM_ASSIGN_OR_RETURN(std::string initrd_path, string_field(request, "initrd"));
+    DELTAVM_ASSIGN_OR_RETURN(std::filesystem::path kernel_path, readable_field(request, "kernel"));
+    DELTAVM_ASSIGN_OR_RETURN(std::filesystem::path initrd_path, readable_field(request, "initrd"));
     DELTAVM_ASSIGN_OR_RETURN(std::string command_line, string_field(request, "command_line"));
     DELTAVM_ASSIGN_OR_RETURN(uint64_t memory_bytes, number_field(request, "memory_bytes"));
     DELTAVM_ASSIGN_OR_RETURN(uint64_t vcpus, number_field(request, "vcpus", 1));
@@ -162,15 +164,15 @@ class Vmm {
   Result<json> restore(const json& request) {
     Clock::time_point received = Clock::now();
     if (machine_) return make_error(ErrorCode::kInvalidArgument, "this VMM already runs a machine");
-    DELTAVM_ASSIGN_OR_RETURN(std::string state_path, string_field(request, "state"));
-    DELTAVM_ASSIGN_OR_RETURN(std::string base_path, string_field(request, "base"));
+    DELTAVM_ASSIGN_OR_RETURN(std::filesystem::path state_path, readable_field(request, "state"));
+    DELTAVM_ASSIGN_OR_RETURN(std::filesystem::path base_path, readable_field(request, "base"));
     DELTAVM_ASSIGN_OR_RETURN(MemoryStrategy strategy,
                              parse_memory_strategy(request.value("strategy", std::string("userfault"))));
     DELTAVM_ASSIGN_OR_RETURN(std::vector<uint8_t> state_bytes, read_file(state_path));
-    DELTAVM_ASSIGN_OR_RETURN(MachineState state, decode_machine_state(state_bytes, state_path));
+    DELTAVM_ASSIGN_OR_RETURN(MachineState state, decode_machine_state(state_bytes, state_path.string()));
     RamOverlay overlay;
     if (request.contains("overlay")) {
-      DELTAVM_ASSIGN_OR_RETURN(std::string overlay_path, string_field(request, "overlay"));
+      DELTAVM_ASSIGN_OR_RETURN(std::filesystem::path overlay_path, readable_field(request, "overlay"));
       DELTAVM_ASSIGN_OR_RETURN(overlay, RamOverlay::open(overlay_path, state.memory_bytes / 4096));
     }
     DELTAVM_ASSIGN_OR_RETURN(GuestMemory memory,
@@ -216,9 +218,9 @@ class Vmm {
 
   // RAM for a boot: in the request's ram_file (shared, so the file is the RAM image for a
   // capture), else anonymous.
-  static Result<GuestMemory> boot_memory(const json& request, uint64_t memory_bytes) {
+  Result<GuestMemory> boot_memory(const json& request, uint64_t memory_bytes) {
     if (!request.contains("ram_file")) return GuestMemory::anonymous(memory_bytes);
-    DELTAVM_ASSIGN_OR_RETURN(std::string ram_file, string_field(request, "ram_file"));
+    DELTAVM_ASSIGN_OR_RETURN(std::filesystem::path ram_file, writable_field(request, "ram_file"));
     return GuestMemory::shared_file(ram_file, memory_bytes);
   }
 
@@ -239,14 +241,14 @@ class Vmm {
     }
     json answer = json::object();
     if (request.contains("state")) {
-      DELTAVM_ASSIGN_OR_RETURN(std::string path, string_field(request, "state"));
+      DELTAVM_ASSIGN_OR_RETURN(std::filesystem::path path, writable_field(request, "state"));
       DELTAVM_ASSIGN_OR_RETURN(MachineState state, machine_->save_state());
       std::vector<uint8_t> bytes = encode_machine_state(state);
       DELTAVM_TRY(write_file_atomic(path, bytes));
       answer["state_bytes"] = bytes.size();
     }
     if (request.contains("dirty")) {
-      DELTAVM_ASSIGN_OR_RETURN(std::string path, string_field(request, "dirty"));
+      DELTAVM_ASSIGN_OR_RETURN(std::filesystem::path path, writable_field(request, "dirty"));
       DELTAVM_ASSIGN_OR_RETURN(std::vector<uint64_t> log, machine_->take_dirty_log());
       uint64_t pages = machine_->memory().size() / 4096;
       uint64_t dirty = 0;
@@ -256,7 +258,7 @@ class Vmm {
       answer["dirty_pages"] = dirty;
     }
     if (request.contains("ram")) {
-      DELTAVM_ASSIGN_OR_RETURN(std::string path, string_field(request, "ram"));
+      DELTAVM_ASSIGN_OR_RETURN(std::filesystem::path path, writable_field(request, "ram"));
       DELTAVM_TRY(write_file_atomic(path, machine_->memory()));
     }
     return answer;
@@ -289,7 +291,22 @@ class Vmm {
     return json{{"floor_us", microseconds_between(start, exited)}};
   }
 
+  // A file a request names, as the path policy allows it (the error names the field).
+  Result<std::filesystem::path> readable_field(const json& request, const char* field) const {
+    DELTAVM_ASSIGN_OR_RETURN(std::string path, string_field(request, field));
+    Result<std::filesystem::path> allowed = paths_.readable(path);
+    if (!allowed) return allowed.error().with_context(fmt::format("request field '{}'", field));
+    return allowed;
+  }
+  Result<std::filesystem::path> writable_field(const json& request, const char* field) const {
+    DELTAVM_ASSIGN_OR_RETURN(std::string path, string_field(request, field));
+    Result<std::filesystem::path> allowed = paths_.writable(path);
+    if (!allowed) return allowed.error().with_context(fmt::format("request field '{}'", field));
+    return allowed;
+  }
+
   KvmSystem system_;
+  PathPolicy paths_;
   std::unique_ptr<SerialSocket> serial_sockets_[2];
   std::unique_ptr<Machine> machine_;
   std::mutex serial_mutex_;
@@ -342,10 +359,21 @@ int main(int argc, char** argv) {
   std::string device = "/dev/kvm";
   app.add_option("--control", control, "control socket to create")->required();
   app.add_option("--device", device, "KVM device");
-  std::string console, agent;
+  std::string console, agent, directory;
+  std::vector<std::string> read_only;
   app.add_option("--console", console, "socket to serve ttyS0 on");
   app.add_option("--agent", agent, "socket to serve ttyS1 on");
+  app.add_option("--directory", directory, "the VM's directory: the only place this VMM writes")->required();
+  app.add_option("--read-only", read_only, "a file or directory this VMM may also read (repeatable)");
   CLI11_PARSE(app, argc, argv);
+  // Sockets and files this VMM creates are its owner's alone (0600).
+  ::umask(0177);
+  std::vector<std::filesystem::path> read_only_paths(read_only.begin(), read_only.end());
+  Result<kvm::PathPolicy> policy = kvm::PathPolicy::make(directory, read_only_paths);
+  if (!policy) {
+    std::fprintf(stderr, "deltavm-vmm: %s\n", policy.error().message.c_str());
+    return 1;
+  }
 
   Result<kvm::KvmSystem> system = kvm::KvmSystem::open(device);
   if (!system) {
@@ -368,7 +396,7 @@ int main(int argc, char** argv) {
     }
     sockets[port] = std::move(socket).value();
   }
-  kvm::Vmm vmm(std::move(system).value(), std::move(sockets[0]), std::move(sockets[1]));
+  kvm::Vmm vmm(std::move(system).value(), std::move(policy).value(), std::move(sockets[0]), std::move(sockets[1]));
   for (;;) {
     Fd connection(::accept4(listener->get(), nullptr, nullptr, SOCK_CLOEXEC));
     if (!connection.valid()) {

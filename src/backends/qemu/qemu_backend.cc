@@ -13,9 +13,15 @@
 #include <fstream>
 #include <thread>
 
+#include <sys/mman.h>
+
+#include <map>
+#include <mutex>
+
 #include "backends/process.h"
 #include "backends/qemu/qmp.h"
 #include "base/file.h"
+#include "base/subprocess.h"
 
 namespace deltavm {
 namespace {
@@ -34,54 +40,93 @@ std::string qemu_binary() {
 }
 
 
+// QEMU parses -object, -chardev and -mon values as comma-separated options, where a comma
+// inside a value is written twice. Paths reach QEMU only through argv (never a shell), so no
+// other character needs quoting; control characters are refused, since QEMU's error messages
+// and logs would carry them.
+Result<std::string> option_value(const std::filesystem::path& path, std::string_view what) {
+  std::string text = path.string();
+  for (char c : text) {
+    if (static_cast<unsigned char>(c) < 0x20 || c == 0x7f) {
+      return make_error(ErrorCode::kInvalidArgument, "{} {:?} has a control character, which QEMU cannot take", what,
+                        text);
+    }
+  }
+  std::string quoted;
+  for (char c : text) quoted += c == ',' ? std::string(",,") : std::string(1, c);
+  return quoted;
+}
+
+// The fd number at which a restoring QEMU finds the machine state (migrate-incoming fd:3).
+constexpr int kIncomingStateFd = 3;
+
 // QEMU's command line for `machine`. RAM is `ram_file` (shared or private), or anonymous
 // memory when `ram_file` is empty.
-std::vector<std::string> machine_arguments(const MachineSpec& machine, const std::filesystem::path& ram_file,
-                                           bool shared, const VmDirectory& vm) {
+Result<std::vector<std::string>> machine_arguments(const MachineSpec& machine, const std::filesystem::path& ram_file,
+                                                   bool shared, const VmDirectory& vm) {
   Accelerator accelerator = choose_accelerator();
   uint64_t memory_mib = machine.memory_bytes >> 20;
+  std::string memory_object = fmt::format("memory-backend-ram,id=ram,size={}M", memory_mib);
+  if (!ram_file.empty()) {
+    DELTAVM_ASSIGN_OR_RETURN(std::string mem_path, option_value(ram_file, "RAM file"));
+    memory_object = fmt::format("memory-backend-file,id=ram,size={}M,mem-path={},share={}", memory_mib, mem_path,
+                                shared ? "on" : "off");
+  }
+  DELTAVM_ASSIGN_OR_RETURN(std::string console, option_value(vm.console_socket(), "console socket"));
+  DELTAVM_ASSIGN_OR_RETURN(std::string agent, option_value(vm.agent_socket(), "agent socket"));
+  DELTAVM_ASSIGN_OR_RETURN(std::string control, option_value(vm.control_socket(), "control socket"));
+  // -kernel, -initrd and -append take their argument whole; only control characters are refused.
+  for (const auto& [path, what] : {std::pair{&machine.kernel, "kernel"}, {&machine.initramfs, "initramfs"}}) {
+    if (Result<std::string> checked = option_value(*path, what); !checked) return checked.error();
+  }
   std::vector<std::string> argv = {
       qemu_binary(), "-accel", accelerator.name, "-cpu", accelerator.name == "kvm" ? "host" : "max",
       "-m", fmt::format("{}M", memory_mib), "-smp", std::to_string(machine.vcpus),
       "-nodefaults", "-display", "none", "-no-user-config", "-no-reboot",
-      "-object", ram_file.empty() ? fmt::format("memory-backend-ram,id=ram,size={}M", memory_mib)
-                                  : fmt::format("memory-backend-file,id=ram,size={}M,mem-path={},share={}",
-                                                memory_mib, ram_file.string(), shared ? "on" : "off"),
+      "-object", memory_object,
       "-machine", "pc,memory-backend=ram",
       "-kernel", machine.kernel.string(), "-initrd", machine.initramfs.string(),
       "-append", machine.command_line,
-      "-chardev", fmt::format("socket,id=console,path={},server=on,wait=off", vm.console_socket().string()),
+      "-chardev", fmt::format("socket,id=console,path={},server=on,wait=off", console),
       "-serial", "chardev:console",
-      "-chardev", fmt::format("socket,id=agent,path={},server=on,wait=off", vm.agent_socket().string()),
+      "-chardev", fmt::format("socket,id=agent,path={},server=on,wait=off", agent),
       "-serial", "chardev:agent",
-      "-qmp", fmt::format("unix:{},server=on,wait=off", vm.control_socket().string())};
+      "-chardev", fmt::format("socket,id=qmp,path={},server=on,wait=off", control),
+      "-mon", "chardev=qmp,mode=control"};
   if (machine.deterministic) {
     argv.insert(argv.end(), {"-rtc", "base=2024-01-01T00:00:00,clock=vm"});
   }
   return argv;
 }
 
-Status record_process(const VmDirectory& vm, int pid, const std::filesystem::path& ram_file) {
-  Result<nlohmann::json> existing = vm.read_record();
-  nlohmann::json record = existing ? *existing : nlohmann::json::object();
-  record["id"] = vm.id();
-  record["backend"] = "qemu";
-  record["pid"] = pid;
-  record["ram_file"] = ram_file.string();
-  return vm.write_record(record);
+// An anonymous in-memory file (memfd) holding `bytes`, read from its start.
+Result<Fd> memory_file(std::span<const uint8_t> bytes, const char* name) {
+  Fd fd(::memfd_create(name, MFD_CLOEXEC));
+  if (!fd.valid()) return errno_error("memfd_create", errno);
+  DELTAVM_TRY(write_all(fd.get(), bytes, name));
+  if (::lseek(fd.get(), 0, SEEK_SET) != 0) return errno_error("lseek memfd", errno);
+  return fd;
 }
 
-// Connects to QMP of a QEMU just started; if it dies first, the error carries its log.
-Result<QmpClient> connect_to_new_qemu(const VmDirectory& vm, int pid) {
-  Deadline deadline = deadline_after(kLaunchTimeout);
-  for (;;) {
-    Result<QmpClient> client = QmpClient::connect(vm.control_socket(), std::min(deadline, deadline_after(std::chrono::milliseconds(50))));
-    if (client) return client;
-    if (::kill(pid, 0) != 0) {
-      return make_error(ErrorCode::kIo, "qemu exited at start: {}", tail_of_log(vm.log_file()));
-    }
-    if (Clock::now() >= deadline) return client.error();
+// QEMU's machine state is a few hundred KiB without RAM; a stream larger than this is not one.
+constexpr uint64_t kMaxMachineStateBytes = 64ull << 20;
+
+// The bytes of `fd` from its start, refusing more than `limit`.
+Result<std::vector<uint8_t>> read_back(int fd, uint64_t limit, std::string_view what) {
+  struct stat st {};
+  if (::fstat(fd, &st) != 0) return errno_error(fmt::format("stat {}", what), errno);
+  if (static_cast<uint64_t>(st.st_size) > limit) {
+    return make_error(ErrorCode::kIo, "{}: {} bytes, more than the {} allowed", what, st.st_size, limit);
   }
+  std::vector<uint8_t> bytes(static_cast<size_t>(st.st_size));
+  size_t done = 0;
+  while (done < bytes.size()) {
+    ssize_t n = ::pread(fd, bytes.data() + done, bytes.size() - done, static_cast<off_t>(done));
+    if (n < 0 && errno == EINTR) continue;
+    if (n <= 0) return errno_error(fmt::format("read {}", what), n < 0 ? errno : EIO);
+    done += static_cast<size_t>(n);
+  }
+  return bytes;
 }
 
 // x-ignore-shared leaves RAM backed by a file out of the migration stream.
@@ -89,6 +134,14 @@ Status set_ignore_shared(QmpClient& qmp, bool on) {
   DELTAVM_TRY(qmp.execute("migrate-set-capabilities",
                           {{"capabilities", {{{"capability", "x-ignore-shared"}, {"state", on}}}}}));
   return {};
+}
+
+// Migrates the paused VM's state into `fd` (a file deltavm opened: QEMU gets the fd over QMP,
+// never a path or a shell command).
+Status migrate_to_fd(QmpClient& qmp, int fd) {
+  DELTAVM_TRY(qmp.send_fd("deltavm-state", fd));
+  DELTAVM_TRY(qmp.execute("migrate", {{"uri", "fd:deltavm-state"}}));
+  return qmp.wait_for_migration(kMigrationTimeout);
 }
 
 // Writes guest pages straight into QEMU's private mapping of the base RAM file with
@@ -154,11 +207,12 @@ Result<uint64_t> find_ram_mapping(int pid, const std::filesystem::path& ram_file
 }
 
 // find_ram_mapping, retried until QEMU has created the mapping or has exited.
-Result<uint64_t> wait_for_ram_mapping(int pid, const std::filesystem::path& ram_file, uint64_t ram_bytes) {
+Result<uint64_t> wait_for_ram_mapping(const ProcessIdentity& qemu, const std::filesystem::path& ram_file,
+                                      uint64_t ram_bytes) {
   Deadline deadline = deadline_after(kLaunchTimeout);
   for (;;) {
-    Result<uint64_t> address = find_ram_mapping(pid, ram_file, ram_bytes);
-    if (address || ::kill(pid, 0) != 0 || Clock::now() >= deadline) return address;
+    Result<uint64_t> address = find_ram_mapping(qemu.pid, ram_file, ram_bytes);
+    if (address || !process_running(qemu) || Clock::now() >= deadline) return address;
     std::this_thread::sleep_for(std::chrono::microseconds(500));
   }
 }
@@ -179,9 +233,14 @@ class QemuBackend : public Backend {
         return errno_error(fmt::format("truncate {}", ram_file.string()), errno);
       }
     }
-    DELTAVM_ASSIGN_OR_RETURN(int pid, spawn_detached(machine_arguments(machine, ram_file, true, vm), vm.log_file()));
-    DELTAVM_TRY(record_process(vm, pid, ram_file));
-    DELTAVM_ASSIGN_OR_RETURN(QmpClient qmp, connect_to_new_qemu(vm, pid));
+    SpawnOptions options;
+    DELTAVM_ASSIGN_OR_RETURN(options.argv, machine_arguments(machine, ram_file, true, vm));
+    options.log = vm.log_file();
+    options.umask = kVmProcessUmask;
+    // A booting VM exists only for the build that boots it: it dies with its owner.
+    options.die_with_parent = true;
+    DELTAVM_TRY(launch(vm, std::move(options), ram_file));
+    DELTAVM_ASSIGN_OR_RETURN(QmpClient qmp, connect_to_new_qemu(vm));
     return {};
   }
 
@@ -194,16 +253,15 @@ class QemuBackend : public Backend {
   Result<std::vector<uint8_t>> save_machine_state(const VmDirectory& vm) override {
     DELTAVM_ASSIGN_OR_RETURN(QmpClient qmp, QmpClient::connect(vm.control_socket(), deadline_after(kLaunchTimeout)));
     DELTAVM_ASSIGN_OR_RETURN(nlohmann::json status, qmp.execute("query-status"));
-    if (status.value("running", true)) {
+    if (!status.is_object() || !status.contains("running") || !status["running"].is_boolean() ||
+        status["running"].get<bool>()) {
       return make_error(ErrorCode::kInvalidArgument, "VM {} is running; pause it before saving its state", vm.id());
     }
-    std::filesystem::path state = vm.path() / "state.out";
+    Fd state(::memfd_create("deltavm-machine-state", MFD_CLOEXEC));
+    if (!state.valid()) return errno_error("memfd_create", errno);
     DELTAVM_TRY(set_ignore_shared(qmp, true));
-    DELTAVM_TRY(qmp.execute("migrate", {{"uri", fmt::format("exec:cat > {}", state.string())}}));
-    DELTAVM_TRY(qmp.wait_for_migration(kMigrationTimeout));
-    DELTAVM_ASSIGN_OR_RETURN(std::vector<uint8_t> bytes, read_file(state));
-    std::filesystem::remove(state);
-    return bytes;
+    DELTAVM_TRY(migrate_to_fd(qmp, state.get()));
+    return read_back(state.get(), kMaxMachineStateBytes, fmt::format("VM {} machine state", vm.id()));
   }
 
   Result<RestoreTimings> restore(const MachineSpec& machine, const std::filesystem::path& base_ram_file,
@@ -211,32 +269,30 @@ class QemuBackend : public Backend {
                                  const VmDirectory& vm, bool leave_paused) override {
     RestoreTimings timings;
     auto start = Clock::now();
-    // The state goes to a scratch file QEMU reads with cat (nothing to keep across a crash,
-    // so no fsync).
-    std::filesystem::path state = vm.path() / "state.in";
-    {
-      DELTAVM_ASSIGN_OR_RETURN(Fd fd, open_file(state, O_WRONLY | O_CREAT | O_TRUNC, 0600));
-      DELTAVM_TRY(write_all(fd.get(), machine_state, state));
-    }
-    std::vector<std::string> argv = machine_arguments(machine, base_ram_file, false, vm);
-    argv.insert(argv.end(), {"-incoming", "defer"});
-    DELTAVM_ASSIGN_OR_RETURN(int pid, spawn_detached(argv, vm.log_file()));
-    DELTAVM_TRY(record_process(vm, pid, base_ram_file));
+    // QEMU reads the state from an in-memory file it inherits as fd 3: no path, no shell.
+    DELTAVM_ASSIGN_OR_RETURN(Fd state, memory_file(machine_state, "deltavm-machine-state"));
+    SpawnOptions options;
+    DELTAVM_ASSIGN_OR_RETURN(options.argv, machine_arguments(machine, base_ram_file, false, vm));
+    options.argv.insert(options.argv.end(), {"-incoming", "defer"});
+    options.log = vm.log_file();
+    options.umask = kVmProcessUmask;
+    options.pass_fds = {{state.get(), kIncomingStateFd}};
+    DELTAVM_ASSIGN_OR_RETURN(ProcessIdentity qemu, launch(vm, std::move(options), base_ram_file));
     // QEMU maps guest RAM early in its start-up and answers QMP much later: the chain's pages
     // are written on this thread's twin core meanwhile.
     Status fill_status;
     std::thread filler([&] {
       auto fill_start = Clock::now();
-      Result<uint64_t> ram_address = wait_for_ram_mapping(pid, base_ram_file, machine.memory_bytes);
+      Result<uint64_t> ram_address = wait_for_ram_mapping(qemu, base_ram_file, machine.memory_bytes);
       if (!ram_address) {
         fill_status = ram_address.error();
         return;
       }
-      ProcessMemoryWriter writer(pid, *ram_address, machine.memory_bytes);
+      ProcessMemoryWriter writer(qemu.pid, *ram_address, machine.memory_bytes);
       fill_status = fill(writer);
       timings.fill_ms = elapsed_ms(fill_start);
     });
-    Result<QmpClient> connected = connect_to_new_qemu(vm, pid);
+    Result<QmpClient> connected = connect_to_new_qemu(vm);
     filler.join();
     if (!connected) return connected.error();
     QmpClient& qmp = *connected;
@@ -245,11 +301,10 @@ class QemuBackend : public Backend {
 
     auto state_start = Clock::now();
     DELTAVM_TRY(set_ignore_shared(qmp, true));
-    DELTAVM_TRY(qmp.execute("migrate-incoming", {{"uri", fmt::format("exec:cat {}", state.string())}}));
+    DELTAVM_TRY(qmp.execute("migrate-incoming", {{"uri", fmt::format("fd:{}", kIncomingStateFd)}}));
     DELTAVM_TRY(qmp.wait_for_migration(kMigrationTimeout));
     if (!leave_paused) DELTAVM_TRY(qmp.execute("cont"));
     timings.state_ms = elapsed_ms(state_start);
-    std::filesystem::remove(state);
     return timings;
   }
 
@@ -260,13 +315,15 @@ class QemuBackend : public Backend {
   }
 
   Status read_memory(const VmDirectory& vm, std::span<uint8_t> out) override {
-    Result<nlohmann::json> record = vm.read_record();
-    if (!record || !record->contains("ram_file")) {
-      return make_error(ErrorCode::kNotFound, "VM {}: no RAM file recorded", vm.id());
+    DELTAVM_ASSIGN_OR_RETURN(VmRecord record, vm.read_record());
+    if (record.ram_file.empty() || !record.process) {
+      return make_error(ErrorCode::kNotFound, "VM {}: no RAM file or process recorded", vm.id());
     }
-    int pid = vm.pid();
-    std::filesystem::path ram_file = (*record)["ram_file"].get<std::string>();
-    DELTAVM_ASSIGN_OR_RETURN(uint64_t ram_address, find_ram_mapping(pid, ram_file, out.size()));
+    // Held open while reading, so the pid cannot pass to another process meanwhile.
+    DELTAVM_ASSIGN_OR_RETURN(std::optional<Fd> process, open_process(*record.process));
+    if (!process) return make_error(ErrorCode::kNotFound, "VM {} is not running", vm.id());
+    int pid = record.process->pid;
+    DELTAVM_ASSIGN_OR_RETURN(uint64_t ram_address, find_ram_mapping(pid, record.ram_file, out.size()));
     constexpr size_t kChunk = 1 << 20;
     for (size_t offset = 0; offset < out.size(); offset += kChunk) {
       size_t length = std::min(kChunk, out.size() - offset);
@@ -281,15 +338,74 @@ class QemuBackend : public Backend {
   }
 
   Status stop(const VmDirectory& vm) override {
-    int pid = vm.pid();
-    if (pid <= 0 || ::kill(pid, 0) != 0) return {};
+    std::optional<Subprocess> child = take_child(vm.id());
+    Result<VmRecord> record = vm.read_record();
+    std::optional<ProcessIdentity> identity = child ? std::optional(child->identity())
+                                              : record ? record->process
+                                                       : std::nullopt;
+    if (!identity || !process_running(*identity)) {
+      if (child) (void)child->wait(deadline_after(std::chrono::seconds(1)));
+      return {};
+    }
     Result<QmpClient> qmp = QmpClient::connect(vm.control_socket(), deadline_after(std::chrono::seconds(2)));
     if (qmp) (void)qmp->execute("quit", nullptr, std::chrono::seconds(2));
-    auto deadline = Clock::now() + std::chrono::seconds(5);
-    while (::kill(pid, 0) == 0 && Clock::now() < deadline) std::this_thread::sleep_for(std::chrono::milliseconds(5));
-    if (::kill(pid, 0) == 0) ::kill(pid, SIGKILL);
+    DELTAVM_TRY(terminate_process(*identity, std::chrono::seconds(5)));
+    if (child) (void)child->wait(deadline_after(std::chrono::seconds(5)));  // Reaps our own child.
     return {};
   }
+
+ private:
+  // Starts QEMU, keeps it as this backend's child and records it in the VM's record.
+  Result<ProcessIdentity> launch(const VmDirectory& vm, SpawnOptions options, const std::filesystem::path& ram_file) {
+    DELTAVM_ASSIGN_OR_RETURN(Subprocess qemu, Subprocess::spawn(options));
+    ProcessIdentity identity = qemu.identity();
+    {
+      std::lock_guard lock(mutex_);
+      children_.insert_or_assign(vm.id(), std::move(qemu));
+    }
+    DELTAVM_TRY(vm.update_record([&](VmRecord& record) {
+      record.backend = "qemu";
+      record.process = identity;
+      record.ram_file = ram_file.string();
+    }));
+    return identity;
+  }
+
+  // Connects to QMP of a QEMU just started; if it dies first, the error carries its log.
+  Result<QmpClient> connect_to_new_qemu(const VmDirectory& vm) {
+    Deadline deadline = deadline_after(kLaunchTimeout);
+    for (;;) {
+      Result<QmpClient> client =
+          QmpClient::connect(vm.control_socket(), std::min(deadline, deadline_after(std::chrono::milliseconds(50))));
+      if (client) return client;
+      std::optional<std::string> ended = exit_of(vm.id());
+      if (ended) return make_error(ErrorCode::kIo, "qemu {} at start: {}", *ended, tail_of_log(vm.log_file()));
+      if (Clock::now() >= deadline) return client.error();
+    }
+  }
+
+  // How our child QEMU of VM `id` ended, if it has.
+  std::optional<std::string> exit_of(const std::string& id) {
+    std::lock_guard lock(mutex_);
+    auto it = children_.find(id);
+    if (it == children_.end()) return std::nullopt;
+    Result<std::optional<int>> status = it->second.poll_exit();
+    if (!status) return status.error().message;
+    if (!*status) return std::nullopt;
+    return describe_wait_status(**status);
+  }
+
+  std::optional<Subprocess> take_child(const std::string& id) {
+    std::lock_guard lock(mutex_);
+    auto it = children_.find(id);
+    if (it == children_.end()) return std::nullopt;
+    std::optional<Subprocess> child(std::move(it->second));
+    children_.erase(it);
+    return child;
+  }
+
+  std::mutex mutex_;
+  std::map<std::string, Subprocess> children_;  // QEMUs this backend started, by VM id.
 };
 
 }  // namespace
@@ -298,22 +414,32 @@ Status save_stock_snapshot(const VmDirectory& vm, const std::filesystem::path& s
   DELTAVM_ASSIGN_OR_RETURN(QmpClient qmp, QmpClient::connect(vm.control_socket(), deadline_after(kLaunchTimeout)));
   DELTAVM_TRY(qmp.execute("stop"));
   DELTAVM_TRY(set_ignore_shared(qmp, false));
-  DELTAVM_TRY(qmp.execute("migrate", {{"uri", fmt::format("exec:cat > {}", stream.string())}}));
-  return qmp.wait_for_migration(kMigrationTimeout);
+  DELTAVM_ASSIGN_OR_RETURN(Fd file, open_file(stream, O_WRONLY | O_CREAT | O_TRUNC, 0600));
+  return migrate_to_fd(qmp, file.get());
 }
 
 Result<RestoreTimings> restore_stock_snapshot(const MachineSpec& machine, const std::filesystem::path& stream,
                                               const VmDirectory& vm) {
   RestoreTimings timings;
   auto start = Clock::now();
-  std::vector<std::string> argv = machine_arguments(machine, {}, false, vm);
-  argv.insert(argv.end(), {"-incoming", "defer"});
-  DELTAVM_ASSIGN_OR_RETURN(int pid, spawn_detached(argv, vm.log_file()));
-  DELTAVM_TRY(record_process(vm, pid, {}));
-  DELTAVM_ASSIGN_OR_RETURN(QmpClient qmp, connect_to_new_qemu(vm, pid));
+  DELTAVM_ASSIGN_OR_RETURN(Fd file, open_file(stream, O_RDONLY));
+  SpawnOptions options;
+  DELTAVM_ASSIGN_OR_RETURN(options.argv, machine_arguments(machine, {}, false, vm));
+  options.argv.insert(options.argv.end(), {"-incoming", "defer"});
+  options.log = vm.log_file();
+  options.pass_fds = {{file.get(), kIncomingStateFd}};
+  DELTAVM_ASSIGN_OR_RETURN(Subprocess qemu, Subprocess::spawn(options));
+  DELTAVM_TRY(vm.update_record([&](VmRecord& record) {
+    record.backend = "qemu";
+    record.process = qemu.identity();
+  }));
+  Deadline deadline = deadline_after(kLaunchTimeout);
+  Result<QmpClient> connected = QmpClient::connect(vm.control_socket(), deadline);
+  if (!connected) return connected.error().with_context(tail_of_log(vm.log_file()));
+  QmpClient& qmp = *connected;
   timings.launch_ms = elapsed_ms(start);
   auto state_start = Clock::now();
-  DELTAVM_TRY(qmp.execute("migrate-incoming", {{"uri", fmt::format("exec:cat {}", stream.string())}}));
+  DELTAVM_TRY(qmp.execute("migrate-incoming", {{"uri", fmt::format("fd:{}", kIncomingStateFd)}}));
   DELTAVM_TRY(qmp.wait_for_migration(kMigrationTimeout));
   DELTAVM_TRY(qmp.execute("cont"));
   timings.state_ms = elapsed_ms(state_start);
@@ -325,7 +451,8 @@ Accelerator choose_accelerator() {
     return {forced, "set by DELTAVM_QEMU_ACCEL"};
   }
   bool device = ::access("/dev/kvm", R_OK | W_OK) == 0;
-  if (std::filesystem::exists("/sys/module/kvm_pvm")) {
+  std::error_code error;
+  if (std::filesystem::exists("/sys/module/kvm_pvm", error)) {
     return {"tcg", fmt::format("KVM here is software nested virtualisation (module kvm_pvm{}): ring-0 guest code "
                                "would be emulated about 1000x slower than TCG runs it",
                                device ? "" : "; /dev/kvm is absent too")};

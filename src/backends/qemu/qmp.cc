@@ -1,5 +1,8 @@
 #include "backends/qemu/qmp.h"
 
+#include <sys/socket.h>
+
+#include <cstring>
 #include <thread>
 
 namespace deltavm {
@@ -15,6 +18,9 @@ Result<QmpClient> QmpClient::connect(const std::filesystem::path& socket, Deadli
   return client;
 }
 
+// QMP messages are small; a line longer than this is not QMP.
+constexpr size_t kMaxMessageBytes = 1 << 20;
+
 Result<nlohmann::json> QmpClient::read_message(Deadline deadline) {
   for (;;) {
     size_t newline = buffer_.find('\n');
@@ -22,12 +28,29 @@ Result<nlohmann::json> QmpClient::read_message(Deadline deadline) {
       std::string line = buffer_.substr(0, newline);
       buffer_.erase(0, newline + 1);
       nlohmann::json message = nlohmann::json::parse(line, nullptr, false);
-      if (message.is_discarded()) {
+      if (message.is_discarded() || !message.is_object()) {
         return make_error(ErrorCode::kIo, "QMP {}: unparsable message {}", socket_, line.substr(0, 200));
       }
       return message;
     }
+    if (buffer_.size() > kMaxMessageBytes) {
+      return make_error(ErrorCode::kIo, "QMP {}: a message longer than {} bytes", socket_, kMaxMessageBytes);
+    }
     DELTAVM_TRY(read_some(fd_.get(), buffer_, deadline, fmt::format("QMP {}", socket_)));
+  }
+}
+
+Result<nlohmann::json> QmpClient::read_answer(std::string_view command, Deadline deadline) {
+  for (;;) {
+    DELTAVM_ASSIGN_OR_RETURN(nlohmann::json message, read_message(deadline));
+    if (message.contains("event")) continue;
+    if (auto it = message.find("return"); it != message.end()) return *it;
+    if (auto it = message.find("error"); it != message.end()) {
+      std::string description = it->is_object() && it->contains("desc") && (*it)["desc"].is_string()
+                                    ? (*it)["desc"].get<std::string>()
+                                    : it->dump(-1, ' ', false, nlohmann::json::error_handler_t::replace);
+      return make_error(ErrorCode::kIo, "QMP {}: {}: {}", socket_, command, description);
+    }
   }
 }
 
@@ -35,27 +58,51 @@ Result<nlohmann::json> QmpClient::execute(std::string_view command, const nlohma
                                           std::chrono::milliseconds timeout) {
   nlohmann::json request = {{"execute", command}};
   if (!arguments.is_null()) request["arguments"] = arguments;
-  DELTAVM_TRY(send_all(fd_.get(), request.dump() + "\n", fmt::format("QMP {}", socket_)));
-  Deadline deadline = deadline_after(timeout);
-  for (;;) {
-    DELTAVM_ASSIGN_OR_RETURN(nlohmann::json message, read_message(deadline));
-    if (message.contains("event")) continue;
-    if (message.contains("return")) return message["return"];
-    if (message.contains("error")) {
-      return make_error(ErrorCode::kIo, "QMP {}: {}: {}", socket_, command,
-                        message["error"].value("desc", message["error"].dump()));
-    }
-  }
+  DELTAVM_TRY(send_all(fd_.get(), request.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace) + "\n",
+                       fmt::format("QMP {}", socket_)));
+  return read_answer(command, deadline_after(timeout));
+}
+
+Status QmpClient::send_fd(std::string_view name, int fd) {
+  nlohmann::json request = {{"execute", "getfd"}, {"arguments", {{"fdname", name}}}};
+  std::string text = request.dump() + "\n";
+  iovec data{text.data(), text.size()};
+  alignas(cmsghdr) char control[CMSG_SPACE(sizeof(int))] = {};
+  msghdr message{};
+  message.msg_iov = &data;
+  message.msg_iovlen = 1;
+  message.msg_control = control;
+  message.msg_controllen = sizeof control;
+  cmsghdr* header = CMSG_FIRSTHDR(&message);
+  header->cmsg_level = SOL_SOCKET;
+  header->cmsg_type = SCM_RIGHTS;
+  header->cmsg_len = CMSG_LEN(sizeof(int));
+  std::memcpy(CMSG_DATA(header), &fd, sizeof(int));
+  ssize_t sent;
+  do {
+    sent = ::sendmsg(fd_.get(), &message, MSG_NOSIGNAL);
+  } while (sent < 0 && errno == EINTR);
+  if (sent < 0) return errno_error(fmt::format("QMP {}: send fd {}", socket_, name), errno);
+  // The fd travels with the first byte; the rest of the line may follow in plain sends.
+  DELTAVM_TRY(send_all(fd_.get(), std::string_view(text).substr(static_cast<size_t>(sent)),
+                       fmt::format("QMP {}", socket_)));
+  DELTAVM_TRY(read_answer("getfd", deadline_after(std::chrono::seconds(30))));
+  return {};
 }
 
 Status QmpClient::wait_for_migration(std::chrono::milliseconds timeout) {
   Deadline deadline = deadline_after(timeout);
   for (;;) {
     DELTAVM_ASSIGN_OR_RETURN(nlohmann::json status, execute("query-migrate"));
-    std::string state = status.value("status", "");
+    std::string state = status.is_object() && status.contains("status") && status["status"].is_string()
+                            ? status["status"].get<std::string>()
+                            : "";
     if (state == "completed") return {};
     if (state == "failed" || state == "cancelled") {
-      return make_error(ErrorCode::kIo, "QMP {}: migration {}: {}", socket_, state, status.value("error-desc", ""));
+      std::string description = status.contains("error-desc") && status["error-desc"].is_string()
+                                    ? status["error-desc"].get<std::string>()
+                                    : "";
+      return make_error(ErrorCode::kIo, "QMP {}: migration {}: {}", socket_, state, description);
     }
     if (std::chrono::steady_clock::now() >= deadline) {
       return make_error(ErrorCode::kIo, "QMP {}: migration still {} after {} ms", socket_, state, timeout.count());

@@ -22,12 +22,18 @@ class QmpClient {
   Result<nlohmann::json> execute(std::string_view command, const nlohmann::json& arguments = nullptr,
                                  std::chrono::milliseconds timeout = std::chrono::seconds(30));
 
+  // Hands `fd` to QEMU under `name` (QMP getfd, the fd passed with SCM_RIGHTS), for commands
+  // that take "fd:NAME", such as a migration to or from a file deltavm opened.
+  Status send_fd(std::string_view name, int fd);
+
   // Waits for migration (incoming or outgoing) to reach "completed"; "failed" is an error.
   Status wait_for_migration(std::chrono::milliseconds timeout);
 
  private:
   QmpClient(Fd fd, std::string socket) : fd_(std::move(fd)), socket_(std::move(socket)) {}
   Result<nlohmann::json> read_message(Deadline deadline);
+  // Reads until the answer to the command just sent; events are skipped.
+  Result<nlohmann::json> read_answer(std::string_view command, Deadline deadline);
 
   Fd fd_;
   std::string socket_;

@@ -1,0 +1,289 @@
+#include "base/subprocess.h"
+
+#include <fcntl.h>
+#include <poll.h>
+#include <signal.h>
+#include <sys/syscall.h>
+#include <sys/prctl.h>
+#include <sys/stat.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <cstdlib>
+#include <cstring>
+
+namespace deltavm {
+namespace {
+
+// Reads field 22 (starttime) and the state (field 3) of /proc/PID/stat. The command name
+// (field 2) is in parentheses and may itself hold spaces and parentheses: fields are counted
+// after its last ')'.
+Result<std::pair<char, uint64_t>> read_stat(pid_t pid) {
+  std::filesystem::path path = fmt::format("/proc/{}/stat", pid);
+  Result<std::vector<uint8_t>> bytes = read_file(path);
+  if (!bytes) {
+    return make_error(ErrorCode::kNotFound, "no process {}", pid);
+  }
+  std::string text(bytes->begin(), bytes->end());
+  size_t close = text.rfind(')');
+  if (close == std::string::npos) return make_error(ErrorCode::kIo, "{}: unparsable", path.string());
+  // After ") ": state is field 3, starttime field 22.
+  const char* cursor = text.c_str() + close + 1;
+  char state = 0;
+  uint64_t start_time = 0;
+  for (int field = 3; field <= 22; ++field) {
+    while (*cursor == ' ') ++cursor;
+    if (*cursor == '\0') return make_error(ErrorCode::kIo, "{}: only {} fields", path.string(), field - 1);
+    if (field == 3) state = *cursor;
+    if (field == 22) start_time = std::strtoull(cursor, nullptr, 10);
+    while (*cursor != ' ' && *cursor != '\0') ++cursor;
+  }
+  return std::pair{state, start_time};
+}
+
+// Debian 12's <sys/pidfd.h> declares these without C linkage, so they are called directly.
+int open_pidfd(pid_t pid) { return static_cast<int>(::syscall(SYS_pidfd_open, pid, 0)); }
+int signal_pidfd(int pidfd, int signal) { return static_cast<int>(::syscall(SYS_pidfd_send_signal, pidfd, signal, nullptr, 0)); }
+
+bool has_exited(char state) { return state == 'Z' || state == 'X' || state == 'x'; }
+
+Result<std::string> find_program(const std::string& name) {
+  if (name.find('/') != std::string::npos) return name;
+  const char* path = std::getenv("PATH");
+  std::string directories = path != nullptr ? path : "/usr/local/bin:/usr/bin:/bin";
+  size_t start = 0;
+  while (start <= directories.size()) {
+    size_t end = directories.find(':', start);
+    if (end == std::string::npos) end = directories.size();
+    std::string directory = directories.substr(start, end - start);
+    std::string candidate = (directory.empty() ? "." : directory) + "/" + name;
+    if (::access(candidate.c_str(), X_OK) == 0) return candidate;
+    start = end + 1;
+  }
+  return make_error(ErrorCode::kNotFound, "program {} is not in PATH ({})", name, directories);
+}
+
+// What the child reports through the error pipe when a step before exec fails.
+struct ChildFailure {
+  int step;
+  int error;
+};
+constexpr const char* kSteps[] = {"setsid", "prctl(PR_SET_PDEATHSIG)", "dup2", "fcntl", "close_range", "execve"};
+
+[[noreturn]] void child_fail(int error_fd, int step) {
+  ChildFailure failure{step, errno};
+  (void)!::write(error_fd, &failure, sizeof failure);
+  ::_exit(127);
+}
+
+}  // namespace
+
+Result<ProcessIdentity> ProcessIdentity::of(pid_t pid) {
+  DELTAVM_ASSIGN_OR_RETURN(auto stat, read_stat(pid));
+  return ProcessIdentity{pid, stat.second};
+}
+
+ProcessIdentity ProcessIdentity::self() {
+  Result<ProcessIdentity> identity = of(::getpid());
+  return identity ? *identity : ProcessIdentity{::getpid(), 0};
+}
+
+Result<std::optional<Fd>> open_process(const ProcessIdentity& identity) {
+  if (identity.pid <= 0) return std::optional<Fd>();
+  Fd pidfd(open_pidfd(identity.pid));
+  if (!pidfd.valid()) {
+    if (errno == ESRCH) return std::optional<Fd>();
+    return errno_error(fmt::format("pidfd_open {}", identity.pid), errno);
+  }
+  // The pidfd now pins whichever process held the pid. If that process started when ours did,
+  // it is ours (ours started before this call, and a pid is not reused while it is held).
+  Result<std::pair<char, uint64_t>> stat = read_stat(identity.pid);
+  if (!stat || stat->second != identity.start_time || has_exited(stat->first)) return std::optional<Fd>();
+  return std::optional<Fd>(std::move(pidfd));
+}
+
+bool process_running(const ProcessIdentity& identity) {
+  Result<std::optional<Fd>> process = open_process(identity);
+  return process && process->has_value();
+}
+
+namespace {
+
+// Waits until the process behind `pidfd` exits (the pidfd turns readable), or `timeout`.
+bool wait_for_exit(int pidfd, std::chrono::milliseconds timeout) {
+  Deadline deadline = deadline_after(timeout);
+  for (;;) {
+    auto left = std::chrono::duration_cast<std::chrono::milliseconds>(deadline - std::chrono::steady_clock::now());
+    pollfd fd{pidfd, POLLIN, 0};
+    int ready = ::poll(&fd, 1, static_cast<int>(std::max<int64_t>(0, left.count())));
+    if (ready > 0) return true;
+    if (ready == 0) return false;
+    if (errno != EINTR) return false;
+  }
+}
+
+}  // namespace
+
+Status terminate_process(const ProcessIdentity& identity, std::chrono::milliseconds grace) {
+  DELTAVM_ASSIGN_OR_RETURN(std::optional<Fd> process, open_process(identity));
+  if (!process) return {};
+  if (signal_pidfd(process->get(), SIGTERM) != 0 && errno != ESRCH) {
+    return errno_error(fmt::format("signal process {}", identity.pid), errno);
+  }
+  if (wait_for_exit(process->get(), grace)) return {};
+  if (signal_pidfd(process->get(), SIGKILL) != 0 && errno != ESRCH) {
+    return errno_error(fmt::format("kill process {}", identity.pid), errno);
+  }
+  if (!wait_for_exit(process->get(), std::chrono::seconds(10))) {
+    return make_error(ErrorCode::kIo, "process {} did not exit 10 s after SIGKILL", identity.pid);
+  }
+  return {};
+}
+
+Result<Subprocess> Subprocess::spawn(const SpawnOptions& options) {
+  if (options.argv.empty()) return make_error(ErrorCode::kInvalidArgument, "spawn: no program given");
+  DELTAVM_ASSIGN_OR_RETURN(std::string program, find_program(options.argv[0]));
+  std::vector<char*> argv;
+  for (const std::string& argument : options.argv) argv.push_back(const_cast<char*>(argument.c_str()));
+  argv.push_back(nullptr);
+  DELTAVM_ASSIGN_OR_RETURN(Fd null, open_file("/dev/null", O_RDWR));
+  Fd out;
+  if (options.log.empty()) {
+    out = Fd(::dup(null.get()));
+  } else {
+    DELTAVM_ASSIGN_OR_RETURN(out, open_file(options.log, O_WRONLY | O_CREAT | O_APPEND, 0600));
+  }
+  int error_pipe[2];
+  if (::pipe2(error_pipe, O_CLOEXEC) != 0) return errno_error("pipe", errno);
+  Fd error_read(error_pipe[0]), error_write(error_pipe[1]);
+  int highest_target = 2;
+  for (const auto& [from, to] : options.pass_fds) highest_target = std::max(highest_target, to);
+  const pid_t parent = ::getpid();
+
+  pid_t pid = ::fork();
+  if (pid < 0) return errno_error(fmt::format("fork for {}", program), errno);
+  if (pid == 0) {
+    // The child: only async-signal-safe calls from here to execve.
+    sigset_t all;
+    sigemptyset(&all);
+    ::sigprocmask(SIG_SETMASK, &all, nullptr);
+    for (int signal : {SIGPIPE, SIGINT, SIGTERM, SIGHUP, SIGQUIT, SIGCHLD}) ::signal(signal, SIG_DFL);
+    int error_fd = ::fcntl(error_write.get(), F_DUPFD_CLOEXEC, highest_target + 1);
+    if (error_fd < 0) child_fail(error_write.get(), 3);
+    if (options.new_session && ::setsid() < 0) child_fail(error_fd, 0);
+    if (options.die_with_parent) {
+      if (::prctl(PR_SET_PDEATHSIG, SIGKILL) != 0) child_fail(error_fd, 1);
+      if (::getppid() != parent) ::_exit(127);  // The owner is already gone.
+    }
+    ::umask(options.umask);
+    int moved[64];
+    size_t count = std::min<size_t>(options.pass_fds.size(), 64);
+    for (size_t i = 0; i < count; ++i) {
+      moved[i] = ::fcntl(options.pass_fds[i].first, F_DUPFD_CLOEXEC, highest_target + 1);
+      if (moved[i] < 0) child_fail(error_fd, 3);
+    }
+    if (::dup2(null.get(), 0) < 0 || ::dup2(out.get(), 1) < 0 || ::dup2(out.get(), 2) < 0) child_fail(error_fd, 2);
+    for (size_t i = 0; i < count; ++i) {
+      if (::dup2(moved[i], options.pass_fds[i].second) < 0) child_fail(error_fd, 2);
+    }
+    // Every other fd closes at exec, whether or not whoever opened it asked for that.
+    if (::close_range(static_cast<unsigned>(highest_target + 1), ~0u, CLOSE_RANGE_CLOEXEC) != 0) {
+      child_fail(error_fd, 4);
+    }
+    ::execve(program.c_str(), argv.data(), environ);
+    child_fail(error_fd, 5);
+  }
+  error_write = Fd();
+  Fd pidfd(open_pidfd(pid));  // The child is not reaped yet: its pid cannot be reused.
+  int pidfd_error = errno;
+  ChildFailure failure{};
+  ssize_t n;
+  do {
+    n = ::read(error_read.get(), &failure, sizeof failure);
+  } while (n < 0 && errno == EINTR);
+  if (n > 0 || !pidfd.valid()) {
+    if (!pidfd.valid()) ::kill(pid, SIGKILL);
+    int status = 0;
+    while (::waitpid(pid, &status, 0) < 0 && errno == EINTR) {
+    }
+    if (!pidfd.valid()) return errno_error(fmt::format("pidfd_open for {}", program), pidfd_error);
+    const char* step = failure.step >= 0 && failure.step < 6 ? kSteps[failure.step] : "setup";
+    return make_error(ErrorCode::kIo, "start {}: {}: {}", program, step, std::strerror(failure.error));
+  }
+  Result<std::pair<char, uint64_t>> stat = read_stat(pid);
+  ProcessIdentity identity{pid, stat ? stat->second : 0};
+  return Subprocess(identity, std::move(pidfd), std::move(program));
+}
+
+Subprocess::Subprocess(Subprocess&& other) noexcept
+    : identity_(std::exchange(other.identity_, {})),
+      pidfd_(std::move(other.pidfd_)),
+      program_(std::move(other.program_)),
+      exit_status_(other.exit_status_),
+      kill_on_destroy_(std::exchange(other.kill_on_destroy_, false)) {}
+
+Subprocess& Subprocess::operator=(Subprocess&& other) noexcept {
+  if (this != &other) {
+    if (kill_on_destroy_) (void)kill();
+    identity_ = std::exchange(other.identity_, {});
+    pidfd_ = std::move(other.pidfd_);
+    program_ = std::move(other.program_);
+    exit_status_ = other.exit_status_;
+    kill_on_destroy_ = std::exchange(other.kill_on_destroy_, false);
+  }
+  return *this;
+}
+
+Subprocess::~Subprocess() {
+  if (kill_on_destroy_) (void)kill();
+}
+
+Result<std::optional<int>> Subprocess::poll_exit() {
+  if (exit_status_) return exit_status_;
+  if (!pidfd_.valid()) return make_error(ErrorCode::kInvalidArgument, "no process");
+  siginfo_t info{};
+  for (;;) {
+    if (::waitid(static_cast<idtype_t>(P_PIDFD), static_cast<id_t>(pidfd_.get()), &info, WEXITED | WNOHANG) == 0) break;
+    if (errno != EINTR) return errno_error(fmt::format("waitid {} ({})", program_, identity_.pid), errno);
+  }
+  if (info.si_pid == 0) return std::optional<int>();
+  int status = info.si_code == CLD_EXITED ? (info.si_status & 0xff) << 8 : (info.si_status & 0x7f);
+  exit_status_ = status;
+  return exit_status_;
+}
+
+Result<int> Subprocess::wait(Deadline deadline) {
+  for (;;) {
+    DELTAVM_ASSIGN_OR_RETURN(std::optional<int> status, poll_exit());
+    if (status) return *status;
+    auto left = std::chrono::duration_cast<std::chrono::milliseconds>(deadline - std::chrono::steady_clock::now());
+    if (left.count() <= 0) {
+      return make_error(ErrorCode::kIo, "{} ({}) still running: timed out", program_, identity_.pid);
+    }
+    wait_for_exit(pidfd_.get(), left);
+  }
+}
+
+Status Subprocess::send_signal(int signal) {
+  if (exit_status_ || !pidfd_.valid()) return {};
+  if (signal_pidfd(pidfd_.get(), signal) != 0 && errno != ESRCH) {
+    return errno_error(fmt::format("signal {} ({})", program_, identity_.pid), errno);
+  }
+  return {};
+}
+
+Status Subprocess::kill() {
+  if (exit_status_ || !pidfd_.valid()) return {};
+  DELTAVM_TRY(send_signal(SIGKILL));
+  Result<int> status = wait(deadline_after(std::chrono::seconds(10)));
+  if (!status) return status.error();
+  return {};
+}
+
+std::string describe_wait_status(int status) {
+  if (WIFEXITED(status)) return fmt::format("exited with status {}", WEXITSTATUS(status));
+  if (WIFSIGNALED(status)) return fmt::format("killed by signal {} ({})", WTERMSIG(status), strsignal(WTERMSIG(status)));
+  return fmt::format("ended with wait status {:#x}", status);
+}
+
+}  // namespace deltavm
