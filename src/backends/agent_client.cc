@@ -223,12 +223,14 @@ Result<ExecResult> AgentConnection::wait(uint64_t id, Deadline deadline) {
 
 Result<ExecResult> agent_exec(const std::filesystem::path& agent_socket, const ExecRequest& request) {
   Deadline deadline = request_deadline(request.timeout);
+  // Waiting for the channel counts against the command's own time, without the answer's grace.
+  Deadline lock_deadline = request.timeout.count() > 0 ? deadline_after(request.timeout) : Deadline::max();
   std::filesystem::path lock_path = agent_socket;
   lock_path += ".lock";
   DELTAVM_ASSIGN_OR_RETURN(Fd lock, open_file(lock_path, O_RDWR | O_CREAT, 0600));
   while (::flock(lock.get(), LOCK_EX | LOCK_NB) != 0) {
     if (errno != EWOULDBLOCK && errno != EINTR) return errno_error(fmt::format("flock {}", lock_path.string()), errno);
-    if (Clock::now() >= deadline) {
+    if (Clock::now() >= lock_deadline) {
       return make_error(ErrorCode::kBusy, "agent {}: another command held the VM's exec channel until the timeout",
                         agent_socket.string());
     }

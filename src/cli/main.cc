@@ -24,7 +24,8 @@ int main(int argc, char** argv) {
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& error) {
-    return app.exit(error);
+    // --help and --version end with 0; every other parse error is a usage error: 2.
+    return app.exit(error) == 0 ? 0 : 2;
   }
   return exit_status;
 }

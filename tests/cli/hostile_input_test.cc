@@ -162,5 +162,37 @@ TEST_F(HostileInput, MistypedStoreIsNotCreatedByReadCommands) {
   }
 }
 
+// Paths the file system refuses (a name longer than 255 bytes, a loop of symbolic links) end
+// `template build` with an error naming the field, never an uncaught exception.
+TEST_F(HostileInput, SpecPathsTheFileSystemRefusesAreClearErrors) {
+  std::string long_name(300, 'k');
+  std::filesystem::create_symlink(dir_ / "loop-b", dir_ / "loop-a");
+  std::filesystem::create_symlink(dir_ / "loop-a", dir_ / "loop-b");
+  struct Case {
+    std::string spec;
+    std::string expected;
+  };
+  std::vector<Case> cases = {
+      {fmt::format(R"({{"name": "x", "kernel": "{}"}})", (dir_ / long_name).string()), "field kernel"},
+      {fmt::format(R"({{"name": "x", "kernel": "{}"}})", (dir_ / "loop-a").string()), "field kernel"},
+      {fmt::format(R"({{"name": "x", "files": [{{"source": "{}", "destination": "/x"}}]}})", (dir_ / "loop-a" / "x").string()),
+       "field files[0].source"},
+      {fmt::format(R"({{"name": "x", "files": [{{"source": "{}/{}", "destination": "/x"}}]}})", dir_.string(), long_name),
+       "field files[0].source"},
+  };
+  for (size_t i = 0; i < cases.size(); ++i) {
+    std::filesystem::path spec = dir_ / fmt::format("spec{}.json", i);
+    ASSERT_TRUE(write_file_atomic(spec, std::span(reinterpret_cast<const uint8_t*>(cases[i].spec.data()), cases[i].spec.size())));
+    SCOPED_TRACE(cases[i].spec);
+    expect_clear_error(run_deltavm({"template", "build", spec.string(), "--store", path("store")}), cases[i].expected);
+  }
+  // The spec's own path.
+  for (const std::filesystem::path& spec : {dir_ / long_name, dir_ / "loop-a"}) {
+    testing::CommandResult result = run_deltavm({"template", "build", spec.string(), "--store", path("store")});
+    EXPECT_EQ(result.signal, 0) << result.err;
+    EXPECT_EQ(result.status, 2) << result.err;
+  }
+}
+
 }  // namespace
 }  // namespace deltavm

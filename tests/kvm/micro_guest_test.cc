@@ -216,6 +216,33 @@ json restore_request(const RestoreFiles& files, std::string_view strategy) {
           {"strategy", strategy}};
 }
 
+// Whoever can send the VMM requests must not make it read or write files outside its VM's
+// directory and the inputs it was started with.
+TEST_F(KvmMicroGuest, VmmRefusesPathsOutsideItsDirectory) {
+  std::filesystem::path directory = chain->root / "confined";
+  ScopedDirectory cleanup{directory};
+  Result<VmmProcess> vmm = VmmProcess::launch(vmm_binary(), directory, {micro_guest_program()});
+  ASSERT_TRUE(vmm) << vmm.error().message;
+  json reads_elsewhere = boot_request(directory / "ram");
+  reads_elsewhere["program"] = "/etc/hostname";
+  Result<json> refused = vmm->request(reads_elsewhere);
+  ASSERT_FALSE(refused);
+  EXPECT_NE(refused.error().message.find("request field 'program'"), std::string::npos) << refused.error().message;
+  json writes_elsewhere = boot_request(chain->root / "ram-outside");
+  Result<json> refused_write = vmm->request(writes_elsewhere);
+  ASSERT_FALSE(refused_write);
+  EXPECT_NE(refused_write.error().message.find("outside this VM's directory"), std::string::npos)
+      << refused_write.error().message;
+  EXPECT_FALSE(std::filesystem::exists(chain->root / "ram-outside"));
+  // Inside its directory, it boots and saves; a save outside is refused.
+  ASSERT_TRUE(vmm->request(boot_request(directory / "ram")));
+  ASSERT_TRUE(vmm->request({{"op", "wait"}}, kRunTimeout));
+  Result<json> saved_elsewhere = vmm->request({{"op", "save"}, {"state", (chain->root / "state-outside").string()}});
+  ASSERT_FALSE(saved_elsewhere);
+  EXPECT_FALSE(std::filesystem::exists(chain->root / "state-outside"));
+  EXPECT_TRUE(vmm->request({{"op", "save"}, {"state", (directory / "state").string()}}));
+}
+
 TEST_F(KvmMicroGuest, UninterruptedRunMatchesHostModel) {
   Result<VmmProcess> vmm = VmmProcess::launch(vmm_binary(), chain->root / "uninterrupted", readable_inputs());
   ASSERT_TRUE(vmm) << vmm.error().message;

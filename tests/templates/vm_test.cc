@@ -15,17 +15,14 @@
 #include "templates/kernel_image.h"
 #include "templates/templates.h"
 #include "base/file.h"
+#include "support/guest_templates.h"
 
 namespace deltavm {
 namespace {
 
-std::filesystem::path test_root() { return std::filesystem::path(::testing::TempDir()) / "deltavm_vm_test"; }
+std::filesystem::path test_root() { return std::filesystem::path(::testing::TempDir()) / "deltavm_guest_templates"; }
 
-TemplateSpec parse(const std::string& json) {
-  Result<TemplateSpec> spec = parse_template_spec(json, test_root() / "spec.json");
-  EXPECT_TRUE(spec) << spec.error().message;
-  return *spec;
-}
+TemplateSpec parse(const std::string& json) { return testing::parse_spec(json, test_root() / "spec.json"); }
 
 std::string exec_output(const VmDirectory& vm, const std::string& command) {
   Result<ExecResult> result = agent_exec(vm.agent_socket(), command, std::chrono::seconds(30));
@@ -37,36 +34,12 @@ std::string exec_output(const VmDirectory& vm, const std::string& command) {
 
 class TemplateVms : public ::testing::Test {
  protected:
-  // One store for the suite: a base and, chained on it, a template with a running counter.
-  // ctest runs each test in a process of its own: the templates are built by the first and
-  // reused by the others, unless this test binary was rebuilt since (the stamp differs).
+  // The shared store (support/guest_templates.h): base, and counter chained on it.
   static void SetUpTestSuite() {
-    const std::string stamp = __DATE__ " " __TIME__;
-    std::filesystem::path stamp_file = test_root() / "stamp";
-    std::ifstream in(stamp_file);
-    std::string found;
-    std::getline(in, found);
-    bool reuse = found == stamp;
-    if (!reuse) {
-      std::filesystem::remove_all(test_root());
-      std::filesystem::create_directories(test_root());
-    }
-    store_ = new Store(std::move(*Store::open_or_create(test_root() / "store")));
-    backend_ = make_qemu_backend().release();
-    if (reuse && store_->find("base") && store_->find("counter")) return;
-    Result<TemplateBuild> base = build_template(parse(R"({"name": "base", "memory_mib": 128})"), *store_, *backend_, runtime());
-    ASSERT_TRUE(base) << base.error().message;
-    Result<TemplateBuild> counter = build_template(parse(R"({
-      "name": "counter", "parent": "base", "memory_mib": 128,
-      "setup": ["echo made-before-capture > /tmp/marker",
-                "(n=0; while true; do n=$((n+1)); echo $n > /run/ticks; sleep 0.2; done) &",
-                "sleep 1"]})"), *store_, *backend_, runtime());
-    ASSERT_TRUE(counter) << counter.error().message;
-    std::ofstream(stamp_file) << stamp << "\n";
-  }
-  static void TearDownTestSuite() {
-    delete store_;
-    delete backend_;
+    Result<testing::GuestTemplates> templates = testing::guest_templates();
+    ASSERT_TRUE(templates) << templates.error().message;
+    store_ = templates->store;
+    backend_ = templates->backend;
   }
   static std::filesystem::path runtime() { return test_root() / "runtime"; }
 
