@@ -5,8 +5,6 @@
 
 #include <chrono>
 #include <cstdlib>
-#include <map>
-#include <mutex>
 #include <thread>
 
 #include "backends/kvm/guest_memory.h"
@@ -14,6 +12,7 @@
 #include "backends/kvm/ram_overlay.h"
 #include "backends/kvm/vmm_client.h"
 #include "backends/process.h"
+#include "backends/vm_processes.h"
 #include "base/file.h"
 #include "base/subprocess.h"
 
@@ -134,20 +133,10 @@ class KvmBackend : public Backend {
   }
 
   Status stop(const VmDirectory& vm) override {
-    std::optional<Subprocess> child = take_child(vm.id());
-    Result<VmRecord> record = vm.read_record();
-    std::optional<ProcessIdentity> identity = child ? std::optional(child->identity())
-                                              : record ? record->process
-                                                       : std::nullopt;
-    if (!identity || !process_running(*identity)) {
-      if (child) (void)child->wait(deadline_after(std::chrono::seconds(1)));
-      return {};
-    }
-    Result<kvm::VmmClient> client = kvm::VmmClient::connect(vm.control_socket(), deadline_after(std::chrono::seconds(2)));
-    if (client) (void)client->request({{"op", "quit"}}, std::chrono::seconds(2));
-    DELTAVM_TRY(terminate_process(*identity, std::chrono::seconds(5)));
-    if (child) (void)child->wait(deadline_after(std::chrono::seconds(5)));  // Reaps our own child.
-    return {};
+    return processes_.stop(vm, [&] {
+      Result<kvm::VmmClient> client = kvm::VmmClient::connect(vm.control_socket(), deadline_after(std::chrono::seconds(2)));
+      if (client) (void)client->request({{"op", "quit"}}, std::chrono::seconds(2));
+    });
   }
 
  private:
@@ -163,51 +152,20 @@ class KvmBackend : public Backend {
     options.log = vm.log_file();
     options.umask = kVmProcessUmask;
     options.die_with_parent = die_with_parent;
-    DELTAVM_ASSIGN_OR_RETURN(Subprocess vmm, Subprocess::spawn(options));
-    ProcessIdentity identity = vmm.identity();
-    {
-      std::lock_guard lock(mutex_);
-      children_.insert_or_assign(vm.id(), std::move(vmm));
-    }
-    DELTAVM_TRY(vm.update_record([&](VmRecord& record) {
-      record.backend = "kvm";
-      record.process = identity;
-      record.ram_file = ram_file.string();
-    }));
+    DELTAVM_TRY(processes_.launch(vm, options, "kvm", ram_file));
     Deadline deadline = deadline_after(kLaunchTimeout);
     for (;;) {
       Result<kvm::VmmClient> client =
           kvm::VmmClient::connect(vm.control_socket(), std::min(deadline, deadline_after(std::chrono::milliseconds(50))));
       if (client) return {};
-      if (std::optional<std::string> ended = exit_of(vm.id())) {
+      if (std::optional<std::string> ended = processes_.exit_of(vm.id())) {
         return make_error(ErrorCode::kIo, "deltavm-vmm {} at start: {}", *ended, tail_of_log(vm.log_file()));
       }
       if (Clock::now() >= deadline) return client.error().with_context("deltavm-vmm");
     }
   }
 
-  // How our child VMM of VM `id` ended, if it has.
-  std::optional<std::string> exit_of(const std::string& id) {
-    std::lock_guard lock(mutex_);
-    auto it = children_.find(id);
-    if (it == children_.end()) return std::nullopt;
-    Result<std::optional<int>> status = it->second.poll_exit();
-    if (!status) return status.error().message;
-    if (!*status) return std::nullopt;
-    return describe_wait_status(**status);
-  }
-
-  std::optional<Subprocess> take_child(const std::string& id) {
-    std::lock_guard lock(mutex_);
-    auto it = children_.find(id);
-    if (it == children_.end()) return std::nullopt;
-    std::optional<Subprocess> child(std::move(it->second));
-    children_.erase(it);
-    return child;
-  }
-
-  std::mutex mutex_;
-  std::map<std::string, Subprocess> children_;  // VMMs this backend started, by VM id.
+  VmProcesses processes_;  // The VMMs this backend started.
   kvm::MemoryStrategy strategy_;
 };
 

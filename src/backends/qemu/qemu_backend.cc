@@ -15,10 +15,9 @@
 
 #include <sys/mman.h>
 
-#include <map>
-#include <mutex>
 
 #include "backends/process.h"
+#include "backends/vm_processes.h"
 #include "backends/qemu/qmp.h"
 #include "base/file.h"
 #include "base/subprocess.h"
@@ -239,7 +238,7 @@ class QemuBackend : public Backend {
     options.umask = kVmProcessUmask;
     // A booting VM exists only for the build that boots it: it dies with its owner.
     options.die_with_parent = true;
-    DELTAVM_TRY(launch(vm, std::move(options), ram_file));
+    DELTAVM_TRY(launch(vm, options, ram_file));
     DELTAVM_ASSIGN_OR_RETURN(QmpClient qmp, connect_to_new_qemu(vm));
     return {};
   }
@@ -277,7 +276,7 @@ class QemuBackend : public Backend {
     options.log = vm.log_file();
     options.umask = kVmProcessUmask;
     options.pass_fds = {{state.get(), kIncomingStateFd}};
-    DELTAVM_ASSIGN_OR_RETURN(ProcessIdentity qemu, launch(vm, std::move(options), base_ram_file));
+    DELTAVM_ASSIGN_OR_RETURN(ProcessIdentity qemu, launch(vm, options, base_ram_file));
     // QEMU maps guest RAM early in its start-up and answers QMP much later: the chain's pages
     // are written on this thread's twin core meanwhile.
     Status fill_status;
@@ -338,37 +337,16 @@ class QemuBackend : public Backend {
   }
 
   Status stop(const VmDirectory& vm) override {
-    std::optional<Subprocess> child = take_child(vm.id());
-    Result<VmRecord> record = vm.read_record();
-    std::optional<ProcessIdentity> identity = child ? std::optional(child->identity())
-                                              : record ? record->process
-                                                       : std::nullopt;
-    if (!identity || !process_running(*identity)) {
-      if (child) (void)child->wait(deadline_after(std::chrono::seconds(1)));
-      return {};
-    }
-    Result<QmpClient> qmp = QmpClient::connect(vm.control_socket(), deadline_after(std::chrono::seconds(2)));
-    if (qmp) (void)qmp->execute("quit", nullptr, std::chrono::seconds(2));
-    DELTAVM_TRY(terminate_process(*identity, std::chrono::seconds(5)));
-    if (child) (void)child->wait(deadline_after(std::chrono::seconds(5)));  // Reaps our own child.
-    return {};
+    return processes_.stop(vm, [&] {
+      Result<QmpClient> qmp = QmpClient::connect(vm.control_socket(), deadline_after(std::chrono::seconds(2)));
+      if (qmp) (void)qmp->execute("quit", nullptr, std::chrono::seconds(2));
+    });
   }
 
  private:
   // Starts QEMU, keeps it as this backend's child and records it in the VM's record.
-  Result<ProcessIdentity> launch(const VmDirectory& vm, SpawnOptions options, const std::filesystem::path& ram_file) {
-    DELTAVM_ASSIGN_OR_RETURN(Subprocess qemu, Subprocess::spawn(options));
-    ProcessIdentity identity = qemu.identity();
-    {
-      std::lock_guard lock(mutex_);
-      children_.insert_or_assign(vm.id(), std::move(qemu));
-    }
-    DELTAVM_TRY(vm.update_record([&](VmRecord& record) {
-      record.backend = "qemu";
-      record.process = identity;
-      record.ram_file = ram_file.string();
-    }));
-    return identity;
+  Result<ProcessIdentity> launch(const VmDirectory& vm, const SpawnOptions& options, const std::filesystem::path& ram_file) {
+    return processes_.launch(vm, options, "qemu", ram_file);
   }
 
   // Connects to QMP of a QEMU just started; if it dies first, the error carries its log.
@@ -378,34 +356,13 @@ class QemuBackend : public Backend {
       Result<QmpClient> client =
           QmpClient::connect(vm.control_socket(), std::min(deadline, deadline_after(std::chrono::milliseconds(50))));
       if (client) return client;
-      std::optional<std::string> ended = exit_of(vm.id());
+      std::optional<std::string> ended = processes_.exit_of(vm.id());
       if (ended) return make_error(ErrorCode::kIo, "qemu {} at start: {}", *ended, tail_of_log(vm.log_file()));
       if (Clock::now() >= deadline) return client.error();
     }
   }
 
-  // How our child QEMU of VM `id` ended, if it has.
-  std::optional<std::string> exit_of(const std::string& id) {
-    std::lock_guard lock(mutex_);
-    auto it = children_.find(id);
-    if (it == children_.end()) return std::nullopt;
-    Result<std::optional<int>> status = it->second.poll_exit();
-    if (!status) return status.error().message;
-    if (!*status) return std::nullopt;
-    return describe_wait_status(**status);
-  }
-
-  std::optional<Subprocess> take_child(const std::string& id) {
-    std::lock_guard lock(mutex_);
-    auto it = children_.find(id);
-    if (it == children_.end()) return std::nullopt;
-    std::optional<Subprocess> child(std::move(it->second));
-    children_.erase(it);
-    return child;
-  }
-
-  std::mutex mutex_;
-  std::map<std::string, Subprocess> children_;  // QEMUs this backend started, by VM id.
+  VmProcesses processes_;  // The QEMUs this backend started.
 };
 
 }  // namespace

@@ -1,0 +1,54 @@
+#include "backends/vm_processes.h"
+
+namespace deltavm {
+
+Result<ProcessIdentity> VmProcesses::launch(const VmDirectory& vm, const SpawnOptions& options,
+                                            std::string_view backend, const std::filesystem::path& ram_file) {
+  DELTAVM_ASSIGN_OR_RETURN(Subprocess process, Subprocess::spawn(options));
+  ProcessIdentity identity = process.identity();
+  {
+    std::lock_guard lock(mutex_);
+    children_.insert_or_assign(vm.id(), std::move(process));
+  }
+  DELTAVM_TRY(vm.update_record([&](VmRecord& record) {
+    record.backend = std::string(backend);
+    record.process = identity;
+    record.ram_file = ram_file.string();
+  }));
+  return identity;
+}
+
+std::optional<std::string> VmProcesses::exit_of(const std::string& id) {
+  std::lock_guard lock(mutex_);
+  auto it = children_.find(id);
+  if (it == children_.end()) return std::nullopt;
+  Result<std::optional<int>> status = it->second.poll_exit();
+  if (!status) return status.error().message;
+  if (!*status) return std::nullopt;
+  return describe_wait_status(**status);
+}
+
+Status VmProcesses::stop(const VmDirectory& vm, const std::function<void()>& ask_to_quit) {
+  std::optional<Subprocess> child;
+  {
+    std::lock_guard lock(mutex_);
+    if (auto it = children_.find(vm.id()); it != children_.end()) {
+      child.emplace(std::move(it->second));
+      children_.erase(it);
+    }
+  }
+  std::optional<ProcessIdentity> identity;
+  if (child) {
+    identity = child->identity();
+  } else if (Result<VmRecord> record = vm.read_record()) {
+    identity = record->process;
+  }
+  if (identity && process_running(*identity)) {
+    ask_to_quit();
+    DELTAVM_TRY(terminate_process(*identity, std::chrono::seconds(5)));
+  }
+  if (child) (void)child->wait(deadline_after(std::chrono::seconds(5)));  // Reaps our own child.
+  return {};
+}
+
+}  // namespace deltavm
