@@ -28,15 +28,19 @@
 #include <fstream>
 #include <map>
 
-#include "backends/kvm/ram_overlay.h"
+#include <nlohmann/json.hpp>
+
+#include "backends/kvm/overlay_memory_writer.h"
 #include "backends/kvm/vmm_client.h"
+#include "base/page.h"
+#include "vmm/ram_overlay.h"
 #include "loader/loader.h"
 #include "store/store.h"
 
 namespace {
 
 using namespace deltavm;
-using namespace deltavm::kvm;
+using namespace deltavm::vmm;
 using nlohmann::json;
 using Clock = std::chrono::steady_clock;
 
@@ -126,34 +130,35 @@ int main(int argc, char** argv) {
     progress(quiet, fmt::format("capturing a {} MiB micro guest at checkpoints 1-4", memory_mib));
     VmmProcess vmm = check(VmmProcess::launch(vmm_binary(), root / "capture", {micro_guest_program(), root}), "starting deltavm-vmm");
     std::filesystem::path ram = root / "capture" / "ram";
-    check(vmm.request({{"op", "boot_micro"},
-                       {"program", micro_guest_program().string()},
-                       {"memory_bytes", memory_bytes},
-                       {"work_bytes", work_bytes},
-                       {"passes", 1000},
-                       {"heartbeat_bytes", 256 << 10},
-                       {"ram_file", ram.string()},
-                       {"log_dirty", true},
-                       {"pause_at_checkpoint", 1}}),
-          "booting the micro guest");
+    BootMicroRequest boot;
+    boot.program = micro_guest_program().string();
+    boot.memory_bytes = memory_bytes;
+    boot.work_bytes = work_bytes;
+    boot.passes = 1000;
+    boot.heartbeat_bytes = 256 << 10;
+    boot.ram_file = ram.string();
+    boot.start.log_dirty = true;
+    boot.start.pause_at_checkpoint = 1;
+    check(vmm.call<StatusReply>(boot), "booting the micro guest");
     std::optional<std::string> parent;
     for (uint64_t checkpoint = 1; checkpoint <= 4; ++checkpoint) {
-      json status = check(vmm.request({{"op", "wait"}}, std::chrono::minutes(10)), "waiting for a checkpoint");
-      if (status["state"] != "paused" || status["checkpoint"] != checkpoint) fail("unexpected state " + status.dump());
+      StatusReply status = check(vmm.call<StatusReply>(WaitRequest{}, std::chrono::minutes(10)), "waiting for a checkpoint");
+      if (status.state != RunState::kPaused || !status.micro || status.micro->checkpoint != checkpoint) {
+        fail(fmt::format("unexpected state {} ({}) at checkpoint {}", run_state_name(status.state), status.failure,
+                         checkpoint));
+      }
       std::filesystem::path state = root / "capture" / "state", dirty = root / "capture" / "dirty";
-      check(vmm.request({{"op", "save"}, {"state", state.string()}, {"dirty", dirty.string()}}), "saving");
+      check(vmm.call<SaveReply>(SaveRequest{state.string(), dirty.string(), std::nullopt}), "saving");
       Mapping image = check(Mapping::map_file_readonly(ram), "mapping the capture");
       std::vector<uint8_t> state_bytes = check(read_file(state), "reading the state");
-      DirtyBitmap bitmap = check(DirtyBitmap::read_file(dirty, memory_bytes / 4096), "reading the dirty log");
+      DirtyBitmap bitmap = check(DirtyBitmap::read_file(dirty, page_count(memory_bytes)), "reading the dirty log");
       PutOptions options;
       options.attachments = {{"machine-state", state_bytes}};
       options.dirty = parent ? &bitmap : nullptr;
       std::string name = fmt::format("c{}", checkpoint);
       check(store.put_image(name, image.bytes(), parent, options), "storing " + name);
       parent = name;
-      if (checkpoint < 4) {
-        check(vmm.request({{"op", "resume"}, {"pause_at_checkpoint", checkpoint + 1}}), "resuming");
-      }
+      if (checkpoint < 4) check(vmm.call<StatusReply>(ResumeRequest{checkpoint + 1}), "resuming");
     }
   }
   std::filesystem::remove_all(root / "capture");
@@ -162,38 +167,46 @@ int main(int argc, char** argv) {
   // 2. The load's inputs, prepared once: base flat file, overlay, machine state.
   Clock::time_point prepare_start = Clock::now();
   Loader loader(store);
-  PreparedRam prepared = check(loader.prepare("c4", RamStrategy::kBasePlusDeltas), "preparing c4");
+  PreparedRam prepared = check(loader.prepare(check(store.chain("c4"), "chain of c4"), RamStrategy::kBasePlusDeltas),
+                               "preparing c4");
   RestoreFiles files{prepared.flat_file(), root / "overlay", root / "state"};
   RamOverlayWriter overlay = check(RamOverlayWriter::create(files.overlay), "creating the overlay");
   OverlayMemoryWriter writer(overlay);
   check(prepared.fill(writer), "filling the overlay");
   check(overlay.commit(), "writing the overlay");
-  check(write_file_atomic(files.state, check(store.read_attachment(record, "machine-state"), "reading state")),
+  check(write_scratch_file(files.state, check(store.read_attachment(record, "machine-state"), "reading state")),
         "writing the state");
   double prepare_ms = std::chrono::duration<double, std::milli>(Clock::now() - prepare_start).count();
-  uint64_t overlay_pages = check(RamOverlay::open(files.overlay, memory_bytes / 4096), "reading the overlay").page_count();
+  uint64_t overlay_pages = check(RamOverlay::open(files.overlay, page_count(memory_bytes)), "reading the overlay").page_count();
 
-  auto restore_request = [&](std::string_view strategy) {
-    return json{{"op", "restore"},          {"state", files.state.string()},     {"base", files.base.string()},
-                {"overlay", files.overlay.string()}, {"strategy", strategy}, {"wait_first_report", true}};
+  auto restore_request = [&](MemoryStrategy strategy) {
+    RestoreRequest request;
+    request.state = files.state.string();
+    request.base = files.base.string();
+    request.overlay = files.overlay.string();
+    request.strategy = strategy;
+    request.wait_first_report = true;
+    return request;
   };
 
   // 3. Loads, interleaved across strategies, each in a fresh VMM process.
-  const std::vector<std::string> strategies = {"userfault", "private", "eager"};
+  const std::vector<MemoryStrategy> strategies = {MemoryStrategy::kUserfault, MemoryStrategy::kPrivate,
+                                                  MemoryStrategy::kEager};
   std::map<std::string, std::vector<double>> first_instruction, answered;
   std::vector<double> floor;
   for (int load = 0; load < loads; ++load) {
     if (!quiet && isatty(STDERR_FILENO)) fmt::print(stderr, "\rload {}/{}", load + 1, loads);
     if (!isatty(STDERR_FILENO) && (load + 1) % 10 == 0) fmt::print(stderr, "load {}/{}\n", load + 1, loads);
-    for (const std::string& strategy : strategies) {
+    for (MemoryStrategy strategy : strategies) {
+      std::string name(memory_strategy_name(strategy));
       VmmProcess vmm = check(VmmProcess::launch(vmm_binary(), root / "load", {micro_guest_program(), root}), "starting deltavm-vmm");
-      json floor_answer = check(vmm.request({{"op", "floor"}}), "floor");
-      floor.push_back(floor_answer["floor_us"]);
-      json request = restore_request(strategy);
-      request["step_first_instruction"] = true;
-      json restored = check(vmm.request(request), "restore (" + strategy + ")");
-      first_instruction[strategy].push_back(restored["timings_us"]["first_instruction"]);
-      answered[strategy].push_back(restored["timings_us"]["first_report"]);
+      floor.push_back(check(vmm.call<FloorReply>(FloorRequest{}), "floor").floor_us);
+      RestoreRequest request = restore_request(strategy);
+      request.step_first_instruction = true;
+      StatusReply restored = check(vmm.call<StatusReply>(request), "restore (" + name + ")");
+      if (!restored.timings) fail("restore answered without timings");
+      first_instruction[name].push_back(restored.timings->first_instruction_us);
+      answered[name].push_back(restored.timings->first_report_us);
     }
   }
   if (!quiet && isatty(STDERR_FILENO)) fmt::print(stderr, "\n");
@@ -202,32 +215,33 @@ int main(int argc, char** argv) {
   // The private strategy copies every overlay page into each clone (the chain's pages are
   // written over the base), so its clones cost the overlay each: a few of them show it.
   json clone_results = json::object();
-  for (const std::string strategy : {"userfault", "private"}) {
+  for (MemoryStrategy strategy : {MemoryStrategy::kUserfault, MemoryStrategy::kPrivate}) {
     if (clones == 0) break;
-    int count = strategy == "private" ? std::min(clones, 4) : clones;
-    progress(quiet, fmt::format("{} concurrent clones ({})", count, strategy));
+    std::string name(memory_strategy_name(strategy));
+    int count = strategy == MemoryStrategy::kPrivate ? std::min(clones, 4) : clones;
+    progress(quiet, fmt::format("{} concurrent clones ({})", count, name));
     std::vector<VmmProcess> running;
     uint64_t dirty_pages = 0;
     for (int i = 0; i < count; ++i) {
       running.push_back(
           check(VmmProcess::launch(vmm_binary(), root / fmt::format("clone{}", i), {micro_guest_program(), root}), "starting deltavm-vmm"));
-      json request = restore_request(strategy);
-      request["log_dirty"] = true;
-      check(running.back().request(request), "restoring a clone");
-      check(running.back().request({{"op", "pause"}}), "pausing a clone");
-      json saved = check(running.back().request({{"op", "save"}, {"dirty", (root / fmt::format("clone{}", i) / "dirty").string()}}),
-                         "reading a clone's dirty log");
-      dirty_pages += saved["dirty_pages"].get<uint64_t>();
+      RestoreRequest request = restore_request(strategy);
+      request.start.log_dirty = true;
+      check(running.back().call<StatusReply>(request), "restoring a clone");
+      check(running.back().call<StatusReply>(PauseRequest{}), "pausing a clone");
+      SaveRequest save;
+      save.dirty = (root / fmt::format("clone{}", i) / "dirty").string();
+      dirty_pages += check(running.back().call<SaveReply>(save), "reading a clone's dirty log").dirty_pages.value_or(0);
     }
     uint64_t pss_total_kib = 0;
     for (VmmProcess& vmm : running) pss_total_kib += pss_kib(vmm.pid());
     double base_mib = static_cast<double>(memory_bytes) / (1 << 20);
-    double budget_mib = base_mib + static_cast<double>(dirty_pages) * 4096 / (1 << 20) + count * 1.0;
-    clone_results[strategy] = {{"clones", count},
-                               {"pss_total_mib", static_cast<double>(pss_total_kib) / 1024},
-                               {"dirty_pages", dirty_pages},
-                               {"budget_mib", budget_mib},
-                               {"within_budget", static_cast<double>(pss_total_kib) / 1024 <= budget_mib}};
+    double budget_mib = base_mib + static_cast<double>(dirty_pages) * kPageSize / (1 << 20) + count * 1.0;
+    clone_results[name] = {{"clones", count},
+                           {"pss_total_mib", static_cast<double>(pss_total_kib) / 1024},
+                           {"dirty_pages", dirty_pages},
+                           {"budget_mib", budget_mib},
+                           {"within_budget", static_cast<double>(pss_total_kib) / 1024 <= budget_mib}};
     running.clear();
     for (int i = 0; i < count; ++i) std::filesystem::remove_all(root / fmt::format("clone{}", i));
   }
@@ -240,7 +254,8 @@ int main(int argc, char** argv) {
                  {"loads", loads},
                  {"floor_us", {{"p50", floor_p50}, {"p99", percentile(floor, 0.99)}}},
                  {"clones", clone_results}};
-  for (const std::string& strategy : strategies) {
+  for (MemoryStrategy kind : strategies) {
+    std::string strategy(memory_strategy_name(kind));
     result["strategies"][strategy] = {
         {"first_instruction_us",
          {{"p50", percentile(first_instruction[strategy], 0.5)}, {"p99", percentile(first_instruction[strategy], 0.99)}}},
@@ -254,7 +269,8 @@ int main(int argc, char** argv) {
   fmt::print("micro guest {} MiB, chain depth {}, overlay {} pages (prepared once in {:.1f} ms); {} loads each\n\n",
              memory_mib, record.chain_depth, overlay_pages, prepare_ms, loads);
   fmt::print("{:<12} {:>24} {:>24} {:>10}\n", "strategy", "first instruction p50/p99", "answered p50/p99", "p50/floor");
-  for (const std::string& strategy : strategies) {
+  for (MemoryStrategy kind : strategies) {
+    std::string strategy(memory_strategy_name(kind));
     fmt::print("{:<12} {:>13.0f} / {:>6.0f} us {:>13.0f} / {:>6.0f} us {:>10.2f}\n", strategy,
                percentile(first_instruction[strategy], 0.5), percentile(first_instruction[strategy], 0.99),
                percentile(answered[strategy], 0.5), percentile(answered[strategy], 0.99),

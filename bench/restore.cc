@@ -17,6 +17,7 @@
 
 #include "backends/agent_client.h"
 #include "backends/qemu/qemu_backend.h"
+#include "templates/kernel_image.h"
 #include "templates/templates.h"
 
 namespace {
@@ -71,11 +72,13 @@ int main(int argc, char** argv) {
                                       ? std::filesystem::path(fmt::format("/tmp/deltavm-bench-restore-{}", getpid()))
                                       : std::filesystem::path(runtime_directory);
 
-  Store store = check(Store::open(store_directory), "open store");
+  Store store = check(Store::open(store_directory, template_reference_kinds()), "open store");
   std::unique_ptr<Backend> backend = make_qemu_backend();
-  ImageRecord record = check(store.find(template_name), "template");
-  std::vector<ImageRecord> chain = check(store.chain(template_name), "chain");
-  MachineSpec machine = check(template_machine(store, record), "machine");
+  Template loaded = check(load_template(store, template_name), "template");
+  const ImageRecord& record = loaded.record();
+  const std::vector<ImageRecord>& chain = loaded.chain;
+  MachineSpec machine = loaded.machine;
+  check(add_boot_files(store, loaded, machine), "kernel and initramfs");
   std::vector<uint8_t> state = check(store.read_attachment(record, kMachineStateRole), "machine state");
   Loader loader(store);
   // The peers' inputs are made before any timing: the flat file of the whole target image...

@@ -73,6 +73,9 @@ class Backend {
   virtual Result<RestoreTimings> restore(const MachineSpec& machine, const std::filesystem::path& base_ram_file,
                                          const FillMemory& fill, std::span<const uint8_t> machine_state,
                                          const VmDirectory& vm, bool leave_paused) = 0;
+  // Whether restore() needs the machine's kernel and initramfs (QEMU's command line names them;
+  // the kvm backend's VMM restores without them).
+  virtual bool restore_needs_boot_files() const { return true; }
   virtual Status resume(const VmDirectory& vm) = 0;
   // Copies the VM's RAM from guest-physical address 0 into `out` (whose size must not exceed
   // the VM's memory). The VM should be paused for a consistent copy.

@@ -17,6 +17,32 @@ const char* error_code_name(ErrorCode code) {
   return "unknown";
 }
 
+namespace {
+constexpr ErrorCode kAllCodes[] = {ErrorCode::kInvalidArgument, ErrorCode::kCorruption, ErrorCode::kNotFound,
+                                   ErrorCode::kAlreadyExists,   ErrorCode::kIo,         ErrorCode::kUnsupported,
+                                   ErrorCode::kBusy};
+}  // namespace
+
+const char* error_code_id(ErrorCode code) {
+  switch (code) {
+    case ErrorCode::kInvalidArgument: return "invalid_argument";
+    case ErrorCode::kCorruption: return "corruption";
+    case ErrorCode::kNotFound: return "not_found";
+    case ErrorCode::kAlreadyExists: return "already_exists";
+    case ErrorCode::kIo: return "io";
+    case ErrorCode::kUnsupported: return "unsupported";
+    case ErrorCode::kBusy: return "busy";
+  }
+  return "unknown";
+}
+
+std::optional<ErrorCode> parse_error_code_id(std::string_view id) {
+  for (ErrorCode code : kAllCodes) {
+    if (id == error_code_id(code)) return code;
+  }
+  return std::nullopt;
+}
+
 Error errno_error(std::string_view what, int saved_errno) {
   return Error{saved_errno == ENOENT ? ErrorCode::kNotFound : ErrorCode::kIo,
                fmt::format("{}: {}", what, std::strerror(saved_errno))};

@@ -6,6 +6,7 @@
 #include <fmt/format.h>
 
 #include <cassert>
+#include <optional>
 #include <string>
 #include <utility>
 #include <variant>
@@ -23,6 +24,9 @@ enum class ErrorCode {
 };
 
 const char* error_code_name(ErrorCode code);
+// A stable identifier for protocols ("invalid_argument", "not_found", ...), and back.
+const char* error_code_id(ErrorCode code);
+std::optional<ErrorCode> parse_error_code_id(std::string_view id);
 
 struct Error {
   ErrorCode code;
@@ -41,6 +45,8 @@ Error make_error(ErrorCode code, fmt::format_string<Args...> format, Args&&... a
 
 // An Error carrying errno's text: "open /x/y: No such file or directory".
 Error errno_error(std::string_view what, int saved_errno);
+
+class Status;
 
 // Either a T or an Error. Deliberately small: has_value / value / error, no monadic chains.
 template <typename T>
@@ -74,6 +80,8 @@ class [[nodiscard]] Result {
     assert(!has_value());
     return std::get<1>(state_);
   }
+  // The outcome without the value.
+  class Status status() const;
 
  private:
   std::variant<T, Error> state_;
@@ -96,6 +104,12 @@ class [[nodiscard]] Status {
   Error error_{ErrorCode::kIo, ""};
   bool ok_ = true;
 };
+
+template <typename T>
+Status Result<T>::status() const {
+  if (has_value()) return {};
+  return error();
+}
 
 }  // namespace deltavm
 

@@ -98,6 +98,30 @@ Result<std::vector<uint8_t>> read_file(const std::filesystem::path& path) {
   return bytes;
 }
 
+Result<std::vector<uint8_t>> read_file(const std::filesystem::path& path, uint64_t most_bytes) {
+  DELTAVM_ASSIGN_OR_RETURN(Fd fd, open_file(path, O_RDONLY));
+  struct stat st {};
+  if (::fstat(fd.get(), &st) != 0) return errno_error(fmt::format("stat {}", path.string()), errno);
+  if (!S_ISREG(st.st_mode)) {
+    return make_error(ErrorCode::kInvalidArgument, "{}: not a regular file", path.string());
+  }
+  if (static_cast<uint64_t>(st.st_size) > most_bytes) {
+    return make_error(ErrorCode::kInvalidArgument, "{} is {} bytes, more than the {} allowed", path.string(),
+                      st.st_size, most_bytes);
+  }
+  std::vector<uint8_t> bytes(static_cast<size_t>(st.st_size));
+  size_t done = 0;
+  while (done < bytes.size()) {
+    ssize_t n = ::read(fd.get(), bytes.data() + done, bytes.size() - done);
+    if (n < 0 && errno == EINTR) continue;
+    if (n < 0) return errno_error(fmt::format("read {}", path.string()), errno);
+    if (n == 0) break;  // Shrunk meanwhile: what is there.
+    done += static_cast<size_t>(n);
+  }
+  bytes.resize(done);
+  return bytes;
+}
+
 Status write_all(int fd, std::span<const uint8_t> bytes, const std::filesystem::path& path) {
   while (!bytes.empty()) {
     ssize_t n = ::write(fd, bytes.data(), bytes.size());
@@ -143,6 +167,11 @@ Status AtomicFileWriter::commit() {
   committed_ = true;
   std::filesystem::path directory = final_.parent_path();
   return fsync_directory(directory.empty() ? std::filesystem::path(".") : directory);
+}
+
+Status write_scratch_file(const std::filesystem::path& path, std::span<const uint8_t> bytes) {
+  DELTAVM_ASSIGN_OR_RETURN(Fd fd, open_file(path, O_WRONLY | O_CREAT | O_TRUNC | O_NOFOLLOW, 0600));
+  return write_all(fd.get(), bytes, path);
 }
 
 Status write_file_atomic(const std::filesystem::path& path, std::span<const uint8_t> bytes) {

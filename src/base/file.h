@@ -68,6 +68,9 @@ class Mapping {
 };
 
 Result<std::vector<uint8_t>> read_file(const std::filesystem::path& path);
+// read_file for a file that may be hostile or damaged: refused, before anything is read, if it
+// is larger than `most_bytes` (kInvalidArgument naming the file and both sizes).
+Result<std::vector<uint8_t>> read_file(const std::filesystem::path& path, uint64_t most_bytes);
 
 // Writes all of `bytes` at the current offset, retrying short writes and EINTR.
 Status write_all(int fd, std::span<const uint8_t> bytes, const std::filesystem::path& path);
@@ -101,6 +104,10 @@ class AtomicFileWriter {
 };
 
 Status write_file_atomic(const std::filesystem::path& path, std::span<const uint8_t> bytes);
+
+// Writes a scratch file that lives as long as a running process needs it (a VM's machine state
+// or overlay): created or truncated 0600, not fsync'ed, since nothing of it outlives a crash.
+Status write_scratch_file(const std::filesystem::path& path, std::span<const uint8_t> bytes);
 
 // Temporary names carry this marker, so that cleanup and fsck can recognise leftovers.
 inline constexpr std::string_view kTemporaryMarker = ".tmp-";

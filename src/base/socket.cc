@@ -2,6 +2,7 @@
 
 #include <poll.h>
 #include <sys/socket.h>
+#include <sys/stat.h>
 #include <sys/un.h>
 #include <unistd.h>
 
@@ -21,7 +22,24 @@ Result<Fd> listen_unix(const std::filesystem::path& path) {
   std::strcpy(address.sun_path, path.c_str());
   Fd fd(::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0));
   if (!fd.valid()) return errno_error("socket", errno);
-  ::unlink(path.c_str());
+  // A socket file left by a process that died is replaced; one that a live process still
+  // listens on is not (stealing it would cut that process off from its clients).
+  struct stat st {};
+  if (::lstat(path.c_str(), &st) == 0) {
+    if (!S_ISSOCK(st.st_mode)) {
+      return make_error(ErrorCode::kAlreadyExists, "{} exists and is not a socket; refusing to replace it",
+                        path.string());
+    }
+    Fd probe(::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0));
+    if (!probe.valid()) return errno_error("socket", errno);
+    if (::connect(probe.get(), reinterpret_cast<sockaddr*>(&address), sizeof address) == 0) {
+      return make_error(ErrorCode::kBusy, "socket {} is in use by a live process", path.string());
+    }
+    if (errno != ECONNREFUSED) return errno_error(fmt::format("probe {}", path.string()), errno);
+    if (::unlink(path.c_str()) != 0 && errno != ENOENT) {
+      return errno_error(fmt::format("remove stale socket {}", path.string()), errno);
+    }
+  }
   if (::bind(fd.get(), reinterpret_cast<sockaddr*>(&address), sizeof address) != 0) {
     return errno_error(fmt::format("bind {}", path.string()), errno);
   }
@@ -85,6 +103,29 @@ Status send_all(int fd, std::string_view bytes, std::string_view what) {
     bytes.remove_prefix(static_cast<size_t>(n));
   }
   return {};
+}
+
+Result<std::string> LineChannel::read_line(Deadline deadline) {
+  for (;;) {
+    size_t newline = buffer_.find('\n', scanned_);
+    if (newline != std::string::npos) {
+      std::string line = buffer_.substr(0, newline);
+      buffer_.erase(0, newline + 1);
+      scanned_ = 0;
+      return line;
+    }
+    scanned_ = buffer_.size();
+    if (buffer_.size() > max_line_bytes_) {
+      return make_error(ErrorCode::kIo, "{}: a line longer than {} bytes", what_, max_line_bytes_);
+    }
+    DELTAVM_TRY(read_some(fd_.get(), buffer_, deadline, what_));
+  }
+}
+
+Status LineChannel::write_line(std::string_view line) {
+  std::string text(line);
+  text += '\n';
+  return send_all(fd_.get(), text, what_);
 }
 
 }  // namespace deltavm

@@ -2,11 +2,8 @@
 #include <CLI/CLI.hpp>
 
 #include "cli/commands.h"
-#include "templates/kernel_image.h"
 
 int main(int argc, char** argv) {
-  // Stored base images may be compressed against their kernel's text.
-  deltavm::register_kernel_reference_kind();
   CLI::App app{"deltavm: store guest RAM images as delta chains and load VMs from them"};
   app.require_subcommand(1);
   app.fallthrough();

@@ -4,18 +4,25 @@
 #include "base/progress.h"
 #include "cli/commands.h"
 #include "store/store.h"
+#include "templates/kernel_image.h"
 
 namespace deltavm::cli {
 namespace {
+
+nlohmann::json object_ids(const std::vector<ObjectId>& ids) {
+  nlohmann::json out = nlohmann::json::array();
+  for (const ObjectId& id : ids) out.push_back(id.hex());
+  return out;
+}
 
 nlohmann::json record_json(const ImageRecord& record) {
   return {{"name", record.name},
           {"parent", record.parent ? nlohmann::json(*record.parent) : nlohmann::json()},
           {"chain_depth", record.chain_depth},
-          {"object_id", record.object_id},
+          {"object_id", record.object_id.hex()},
           {"image_size_bytes", record.image_size_bytes},
           {"stored_size_bytes", record.stored_size_bytes},
-          {"digest", record.digest},
+          {"digest", record.digest.hex()},
           {"created_at_unix", record.created_at_unix}};
 }
 
@@ -62,6 +69,7 @@ Status run_put(const GlobalOptions& options, const std::string& name, const std:
   std::optional<Progress> progress(std::in_place, "storing " + name, page_count(image.size()), !options.json);
   PutOptions put_options;
   put_options.progress = [&progress](uint64_t done, uint64_t) { progress->update(done); };
+  if (!parent_name) put_options.encoding.merge_gap_bytes = kBaseImageMergeGapBytes;
   DELTAVM_ASSIGN_OR_RETURN(ImageRecord record, store.put_image(name, image.bytes(), parent_name, put_options));
   progress.reset();  // Finishes the progress line before the result is printed.
   if (options.json) {
@@ -97,7 +105,7 @@ Status run_verify(const GlobalOptions& options, const std::string& name) {
   DELTAVM_ASSIGN_OR_RETURN(std::vector<ImageRecord> chain, store.chain(name));
   DELTAVM_ASSIGN_OR_RETURN(Mapping image, store.get_image(name));
   if (options.json) {
-    print_json({{"name", name}, {"ok", true}, {"chain_length", chain.size()}, {"digest", chain.back().digest}});
+    print_json({{"name", name}, {"ok", true}, {"chain_length", chain.size()}, {"digest", chain.back().digest.hex()}});
   } else {
     fmt::print("{}: ok (chain of {} object(s) verified, image digest {})\n", name, chain.size(),
                chain.back().digest);
@@ -125,7 +133,7 @@ Result<int> run_fsck(const GlobalOptions& options) {
   if (options.json) {
     print_json({{"clean", report.clean()}, {"images_checked", report.images_checked},
                 {"objects_checked", report.objects_checked}, {"problems", report.problems},
-                {"unreferenced_objects", report.unreferenced}, {"temporaries", report.temporaries}});
+                {"unreferenced_objects", object_ids(report.unreferenced)}, {"temporaries", report.temporaries}});
   } else {
     fmt::print("checked {} image(s) and {} object(s) in {}\n", report.images_checked, report.objects_checked,
                store.directory().string());
@@ -142,7 +150,9 @@ Result<int> run_fsck(const GlobalOptions& options) {
 Result<Store> open_store(const GlobalOptions& options, StoreAccess access) {
   std::filesystem::path directory =
       options.store_directory.empty() ? default_store_directory() : std::filesystem::path(options.store_directory);
-  return access == StoreAccess::kCreate ? Store::open_or_create(directory) : Store::open(directory);
+  // Template bases are compressed against their kernel's text: the store needs that kind.
+  return access == StoreAccess::kCreate ? Store::open_or_create(directory, template_reference_kinds())
+                                        : Store::open(directory, template_reference_kinds());
 }
 
 void add_store_commands(CLI::App& app, const GlobalOptions& options, int& exit_status) {

@@ -6,7 +6,6 @@
 #include <ctime>
 
 #include "backends/agent_client.h"
-#include "backends/kvm/guest_memory.h"
 #include "backends/kvm/kvm_backend.h"
 #include "backends/qemu/qemu_backend.h"
 #include "base/socket.h"
@@ -84,22 +83,20 @@ Status run_run(const GlobalOptions& options, const std::string& name, const std:
                const std::string& strategy_name, const std::string& kvm_memory, bool paused) {
   DELTAVM_ASSIGN_OR_RETURN(RamStrategy strategy, parse_ram_strategy(strategy_name));
   DELTAVM_ASSIGN_OR_RETURN(Store store, open_store(options));
-  std::string chosen = backend_name;
-  if (chosen.empty()) {  // The backend that captured the template.
-    DELTAVM_ASSIGN_OR_RETURN(ImageRecord record, store.find(name));
-    chosen = template_backend(record);
-  }
+  DELTAVM_ASSIGN_OR_RETURN(Template loaded, load_template(store, name));
+  // By default, the backend that captured the template.
+  std::string chosen = backend_name.empty() ? loaded.backend : backend_name;
   std::unique_ptr<Backend> backend;
   if (!kvm_memory.empty()) {
     if (chosen != "kvm") {
       return make_error(ErrorCode::kInvalidArgument, "--kvm-memory applies to the kvm backend, not {}", chosen);
     }
-    DELTAVM_ASSIGN_OR_RETURN(kvm::MemoryStrategy memory, kvm::parse_memory_strategy(kvm_memory));
+    DELTAVM_ASSIGN_OR_RETURN(vmm::MemoryStrategy memory, vmm::parse_memory_strategy(kvm_memory));
     backend = make_kvm_backend(memory);
   } else {
     DELTAVM_ASSIGN_OR_RETURN(backend, make_backend(chosen));
   }
-  DELTAVM_ASSIGN_OR_RETURN(StartedVm vm, start_vm(name, store, *backend, runtime_directory(options), strategy, paused));
+  DELTAVM_ASSIGN_OR_RETURN(StartedVm vm, start_vm(loaded, store, *backend, runtime_directory(options), strategy, paused));
   if (options.json) {
     print_json({{"id", vm.id}, {"template", vm.template_name}, {"strategy", ram_strategy_name(vm.strategy)},
                 {"prepare_ms", vm.prepare_ms}, {"launch_ms", vm.restore.launch_ms}, {"fill_ms", vm.restore.fill_ms},
@@ -188,7 +185,7 @@ Status run_console(const GlobalOptions& options, const std::string& id) {
   }
   Status status;
   pollfd fds[2] = {{STDIN_FILENO, POLLIN, 0}, {console.get(), POLLIN, 0}};
-  char buffer[4096];
+  char buffer[65536];
   bool input_open = true;
   for (;;) {
     fds[0].fd = input_open ? STDIN_FILENO : -1;

@@ -79,6 +79,11 @@ class DeltaBuilder {
   Delta delta_;
 };
 
+// The run merge gap for a base image (the delta from zeros): its runs then hold whole
+// stretches of what a compression reference or other pages repeat, which matches far better
+// (measured on a guest base: 8.8 MiB with 2-byte gaps against a reference, 4.1 MiB with 16).
+inline constexpr uint32_t kBaseImageMergeGapBytes = 16;
+
 struct DiffOptions {
   // When set, only pages whose bit is set are compared; the others are taken as unchanged.
   const DirtyBitmap* dirty = nullptr;

@@ -11,17 +11,13 @@
 #include <vector>
 
 #include "base/error.h"
+#include "base/page.h"
 
 namespace deltavm {
-
-inline constexpr size_t kPageSize = 4096;
 
 // The largest guest RAM image deltavm handles (1 TiB): a bound on every size a file claims, so
 // that no count derived from it can overflow or ask for more memory than a host has.
 inline constexpr uint64_t kMaxImageSizeBytes = 1ull << 40;
-
-// True if every byte of the page is zero.
-bool is_zero_page(const uint8_t* page);
 
 // XXH3-64 of one page.
 uint64_t page_hash(const uint8_t* page);
@@ -31,7 +27,7 @@ struct ImageDigest {
   uint64_t high = 0;
   uint64_t low = 0;
 
-  bool operator==(const ImageDigest&) const = default;
+  auto operator<=>(const ImageDigest&) const = default;
   std::string hex() const;
   static std::optional<ImageDigest> from_hex(std::string_view hex);
 };
@@ -51,9 +47,6 @@ class ImageDigester {
  private:
   void* state_;  // XXH3_state_t, kept out of this header.
 };
-
-// Pages count of an image; REQUIRES: size_bytes is a multiple of kPageSize.
-inline uint64_t page_count(uint64_t size_bytes) { return size_bytes / kPageSize; }
 
 // Checks that an image of `size_bytes` is a whole number of pages and at most
 // kMaxImageSizeBytes; `name` goes in the error.
@@ -82,3 +75,11 @@ class DirtyBitmap {
 };
 
 }  // namespace deltavm
+
+// fmt::format("{}", digest) writes its 32 hex digits.
+template <>
+struct fmt::formatter<deltavm::ImageDigest> : fmt::formatter<std::string_view> {
+  auto format(const deltavm::ImageDigest& digest, fmt::format_context& context) const {
+    return fmt::formatter<std::string_view>::format(digest.hex(), context);
+  }
+};

@@ -21,9 +21,9 @@ Result<RamStrategy> parse_ram_strategy(std::string_view name) {
   return make_error(ErrorCode::kInvalidArgument, "unknown RAM strategy {} (base+deltas or flat)", name);
 }
 
-Result<PreparedRam> Loader::prepare(const std::string& image_name, RamStrategy strategy) {
+Result<PreparedRam> Loader::prepare(std::span<const ImageRecord> chain, RamStrategy strategy) {
   auto start = std::chrono::steady_clock::now();
-  DELTAVM_ASSIGN_OR_RETURN(std::vector<ImageRecord> chain, store_.chain(image_name));
+  if (chain.empty()) return make_error(ErrorCode::kInvalidArgument, "no image to load: the chain is empty");
   PreparedRam ram;
   ram.store_ = &store_;
   const ImageRecord& flat_record = strategy == RamStrategy::kFlatTarget ? chain.back() : chain.front();
@@ -42,12 +42,12 @@ Result<PreparedRam> Loader::prepare(const std::string& image_name, RamStrategy s
 Status PreparedRam::fill(GuestMemoryWriter& writer) const {
   if (layers_.empty()) return {};
   std::vector<Delta> deltas;
-  std::string previous = flat_digest_;
+  ImageDigest previous = flat_digest_;
   for (const ImageRecord& layer : layers_) {
     DELTAVM_ASSIGN_OR_RETURN(Delta delta, store_->read_delta(layer));
-    if (delta.base_digest && delta.base_digest->hex() != previous) {
+    if (delta.base_digest && *delta.base_digest != previous) {
       return make_error(ErrorCode::kCorruption, "image {}: its delta applies to image {}, not to its parent ({})",
-                        layer.name, delta.base_digest->hex(), previous);
+                        layer.name, *delta.base_digest, previous);
     }
     previous = layer.digest;
     deltas.push_back(std::move(delta));

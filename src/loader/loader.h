@@ -10,6 +10,7 @@
 #pragma once
 
 #include <filesystem>
+#include <span>
 #include <string>
 #include <vector>
 
@@ -47,7 +48,7 @@ class PreparedRam {
   std::filesystem::path flat_file_;
   Mapping flat_mapping_;                // The flat file mapped here, to read base pages from.
   std::vector<ImageRecord> layers_;     // The chain after the flat file's image, in order.
-  std::string flat_digest_;
+  ImageDigest flat_digest_;
   double prepare_ms_ = 0;
 };
 
@@ -55,7 +56,8 @@ class Loader {
  public:
   explicit Loader(Store& store) : store_(store) {}
 
-  Result<PreparedRam> prepare(const std::string& image_name, RamStrategy strategy);
+  // RAM for the last image of `chain` (Store::chain: base first).
+  Result<PreparedRam> prepare(std::span<const ImageRecord> chain, RamStrategy strategy);
 
  private:
   Store& store_;

@@ -104,15 +104,24 @@ constexpr const char* kSelectColumns =
     "SELECT name, parent, chain_depth, object_id, image_size_bytes, stored_size_bytes, digest, "
     "created_at_unix, metadata, page_sample, reference FROM images";
 
-ImageRecord read_record(Statement& statement) {
+// A digest column: 32 hex digits, or the catalog is damaged.
+Result<ImageDigest> digest_column(Statement& statement, int column, std::string_view what) {
+  std::string text = statement.text(column);
+  std::optional<ImageDigest> digest = ImageDigest::from_hex(text);
+  if (!digest) return make_error(ErrorCode::kCorruption, "catalog: {} is {:?}, not 32 hex digits", what, text);
+  return *digest;
+}
+
+Result<ImageRecord> read_record(Statement& statement) {
   ImageRecord record;
   record.name = statement.text(0);
   if (!statement.is_null(1)) record.parent = statement.text(1);
   record.chain_depth = static_cast<uint32_t>(statement.integer(2));
-  record.object_id = statement.text(3);
+  DELTAVM_ASSIGN_OR_RETURN(record.object_id.hash,
+                           digest_column(statement, 3, fmt::format("the object id of image {}", record.name)));
   record.image_size_bytes = static_cast<uint64_t>(statement.integer(4));
   record.stored_size_bytes = static_cast<uint64_t>(statement.integer(5));
-  record.digest = statement.text(6);
+  DELTAVM_ASSIGN_OR_RETURN(record.digest, digest_column(statement, 6, fmt::format("the digest of image {}", record.name)));
   record.created_at_unix = statement.integer(7);
   record.metadata = statement.text(8);
   record.page_sample = statement.blob(9);
@@ -134,7 +143,8 @@ Result<Catalog> Catalog::open(const std::filesystem::path& path) {
                       path.string());
   }
   sqlite3* db = nullptr;
-  int rc = sqlite3_open_v2(path.c_str(), &db, SQLITE_OPEN_READWRITE, nullptr);
+  // Serialized: one connection may be used from several threads (store.h, "Concurrency").
+  int rc = sqlite3_open_v2(path.c_str(), &db, SQLITE_OPEN_READWRITE | SQLITE_OPEN_FULLMUTEX, nullptr);
   Catalog catalog(db);  // Closes db on every return below.
   if (rc != SQLITE_OK) return sqlite_error(db, fmt::format("open {}", path.string()));
   sqlite3_busy_timeout(db, 30000);
@@ -220,7 +230,7 @@ Result<std::optional<ImageRecord>> Catalog::find(const std::string& name) {
   int rc = statement.step();
   if (rc == SQLITE_DONE) return std::optional<ImageRecord>();
   if (rc != SQLITE_ROW) return sqlite_error(db_, fmt::format("find image {}", name));
-  ImageRecord record = read_record(statement);
+  DELTAVM_ASSIGN_OR_RETURN(ImageRecord record, read_record(statement));
   DELTAVM_TRY(load_attachments(record));
   return std::optional<ImageRecord>(std::move(record));
 }
@@ -231,8 +241,12 @@ Status Catalog::load_attachments(ImageRecord& record) {
   statement.bind(1, record.name);
   int rc;
   while ((rc = statement.step()) == SQLITE_ROW) {
-    record.attachments.push_back(
-        Attachment{statement.text(0), statement.text(1), static_cast<uint64_t>(statement.integer(2))});
+    Attachment attachment{statement.text(0), {}, static_cast<uint64_t>(statement.integer(2))};
+    DELTAVM_ASSIGN_OR_RETURN(attachment.object_id.hash,
+                             digest_column(statement, 1,
+                                           fmt::format("the object of image {}'s {} attachment", record.name,
+                                                       attachment.role)));
+    record.attachments.push_back(std::move(attachment));
   }
   if (rc != SQLITE_DONE) return sqlite_error(db_, fmt::format("attachments of {}", record.name));
   return {};
@@ -243,7 +257,10 @@ Result<std::vector<ImageRecord>> Catalog::list() {
   if (!statement.ok()) return sqlite_error(db_, "prepare list");
   std::vector<ImageRecord> records;
   int rc;
-  while ((rc = statement.step()) == SQLITE_ROW) records.push_back(read_record(statement));
+  while ((rc = statement.step()) == SQLITE_ROW) {
+    DELTAVM_ASSIGN_OR_RETURN(ImageRecord record, read_record(statement));
+    records.push_back(std::move(record));
+  }
   if (rc != SQLITE_DONE) return sqlite_error(db_, "list images");
   for (ImageRecord& record : records) DELTAVM_TRY(load_attachments(record));
   return records;
@@ -269,10 +286,10 @@ Status Catalog::insert_rows(const ImageRecord& record) {
   if (record.parent) statement.bind(2, *record.parent);
   else statement.bind_null(2);
   statement.bind(3, static_cast<int64_t>(record.chain_depth));
-  statement.bind(4, record.object_id);
+  statement.bind(4, record.object_id.hex());
   statement.bind(5, static_cast<int64_t>(record.image_size_bytes));
   statement.bind(6, static_cast<int64_t>(record.stored_size_bytes));
-  statement.bind(7, record.digest);
+  statement.bind(7, record.digest.hex());
   statement.bind(8, record.created_at_unix);
   statement.bind(9, record.metadata);
   statement.bind_blob(10, record.page_sample);
@@ -287,7 +304,7 @@ Status Catalog::insert_rows(const ImageRecord& record) {
     if (!insert.ok()) return sqlite_error(db_, "prepare insert attachment");
     insert.bind(1, record.name);
     insert.bind(2, attachment.role);
-    insert.bind(3, attachment.object_id);
+    insert.bind(3, attachment.object_id.hex());
     insert.bind(4, static_cast<int64_t>(attachment.size_bytes));
     if (insert.step() != SQLITE_DONE) {
       return sqlite_error(db_, fmt::format("insert attachment {} of {}", attachment.role, record.name));
@@ -330,27 +347,30 @@ Result<std::vector<std::string>> Catalog::integrity_check(bool quick) {
 
 namespace {
 
-FlatFileSeal read_seal(Statement& statement) {
-  return FlatFileSeal{statement.text(0),
-                      static_cast<uint64_t>(statement.integer(1)),
-                      static_cast<uint64_t>(statement.integer(2)),
-                      static_cast<uint64_t>(statement.integer(3)),
-                      statement.integer(4),
-                      statement.integer(5)};
+Result<FlatFileSeal> read_seal(Statement& statement) {
+  FlatFileSeal seal;
+  DELTAVM_ASSIGN_OR_RETURN(seal.digest, digest_column(statement, 0, "a flat file's digest"));
+  seal.size_bytes = static_cast<uint64_t>(statement.integer(1));
+  seal.device = static_cast<uint64_t>(statement.integer(2));
+  seal.inode = static_cast<uint64_t>(statement.integer(3));
+  seal.mtime_ns = statement.integer(4);
+  seal.ctime_ns = statement.integer(5);
+  return seal;
 }
 
 constexpr const char* kSelectSeal = "SELECT digest, size_bytes, device, inode, mtime_ns, ctime_ns FROM flat_files";
 
 }  // namespace
 
-Result<std::optional<FlatFileSeal>> Catalog::find_flat_file(const std::string& digest) {
+Result<std::optional<FlatFileSeal>> Catalog::find_flat_file(const ImageDigest& digest) {
   Statement statement(db_, fmt::format("{} WHERE digest = ?1", kSelectSeal).c_str());
   if (!statement.ok()) return sqlite_error(db_, "prepare find flat file");
-  statement.bind(1, digest);
+  statement.bind(1, digest.hex());
   int rc = statement.step();
   if (rc == SQLITE_DONE) return std::optional<FlatFileSeal>();
   if (rc != SQLITE_ROW) return sqlite_error(db_, fmt::format("find flat file {}", digest));
-  return std::optional<FlatFileSeal>(read_seal(statement));
+  DELTAVM_ASSIGN_OR_RETURN(FlatFileSeal seal, read_seal(statement));
+  return std::optional<FlatFileSeal>(seal);
 }
 
 Result<std::vector<FlatFileSeal>> Catalog::list_flat_files() {
@@ -358,7 +378,10 @@ Result<std::vector<FlatFileSeal>> Catalog::list_flat_files() {
   if (!statement.ok()) return sqlite_error(db_, "prepare list flat files");
   std::vector<FlatFileSeal> seals;
   int rc;
-  while ((rc = statement.step()) == SQLITE_ROW) seals.push_back(read_seal(statement));
+  while ((rc = statement.step()) == SQLITE_ROW) {
+    DELTAVM_ASSIGN_OR_RETURN(FlatFileSeal seal, read_seal(statement));
+    seals.push_back(seal);
+  }
   if (rc != SQLITE_DONE) return sqlite_error(db_, "list flat files");
   return seals;
 }
@@ -368,7 +391,7 @@ Status Catalog::put_flat_file(const FlatFileSeal& seal) {
                       "INSERT OR REPLACE INTO flat_files (digest, size_bytes, device, inode, mtime_ns, ctime_ns) "
                       "VALUES (?1, ?2, ?3, ?4, ?5, ?6)");
   if (!statement.ok()) return sqlite_error(db_, "prepare seal flat file");
-  statement.bind(1, seal.digest);
+  statement.bind(1, seal.digest.hex());
   statement.bind(2, static_cast<int64_t>(seal.size_bytes));
   statement.bind(3, static_cast<int64_t>(seal.device));
   statement.bind(4, static_cast<int64_t>(seal.inode));
@@ -378,12 +401,20 @@ Status Catalog::put_flat_file(const FlatFileSeal& seal) {
   return {};
 }
 
-Status Catalog::remove_flat_file(const std::string& digest) {
+Status Catalog::remove_flat_file(const ImageDigest& digest) {
   Statement statement(db_, "DELETE FROM flat_files WHERE digest = ?1");
   if (!statement.ok()) return sqlite_error(db_, "prepare remove flat file");
-  statement.bind(1, digest);
+  statement.bind(1, digest.hex());
   if (statement.step() != SQLITE_DONE) return sqlite_error(db_, fmt::format("remove flat file {}", digest));
   return {};
 }
+
+std::optional<ObjectId> ObjectId::from_hex(std::string_view hex) {
+  std::optional<ImageDigest> hash = ImageDigest::from_hex(hex);
+  if (!hash) return std::nullopt;
+  return ObjectId{*hash};
+}
+
+ObjectId ObjectId::of(std::span<const uint8_t> bytes) { return ObjectId{digest_image(bytes)}; }
 
 }  // namespace deltavm

@@ -7,20 +7,32 @@
 #include <filesystem>
 #include <memory>
 #include <optional>
+#include <span>
 #include <string>
 #include <vector>
 
 #include "base/error.h"
+#include "image/page.h"
 
 struct sqlite3;
 
 namespace deltavm {
 
+// The name of a stored object: the XXH3-128 of its bytes, as 32 hex digits on disk.
+struct ObjectId {
+  ImageDigest hash;
+
+  auto operator<=>(const ObjectId&) const = default;
+  std::string hex() const { return hash.hex(); }
+  static std::optional<ObjectId> from_hex(std::string_view hex);
+  static ObjectId of(std::span<const uint8_t> bytes);
+};
+
 // A named object stored with an image, opaque to the store (a VM's machine state, the
 // initramfs it booted from). Kept and verified like the image's own delta.
 struct Attachment {
   std::string role;
-  std::string object_id;
+  ObjectId object_id;
   uint64_t size_bytes = 0;
 };
 
@@ -28,10 +40,10 @@ struct ImageRecord {
   std::string name;
   std::optional<std::string> parent;  // None for a base image.
   uint32_t chain_depth = 0;           // Number of deltas between the base and this image.
-  std::string object_id;              // The object holding the delta from the parent.
+  ObjectId object_id;                 // The object holding the delta from the parent.
   uint64_t image_size_bytes = 0;      // The size of the whole image.
   uint64_t stored_size_bytes = 0;     // The size of its object.
-  std::string digest;                 // ImageDigest::hex() of the whole image.
+  ImageDigest digest;                 // Of the whole image.
   int64_t created_at_unix = 0;
   std::string metadata = "{}";            // JSON owned by the caller; the store keeps it as is.
   std::vector<uint8_t> page_sample;       // Hashes of sampled pages, for finding similar images.
@@ -45,7 +57,7 @@ struct ImageRecord {
 // file's identity and the times the kernel sets on every change. A file that still matches
 // was not written, replaced or truncated since; a file that does not is verified again.
 struct FlatFileSeal {
-  std::string digest;  // The image the file holds.
+  ImageDigest digest;  // The image the file holds.
   uint64_t size_bytes = 0;
   uint64_t device = 0;
   uint64_t inode = 0;
@@ -75,10 +87,10 @@ class Catalog {
   // the index checks.
   Result<std::vector<std::string>> integrity_check(bool quick = false);
 
-  Result<std::optional<FlatFileSeal>> find_flat_file(const std::string& digest);
+  Result<std::optional<FlatFileSeal>> find_flat_file(const ImageDigest& digest);
   Result<std::vector<FlatFileSeal>> list_flat_files();
   Status put_flat_file(const FlatFileSeal& seal);
-  Status remove_flat_file(const std::string& digest);
+  Status remove_flat_file(const ImageDigest& digest);
 
  private:
   explicit Catalog(sqlite3* db) : db_(db) {}
@@ -88,3 +100,10 @@ class Catalog {
 };
 
 }  // namespace deltavm
+
+template <>
+struct fmt::formatter<deltavm::ObjectId> : fmt::formatter<std::string_view> {
+  auto format(const deltavm::ObjectId& id, fmt::format_context& context) const {
+    return fmt::formatter<std::string_view>::format(id.hex(), context);
+  }
+};

@@ -20,14 +20,8 @@ namespace deltavm {
 namespace {
 
 // A chain longer than this is taken as a corrupt catalog (a parent cycle).
-constexpr uint32_t kMaxChainDepth = 4096;
+constexpr uint32_t kMaxChainDepth = 1000;
 
-std::string object_id_of(std::span<const uint8_t> bytes) {
-  XXH128_hash_t hash = XXH3_128bits(bytes.data(), bytes.size());
-  return ImageDigest{hash.high64, hash.low64}.hex();
-}
-
-bool is_object_id(std::string_view text) { return ImageDigest::from_hex(text).has_value(); }
 
 int64_t now_unix() {
   return std::chrono::duration_cast<std::chrono::seconds>(
@@ -63,26 +57,6 @@ std::vector<uint8_t> sample_pages(std::span<const uint8_t> image) {
   return sample;
 }
 
-std::mutex& reference_kinds_mutex() {
-  static std::mutex mutex;
-  return mutex;
-}
-
-std::map<std::string, ReferenceTransform>& reference_kinds() {
-  static std::map<std::string, ReferenceTransform> kinds = {
-      {"raw", [](std::span<const uint8_t> bytes) { return Result<std::vector<uint8_t>>(std::vector<uint8_t>(bytes.begin(), bytes.end())); }}};
-  return kinds;
-}
-
-Result<ReferenceTransform> reference_kind(const std::string& kind) {
-  std::lock_guard lock(reference_kinds_mutex());
-  auto it = reference_kinds().find(kind);
-  if (it == reference_kinds().end()) {
-    return make_error(ErrorCode::kUnsupported, "reference kind {} is not known to this program", kind);
-  }
-  return it->second;
-}
-
 std::string reference_spec(const std::vector<std::pair<std::string, std::string>>& reference) {
   std::string spec;
   for (const auto& [role, kind] : reference) spec += (spec.empty() ? "" : ",") + role + ":" + kind;
@@ -91,11 +65,15 @@ std::string reference_spec(const std::vector<std::pair<std::string, std::string>
 
 // Builds a reference from {role, kind} parts, taking each role's bytes from `bytes_of`.
 Result<std::vector<uint8_t>> build_reference(
-    const std::vector<std::pair<std::string, std::string>>& parts,
+    const ReferenceKinds& kinds, const std::vector<std::pair<std::string, std::string>>& parts,
     const std::function<Result<std::vector<uint8_t>>(const std::string& role)>& bytes_of) {
   std::vector<uint8_t> reference;
   for (const auto& [role, kind] : parts) {
-    DELTAVM_ASSIGN_OR_RETURN(ReferenceTransform transform, reference_kind(kind));
+    auto it = kinds.find(kind);
+    if (it == kinds.end()) {
+      return make_error(ErrorCode::kUnsupported, "reference kind {} is not known to this program", kind);
+    }
+    const ReferenceTransform& transform = it->second;
     DELTAVM_ASSIGN_OR_RETURN(std::vector<uint8_t> source, bytes_of(role));
     DELTAVM_ASSIGN_OR_RETURN(std::vector<uint8_t> part, transform(source));
     reference.insert(reference.end(), part.begin(), part.end());
@@ -119,9 +97,11 @@ std::vector<std::pair<std::string, std::string>> parse_reference_spec(const std:
 
 }  // namespace
 
-void register_reference_kind(const std::string& kind, ReferenceTransform transform) {
-  std::lock_guard lock(reference_kinds_mutex());
-  reference_kinds()[kind] = std::move(transform);
+ReferenceKinds with_raw_kind(ReferenceKinds kinds) {
+  kinds.try_emplace("raw", [](std::span<const uint8_t> bytes) {
+    return Result<std::vector<uint8_t>>(std::vector<uint8_t>(bytes.begin(), bytes.end()));
+  });
+  return kinds;
 }
 
 std::filesystem::path default_store_directory() {
@@ -166,7 +146,7 @@ bool holds_no_data(const std::filesystem::path& directory, std::string& found) {
 
 }  // namespace
 
-Result<Store> Store::open(const std::filesystem::path& directory) {
+Result<Store> Store::open(const std::filesystem::path& directory, ReferenceKinds kinds) {
   std::error_code error;
   bool is_directory = std::filesystem::is_directory(directory, error);
   if (error && error != std::errc::no_such_file_or_directory) {
@@ -190,10 +170,10 @@ Result<Store> Store::open(const std::filesystem::path& directory) {
   }
   Result<Catalog> catalog = Catalog::open(catalog_path);
   if (!catalog) return catalog.error().with_context(fmt::format("store {}", directory.string()));
-  return Store(directory, std::move(catalog).value());
+  return Store(directory, std::move(catalog).value(), with_raw_kind(std::move(kinds)));
 }
 
-Result<Store> Store::open_or_create(const std::filesystem::path& directory) {
+Result<Store> Store::open_or_create(const std::filesystem::path& directory, ReferenceKinds kinds) {
   std::filesystem::path catalog_path = directory / "catalog.sqlite";
   std::error_code error;
   if (!std::filesystem::exists(catalog_path, error)) {
@@ -212,15 +192,16 @@ Result<Store> Store::open_or_create(const std::filesystem::path& directory) {
     // Another process may have created the store meanwhile; its catalog is opened below.
     if (!created && !std::filesystem::exists(catalog_path, error)) return created.error();
   }
-  return open(directory);
+  return open(directory, std::move(kinds));
 }
 
-std::filesystem::path Store::object_path(const std::string& object_id) const {
-  return directory_ / "objects" / object_id.substr(0, 2) / object_id;
+std::filesystem::path Store::object_path(const ObjectId& object_id) const {
+  std::string hex = object_id.hex();
+  return directory_ / "objects" / hex.substr(0, 2) / hex;
 }
 
-Result<std::string> Store::put_object(std::span<const uint8_t> bytes) {
-  std::string id = object_id_of(bytes);
+Result<ObjectId> Store::put_object(std::span<const uint8_t> bytes) {
+  ObjectId id = ObjectId::of(bytes);
   std::filesystem::path path = object_path(id);
   std::error_code error;
   if (std::filesystem::exists(path, error)) {
@@ -238,14 +219,14 @@ Result<std::string> Store::put_object(std::span<const uint8_t> bytes) {
   return id;
 }
 
-Result<Mapping> Store::map_object(const std::string& object_id, uint64_t expected_size) {
+Result<Mapping> Store::map_object(const ObjectId& object_id, uint64_t expected_size) {
   std::filesystem::path path = object_path(object_id);
   DELTAVM_ASSIGN_OR_RETURN(Mapping bytes, Mapping::map_file_readonly(path));
   if (bytes.size() != expected_size) {
     return make_error(ErrorCode::kCorruption, "object {}: size {} bytes, catalog says {}",
                       object_id, bytes.size(), expected_size);
   }
-  std::string actual = object_id_of(bytes.bytes());
+  ObjectId actual = ObjectId::of(bytes.bytes());
   if (actual != object_id) {
     return make_error(ErrorCode::kCorruption, "object {}: content hash is {}: the object is damaged",
                       object_id, actual);
@@ -281,30 +262,34 @@ Result<FileDigest> digest_file(const std::filesystem::path& path) {
 
 }  // namespace
 
-Status Store::verify_object(const std::string& object_id, uint64_t expected_size) {
+Status Store::verify_object(const ObjectId& object_id, uint64_t expected_size) {
   DELTAVM_ASSIGN_OR_RETURN(FileDigest file, digest_file(object_path(object_id)));
   if (file.size_bytes != expected_size) {
     return make_error(ErrorCode::kCorruption, "object {}: size {} bytes, catalog says {}", object_id, file.size_bytes,
                       expected_size);
   }
-  if (file.digest.hex() != object_id) {
+  if (ObjectId{file.digest} != object_id) {
     return make_error(ErrorCode::kCorruption, "object {}: content hash is {}: the object is damaged", object_id,
-                      file.digest.hex());
+                      file.digest);
   }
   return {};
 }
 
-Result<const std::vector<uint8_t>*> Store::reference_of(const ImageRecord& record) {
+Result<std::shared_ptr<const std::vector<uint8_t>>> Store::reference_of(const ImageRecord& record) {
   std::string key = record.reference;
-  for (const Attachment& attachment : record.attachments) key += "|" + attachment.role + "=" + attachment.object_id;
-  if (key != cached_reference_key_) {
-    DELTAVM_ASSIGN_OR_RETURN(cached_reference_,
-                             build_reference(parse_reference_spec(record.reference), [&](const std::string& role) {
-                               return read_attachment(record, role);
-                             }));
-    cached_reference_key_ = key;
+  for (const Attachment& attachment : record.attachments) key += "|" + attachment.role + "=" + attachment.object_id.hex();
+  {
+    std::lock_guard lock(reference_cache_->mutex);
+    if (key == reference_cache_->key) return reference_cache_->bytes;
   }
-  return &cached_reference_;
+  DELTAVM_ASSIGN_OR_RETURN(std::vector<uint8_t> bytes,
+                           build_reference(kinds_, parse_reference_spec(record.reference),
+                                           [&](const std::string& role) { return read_attachment(record, role); }));
+  auto reference = std::make_shared<const std::vector<uint8_t>>(std::move(bytes));
+  std::lock_guard lock(reference_cache_->mutex);
+  reference_cache_->key = key;
+  reference_cache_->bytes = reference;
+  return reference;
 }
 
 Result<Delta> Store::read_delta(const ImageRecord& record) {
@@ -314,7 +299,7 @@ Result<Delta> Store::read_delta(const ImageRecord& record) {
   if (record.reference.empty()) {
     decoded = decode_delta(bytes.bytes(), name);
   } else {
-    Result<const std::vector<uint8_t>*> reference = reference_of(record);
+    Result<std::shared_ptr<const std::vector<uint8_t>>> reference = reference_of(record);
     if (!reference) return reference.error().with_context(fmt::format("image {}: compression reference", record.name));
     CompressionReference compression = CompressionReference::of(**reference);
     decoded = decode_delta(bytes.bytes(), name, &compression);
@@ -354,37 +339,34 @@ Result<ImageRecord> Store::put_image(const std::string& name, std::span<const ui
   } else {
     DELTAVM_ASSIGN_OR_RETURN(base_memory, Mapping::map_anonymous(image.size()));
   }
-  // A base (the delta from zeros) keeps its bytes in longer runs: the runs then hold whole
-  // stretches of what a compression reference or other pages repeat, which matches far better
-  // (measured on a guest base: 8.8 MiB with 2-byte gaps against a reference, 4.1 MiB with 16).
   DiffOptions diff_options;
   diff_options.progress = options.progress;
-  if (!parent) diff_options.merge_gap_bytes = 16;
+  diff_options.merge_gap_bytes = options.encoding.merge_gap_bytes;
   if (parent) diff_options.dirty = options.dirty;
   DELTAVM_ASSIGN_OR_RETURN(Delta delta, diff(base_memory.bytes(), image, diff_options));
   std::vector<uint8_t> encoded;
   if (options.reference.empty()) {
-    encoded = encode_delta(delta);
+    encoded = encode_delta(delta, options.encoding.compression_level);
   } else {
     DELTAVM_ASSIGN_OR_RETURN(std::vector<uint8_t> reference,
-                             build_reference(options.reference, [&](const std::string& role) -> Result<std::vector<uint8_t>> {
+                             build_reference(kinds_, options.reference, [&](const std::string& role) -> Result<std::vector<uint8_t>> {
                                for (const auto& [attachment_role, bytes] : options.attachments) {
                                  if (attachment_role == role) return std::vector<uint8_t>(bytes.begin(), bytes.end());
                                }
                                return make_error(ErrorCode::kInvalidArgument, "image {}: reference names attachment {}, which is not given", name, role);
                              }));
     CompressionReference compression = CompressionReference::of(reference);
-    encoded = encode_delta(delta, kDefaultDeltaCompressionLevel, &compression);
+    encoded = encode_delta(delta, options.encoding.compression_level, &compression);
     record.reference = reference_spec(options.reference);
   }
   DELTAVM_ASSIGN_OR_RETURN(record.object_id, put_object(encoded));
   record.stored_size_bytes = encoded.size();
-  record.digest = delta.target_digest->hex();
+  record.digest = *delta.target_digest;
   record.created_at_unix = now_unix();
   record.metadata = options.metadata;
   record.page_sample = sample_pages(image);
   for (const auto& [role, bytes] : options.attachments) {
-    DELTAVM_ASSIGN_OR_RETURN(std::string id, put_object(bytes));
+    DELTAVM_ASSIGN_OR_RETURN(ObjectId id, put_object(bytes));
     record.attachments.push_back(Attachment{role, id, bytes.size()});
   }
   DELTAVM_TRY(catalog_.insert(record));
@@ -470,9 +452,9 @@ Result<Mapping> Store::rebuild_image(const std::string& name) {
                         record.name, delta.base_digest->hex(), previous_target->hex());
     }
     DELTAVM_TRY(apply_delta(delta, memory.writable_bytes()));
-    previous_target = ImageDigest::from_hex(record.digest);
+    previous_target = record.digest;
   }
-  std::string digest = digest_image(memory.bytes()).hex();
+  ImageDigest digest = digest_image(memory.bytes());
   if (digest != records.back().digest) {
     return make_error(ErrorCode::kCorruption, "image {}: rebuilt image has digest {}, catalog says {}",
                       name, digest, records.back().digest);
@@ -480,14 +462,14 @@ Result<Mapping> Store::rebuild_image(const std::string& name) {
   return memory;
 }
 
-std::filesystem::path Store::flat_file_path(const std::string& digest) const {
-  return directory_ / "cache" / "flat" / (digest + ".ram");
+std::filesystem::path Store::flat_file_path(const ImageDigest& digest) const {
+  return directory_ / "cache" / "flat" / (digest.hex() + ".ram");
 }
 
 namespace {
 
 // What a seal records of the file at `path`, from one fstat.
-Result<std::optional<FlatFileSeal>> stat_flat_file(const std::filesystem::path& path, const std::string& digest) {
+Result<std::optional<FlatFileSeal>> stat_flat_file(const std::filesystem::path& path, const ImageDigest& digest) {
   Result<Fd> fd = open_file(path, O_RDONLY | O_NOFOLLOW);
   if (!fd) {
     std::error_code error;
@@ -512,7 +494,7 @@ bool same_file_state(const FlatFileSeal& a, const FlatFileSeal& b) {
 
 }  // namespace
 
-Result<bool> Store::flat_file_is_sealed(const std::string& digest, uint64_t size_bytes) {
+Result<bool> Store::flat_file_is_sealed(const ImageDigest& digest, uint64_t size_bytes) {
   DELTAVM_ASSIGN_OR_RETURN(std::optional<FlatFileSeal> seal, catalog_.find_flat_file(digest));
   if (!seal || seal->size_bytes != size_bytes) return false;
   DELTAVM_ASSIGN_OR_RETURN(std::optional<FlatFileSeal> now, stat_flat_file(flat_file_path(digest), digest));
@@ -526,7 +508,7 @@ Status Store::make_flat_file(const ImageRecord& record) {
     // Unsealed, or changed since it was sealed: its bytes decide. A file that still holds the
     // image is sealed again as it is (a copied store, a touched file); any other is replaced.
     Result<FileDigest> found = digest_file(path);
-    if (!found || found->size_bytes != record.image_size_bytes || found->digest.hex() != record.digest) {
+    if (!found || found->size_bytes != record.image_size_bytes || found->digest != record.digest) {
       if (::unlink(path.c_str()) != 0) return errno_error(fmt::format("remove damaged flat file {}", path.string()), errno);
     }
   }
@@ -580,7 +562,7 @@ Status Store::remove_image(const std::string& name) {
 namespace {
 
 struct DiskFile {
-  std::string id;  // The object id, or the digest of a flat file's image.
+  ImageDigest id;  // The object id, or the digest of a flat file's image.
   std::filesystem::path path;
   uint64_t size_bytes;
 };
@@ -589,7 +571,7 @@ struct DiskFile {
 // (temporaries, strays) to `others`. Nothing here throws: a file that vanishes or cannot be
 // read ends the walk with an error naming it.
 Status scan_files(const std::filesystem::path& directory,
-                  const std::function<std::optional<std::string>(const std::filesystem::path&)>& id_of,
+                  const std::function<std::optional<ImageDigest>(const std::filesystem::path&)>& id_of,
                   std::vector<DiskFile>& files, std::vector<std::filesystem::path>& others) {
   std::error_code error;
   if (!std::filesystem::exists(directory, error)) return {};
@@ -598,7 +580,7 @@ Status scan_files(const std::filesystem::path& directory,
     bool regular = it->is_regular_file(error);
     if (error) break;
     if (!regular) continue;
-    if (std::optional<std::string> id = id_of(it->path())) {
+    if (std::optional<ImageDigest> id = id_of(it->path())) {
       uint64_t size = it->file_size(error);
       if (error) break;
       files.push_back({*id, it->path(), size});
@@ -611,19 +593,17 @@ Status scan_files(const std::filesystem::path& directory,
 }
 
 // DIR/objects/ab/abcd…: an object id in a shard named by its first two digits.
-std::optional<std::string> object_file_id(const std::filesystem::path& path) {
+std::optional<ImageDigest> object_file_id(const std::filesystem::path& path) {
   std::string name = path.filename().string();
-  if (is_object_id(name) && path.parent_path().filename() == name.substr(0, 2)) return name;
-  return std::nullopt;
+  if (path.parent_path().filename() != name.substr(0, 2)) return std::nullopt;
+  return ImageDigest::from_hex(name);
 }
 
 // DIR/cache/flat/DIGEST.ram.
-std::optional<std::string> flat_file_digest(const std::filesystem::path& path) {
+std::optional<ImageDigest> flat_file_digest(const std::filesystem::path& path) {
   std::string name = path.filename().string();
   if (path.extension() != ".ram") return std::nullopt;
-  std::string digest = name.substr(0, name.size() - 4);
-  if (!is_object_id(digest)) return std::nullopt;
-  return digest;
+  return ImageDigest::from_hex(name.substr(0, name.size() - 4));
 }
 
 Status remove_file(const std::filesystem::path& path) {
@@ -643,7 +623,8 @@ Result<GcReport> Store::gc() {
                       directory_.string(), catalog_problems.front());
   }
   DELTAVM_ASSIGN_OR_RETURN(std::vector<ImageRecord> records, catalog_.list());
-  std::set<std::string> referenced, digests;
+  std::set<ObjectId> referenced;
+  std::set<ImageDigest> digests;
   for (const ImageRecord& record : records) {
     referenced.insert(record.object_id);
     digests.insert(record.digest);
@@ -655,7 +636,7 @@ Result<GcReport> Store::gc() {
   DELTAVM_TRY(scan_files(directory_ / "cache" / "flat", flat_file_digest, flat_files, temporaries));
   GcReport report;
   for (const DiskFile& object : objects) {
-    if (referenced.count(object.id)) continue;
+    if (referenced.count(ObjectId{object.id})) continue;
     DELTAVM_TRY(remove_file(object.path));
     ++report.objects_removed;
     report.bytes_freed += object.size_bytes;
@@ -667,7 +648,7 @@ Result<GcReport> Store::gc() {
       DELTAVM_ASSIGN_OR_RETURN(std::optional<FlatFileSeal> seal, catalog_.find_flat_file(flat.id));
       DELTAVM_ASSIGN_OR_RETURN(std::optional<FlatFileSeal> now, stat_flat_file(flat.path, flat.id));
       Result<FileDigest> found = digest_file(flat.path);
-      if (seal && now && same_file_state(*seal, *now) && found && found->digest.hex() == flat.id) continue;
+      if (seal && now && same_file_state(*seal, *now) && found && found->digest == flat.id) continue;
     }
     DELTAVM_TRY(catalog_.remove_flat_file(flat.id));
     DELTAVM_TRY(remove_file(flat.path));
@@ -702,7 +683,7 @@ Result<FsckReport> Store::fsck() {
 
   std::map<std::string, const ImageRecord*> by_name;
   for (const ImageRecord& record : records) by_name[record.name] = &record;
-  std::set<std::string> referenced;
+  std::set<ObjectId> referenced;
   for (const ImageRecord& record : records) {
     ++report.images_checked;
     referenced.insert(record.object_id);
@@ -731,14 +712,14 @@ Result<FsckReport> Store::fsck() {
       report.problems.push_back(fmt::format("image {}: {}", record.name, delta.error().message));
       continue;
     }
-    if (delta->target_digest && delta->target_digest->hex() != record.digest) {
+    if (delta->target_digest && *delta->target_digest != record.digest) {
       report.problems.push_back(fmt::format("image {}: object {} produces image {}, catalog says {}",
-                                            record.name, record.object_id, delta->target_digest->hex(),
+                                            record.name, record.object_id, *delta->target_digest,
                                             record.digest));
     }
     if (record.parent && delta->base_digest) {
       auto parent = by_name.find(*record.parent);
-      if (parent != by_name.end() && delta->base_digest->hex() != parent->second->digest) {
+      if (parent != by_name.end() && *delta->base_digest != parent->second->digest) {
         report.problems.push_back(fmt::format("image {}: its delta applies to image {}, not to its parent {} ({})",
                                               record.name, delta->base_digest->hex(), *record.parent,
                                               parent->second->digest));
@@ -752,14 +733,15 @@ Result<FsckReport> Store::fsck() {
   DELTAVM_TRY(scan_files(directory_ / "cache" / "flat", flat_file_digest, flat_files, temporaries));
   for (const DiskFile& object : objects) {
     ++report.objects_checked;
-    if (referenced.count(object.id)) continue;  // Verified above through its image.
-    report.unreferenced.push_back(object.id);
-    Result<Mapping> bytes = map_object(object.id, object.size_bytes);
+    ObjectId id{object.id};
+    if (referenced.count(id)) continue;  // Verified above through its image.
+    report.unreferenced.push_back(id);
+    Result<Mapping> bytes = map_object(id, object.size_bytes);
     if (!bytes) report.problems.push_back(bytes.error().message);
   }
   // Every flat file is verified whole: the seal shows changes through the file system, the
   // digest any change at all.
-  std::set<std::string> digests;
+  std::set<ImageDigest> digests;
   for (const ImageRecord& record : records) digests.insert(record.digest);
   for (const DiskFile& flat : flat_files) {
     ++report.flat_files_checked;
@@ -770,11 +752,11 @@ Result<FsckReport> Store::fsck() {
     Result<FileDigest> found = digest_file(flat.path);
     if (!found) {
       report.problems.push_back(fmt::format("flat file {}: {}", flat.path.string(), found.error().message));
-    } else if (found->digest.hex() != flat.id) {
+    } else if (found->digest != flat.id) {
       report.problems.push_back(fmt::format(
           "flat file {}: its bytes have digest {}, not the image's {}: the cached image is damaged (deltavm store "
           "gc removes it; the next load makes it anew from the verified chain)",
-          flat.path.string(), found->digest.hex(), flat.id));
+          flat.path.string(), found->digest, flat.id));
     }
   }
   for (const std::filesystem::path& path : temporaries) report.temporaries.push_back(path.string());

@@ -11,11 +11,24 @@
 // Crash safety: an object is written under a temporary name, fsync'ed and renamed, and only
 // then recorded in the catalog, so a crash leaves at worst an unreferenced object (which gc
 // removes) or a temporary (likewise); never a catalog entry without its complete object.
+//
+// Concurrency: every call may run at the same time as any other, from several threads of one
+// process (sharing one Store) and from several processes (each with its own), on one store
+// directory. Writers (put_image, remove_image, gc, making a flat file) take DIR/lock exclusive
+// and readers (get_image, fsck, flat_file's seal check) shared, through an open file
+// description of their own, so threads exclude each other as processes do; the catalog's
+// SQLite connection is serialized, and lookups outside the lock (find, chain, list,
+// read_delta, read_attachment) read one consistent SQLite snapshot each and verify every
+// object they read, so a concurrent gc can only make them fail cleanly, never return wrong
+// bytes.
 #pragma once
 
 #include <cstdint>
 #include <filesystem>
 #include <functional>
+#include <map>
+#include <memory>
+#include <mutex>
 #include <optional>
 #include <span>
 #include <string>
@@ -24,6 +37,7 @@
 #include "base/error.h"
 #include "base/file.h"
 #include "image/delta.h"
+#include "image/delta_file.h"
 #include "store/catalog.h"
 
 namespace deltavm {
@@ -35,7 +49,7 @@ struct FsckReport {
   uint64_t images_checked = 0;
   uint64_t objects_checked = 0;
   std::vector<std::string> problems;         // Corruption: the store is not sound.
-  std::vector<std::string> unreferenced;     // Objects no image uses (gc removes them).
+  std::vector<ObjectId> unreferenced;        // Objects no image uses (gc removes them).
   std::vector<std::string> temporaries;      // Leftovers of interrupted writes (gc removes them).
   std::vector<std::string> unused_flat_files;  // Cached images no stored image is (gc removes them).
   uint64_t flat_files_checked = 0;
@@ -50,10 +64,18 @@ struct GcReport {
 };
 
 // Turns an attachment's bytes into (part of) a compression reference, e.g. a compressed kernel
-// into the kernel text it holds. Registered by name by the layers that know the formats; the
-// store only keeps the name. "raw" (the bytes as they are) is always there.
+// into the kernel text it holds. The layers that know the formats hand their kinds to
+// Store::open by name; the catalog only keeps the name. "raw" (the bytes as they are) is
+// always there.
 using ReferenceTransform = std::function<Result<std::vector<uint8_t>>(std::span<const uint8_t>)>;
-void register_reference_kind(const std::string& kind, ReferenceTransform transform);
+using ReferenceKinds = std::map<std::string, ReferenceTransform, std::less<>>;
+
+// How put_image encodes a delta: the caller's policy, not the store's.
+struct DeltaEncoding {
+  // Differing stretches of a page this close are stored as one run (DiffOptions).
+  uint32_t merge_gap_bytes = 2;
+  int compression_level = kDefaultDeltaCompressionLevel;
+};
 
 // What put_image stores beside the image itself.
 struct PutOptions {
@@ -63,6 +85,7 @@ struct PutOptions {
   // Opaque objects kept with the image under a role name (role -> bytes).
   std::vector<std::pair<std::string, std::span<const uint8_t>>> attachments;
   std::string metadata = "{}";  // JSON, kept as is.
+  DeltaEncoding encoding;
   // With a parent: the pages that may differ from it (say, KVM's dirty log since the VM was
   // loaded from the parent); the others are taken as equal without being compared.
   const DirtyBitmap* dirty = nullptr;
@@ -81,11 +104,11 @@ class Store {
   // Opens the existing store at `directory`. Refused with a clear error: no such directory, a
   // directory without a catalog, and a catalog that is missing (while objects exist), empty,
   // unreadable or not a deltavm catalog. Nothing is created.
-  static Result<Store> open(const std::filesystem::path& directory);
+  static Result<Store> open(const std::filesystem::path& directory, ReferenceKinds kinds = {});
   // Opens the store at `directory`, or creates an empty one there if the directory does not
   // exist or holds no data. A directory that holds objects but no catalog is refused, never
   // given a fresh catalog.
-  static Result<Store> open_or_create(const std::filesystem::path& directory);
+  static Result<Store> open_or_create(const std::filesystem::path& directory, ReferenceKinds kinds = {});
 
   const std::filesystem::path& directory() const { return directory_; }
 
@@ -122,7 +145,7 @@ class Store {
   // verified whole again and rebuilt if its bytes are wrong. So no caller is ever handed a
   // flat file whose bytes were not verified against the image's digest since they last changed.
   Result<std::filesystem::path> flat_file(const ImageRecord& record);
-  std::filesystem::path flat_file_path(const std::string& digest) const;
+  std::filesystem::path flat_file_path(const ImageDigest& digest) const;
 
   // Removes an image with no children from the catalog; its object goes at the next gc.
   Status remove_image(const std::string& name);
@@ -130,31 +153,37 @@ class Store {
   Result<GcReport> gc();
   Result<FsckReport> fsck();
 
-  std::filesystem::path object_path(const std::string& object_id) const;
+  std::filesystem::path object_path(const ObjectId& object_id) const;
 
  private:
-  Store(std::filesystem::path directory, Catalog catalog)
-      : directory_(std::move(directory)), catalog_(std::move(catalog)) {}
+  Store(std::filesystem::path directory, Catalog catalog, ReferenceKinds kinds)
+      : directory_(std::move(directory)), catalog_(std::move(catalog)), kinds_(std::move(kinds)) {}
 
   // Writes `bytes` as an object (if no object with that hash exists yet); returns its id.
-  Result<std::string> put_object(std::span<const uint8_t> bytes);
+  Result<ObjectId> put_object(std::span<const uint8_t> bytes);
   // The object mapped read-only, after checking its bytes against its id and expected size.
-  Result<Mapping> map_object(const std::string& object_id, uint64_t expected_size);
-  Status verify_object(const std::string& object_id, uint64_t expected_size);
+  Result<Mapping> map_object(const ObjectId& object_id, uint64_t expected_size);
+  Status verify_object(const ObjectId& object_id, uint64_t expected_size);
   // The compression reference of `record` (empty if it has none), kept for the next call.
-  Result<const std::vector<uint8_t>*> reference_of(const ImageRecord& record);
+  Result<std::shared_ptr<const std::vector<uint8_t>>> reference_of(const ImageRecord& record);
   // get_image without taking the lock. REQUIRES: the caller holds the store lock.
   Result<Mapping> rebuild_image(const std::string& name);
   // True if the flat file of `digest` exists and matches its seal. REQUIRES: the store lock.
-  Result<bool> flat_file_is_sealed(const std::string& digest, uint64_t size_bytes);
+  Result<bool> flat_file_is_sealed(const ImageDigest& digest, uint64_t size_bytes);
   // Verifies an unsealed flat file whole, or writes it anew, then seals it. REQUIRES: the
   // exclusive lock.
   Status make_flat_file(const ImageRecord& record);
 
   std::filesystem::path directory_;
   Catalog catalog_;
-  std::string cached_reference_key_;
-  std::vector<uint8_t> cached_reference_;
+  ReferenceKinds kinds_;
+  // The last compression reference built, kept for the next image that uses it.
+  struct ReferenceCache {
+    std::mutex mutex;
+    std::string key;
+    std::shared_ptr<const std::vector<uint8_t>> bytes;
+  };
+  std::unique_ptr<ReferenceCache> reference_cache_ = std::make_unique<ReferenceCache>();
 };
 
 // An flock on DIR/lock held for the life of the object.

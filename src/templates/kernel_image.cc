@@ -85,9 +85,10 @@ Result<std::vector<uint8_t>> linux_kernel_text(std::span<const uint8_t> bzimage)
   return make_error(ErrorCode::kUnsupported, "bzImage payload compression {:#010x} is not LZ4 or zstd", magic);
 }
 
-void register_kernel_reference_kind() {
-  static std::once_flag once;
-  std::call_once(once, [] { register_reference_kind(kKernelTextReferenceKind, linux_kernel_text); });
+ReferenceKinds template_reference_kinds() {
+  ReferenceKinds kinds;
+  kinds.emplace(kKernelTextReferenceKind, linux_kernel_text);
+  return kinds;
 }
 
 }  // namespace deltavm

@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "base/error.h"
+#include "store/store.h"
 
 namespace deltavm {
 
@@ -17,7 +18,8 @@ inline constexpr const char* kKernelTextReferenceKind = "linux-kernel-text";
 // payload_length in the setup header; LZ4 legacy or zstd payloads).
 Result<std::vector<uint8_t>> linux_kernel_text(std::span<const uint8_t> bzimage);
 
-// Makes kKernelTextReferenceKind known to the store. Idempotent.
-void register_kernel_reference_kind();
+// The compression reference kinds templates use (kKernelTextReferenceKind), for Store::open:
+// a store holding template bases needs them to read those bases.
+ReferenceKinds template_reference_kinds();
 
 }  // namespace deltavm

@@ -5,6 +5,7 @@
 #include <chrono>
 
 #include "backends/agent_client.h"
+#include "base/json_fields.h"
 #include "base/socket.h"
 #include "templates/initramfs.h"
 #include "templates/kernel_image.h"
@@ -71,22 +72,29 @@ nlohmann::json machine_json(const MachineSpec& machine) {
           {"vcpus", machine.vcpus}, {"deterministic", machine.deterministic}};
 }
 
-Result<MachineSpec> machine_from_metadata(const ImageRecord& record) {
+// The machine and backend a template's metadata records, every field checked.
+Status read_metadata(const ImageRecord& record, MachineSpec& machine, std::string& backend) {
   nlohmann::json metadata = nlohmann::json::parse(record.metadata, nullptr, false);
-  if (metadata.is_discarded() || !metadata.contains("machine") || !metadata["machine"].is_object()) {
-    return make_error(ErrorCode::kInvalidArgument, "image {} is not a template (no machine in its metadata)", record.name);
+  if (metadata.is_discarded() || !metadata.is_object() || !metadata.contains("machine")) {
+    return make_error(ErrorCode::kInvalidArgument, "image {} is not a template (no machine in its metadata)",
+                      record.name);
   }
-  const nlohmann::json& m = metadata["machine"];
-  MachineSpec machine;
-  try {
-    machine.command_line = m.at("command_line").get<std::string>();
-    machine.memory_bytes = m.at("memory_bytes").get<uint64_t>();
-    machine.vcpus = m.at("vcpus").get<uint32_t>();
-    machine.deterministic = m.at("deterministic").get<bool>();
-  } catch (const nlohmann::json::exception& error) {
-    return make_error(ErrorCode::kCorruption, "image {}: machine metadata: {}", record.name, error.what());
+  JsonFields fields(metadata, fmt::format("image {}: metadata", record.name), ErrorCode::kCorruption);
+  backend = "qemu";  // Templates from before backends were recorded.
+  DELTAVM_TRY(fields.text("backend", backend));
+  DELTAVM_ASSIGN_OR_RETURN(const nlohmann::json* m, fields.object("machine", true));
+  JsonFields machine_fields(*m, fmt::format("image {}: metadata machine", record.name), ErrorCode::kCorruption);
+  uint64_t vcpus = 1;
+  DELTAVM_TRY(machine_fields.text("command_line", machine.command_line, true));
+  DELTAVM_TRY(machine_fields.unsigned_integer("memory_bytes", machine.memory_bytes, true));
+  DELTAVM_TRY(machine_fields.unsigned_integer("vcpus", vcpus, true, 64));
+  DELTAVM_TRY(machine_fields.boolean("deterministic", machine.deterministic));
+  machine.vcpus = static_cast<uint32_t>(vcpus);
+  if (machine.memory_bytes != record.image_size_bytes) {
+    return make_error(ErrorCode::kCorruption, "image {}: metadata says {} bytes of memory, the image is {}",
+                      record.name, machine.memory_bytes, record.image_size_bytes);
   }
-  return machine;
+  return {};
 }
 
 // A child template is its parent plus more: the parent's setup commands and files come first.
@@ -142,7 +150,6 @@ Result<TemplateBuild> build_template(const TemplateSpec& spec, Store& store, Bac
     if (!parent) return make_error(ErrorCode::kNotFound, "template {}: parent template {} is not in the store", spec.name, *spec.parent);
     DELTAVM_TRY(inherit_from_parent(*parent, effective));
   }
-  register_kernel_reference_kind();
   DELTAVM_ASSIGN_OR_RETURN(GuestKit kit, GuestKit::locate());
   std::filesystem::path kernel_path = effective.kernel.empty() ? kit.kernel : effective.kernel;
   DELTAVM_ASSIGN_OR_RETURN(std::vector<uint8_t> kernel, read_file(kernel_path));
@@ -204,6 +211,7 @@ Result<TemplateBuild> build_template(const TemplateSpec& spec, Store& store, Bac
   if (!parent && linux_kernel_text(kernel)) {
     options.reference = {{std::string(kKernelRole), kKernelTextReferenceKind}, {std::string(kInitramfsRole), "raw"}};
   }
+  if (!parent) options.encoding.merge_gap_bytes = kBaseImageMergeGapBytes;
   DELTAVM_ASSIGN_OR_RETURN(build.record, store.put_image(spec.name, ram.bytes(), parent, options));
   // The first request for this template should not pay for materialising its base.
   DELTAVM_ASSIGN_OR_RETURN(std::vector<ImageRecord> chain, store.chain(spec.name));
@@ -212,33 +220,34 @@ Result<TemplateBuild> build_template(const TemplateSpec& spec, Store& store, Bac
   return build;
 }
 
-Result<MachineSpec> template_machine(Store& store, const ImageRecord& record) {
-  register_kernel_reference_kind();
-  DELTAVM_ASSIGN_OR_RETURN(MachineSpec machine, machine_from_metadata(record));
-  DELTAVM_ASSIGN_OR_RETURN(machine.kernel, store.attachment_path(record, kKernelRole));
-  DELTAVM_ASSIGN_OR_RETURN(machine.initramfs, store.attachment_path(record, kInitramfsRole));
-  return machine;
+Result<Template> load_template(Store& store, const std::string& name) {
+  Template loaded;
+  DELTAVM_ASSIGN_OR_RETURN(loaded.chain, store.chain(name));
+  DELTAVM_TRY(read_metadata(loaded.record(), loaded.machine, loaded.backend));
+  return loaded;
 }
 
-std::string template_backend(const ImageRecord& record) {
-  nlohmann::json metadata = nlohmann::json::parse(record.metadata, nullptr, false);
-  if (!metadata.is_object() || !metadata.contains("backend") || !metadata["backend"].is_string()) return "qemu";
-  return metadata["backend"].get<std::string>();
+Status add_boot_files(Store& store, const Template& loaded, MachineSpec& machine) {
+  DELTAVM_ASSIGN_OR_RETURN(machine.kernel, store.attachment_path(loaded.record(), kKernelRole));
+  DELTAVM_ASSIGN_OR_RETURN(machine.initramfs, store.attachment_path(loaded.record(), kInitramfsRole));
+  return {};
 }
 
-Result<StartedVm> start_vm(const std::string& name, Store& store, Backend& backend,
-                           const std::filesystem::path& runtime, RamStrategy strategy, bool leave_paused) {
+Result<StartedVm> start_vm(const Template& loaded, Store& store, Backend& backend, const std::filesystem::path& runtime,
+                           RamStrategy strategy, bool leave_paused) {
   auto start = Clock::now();
-  DELTAVM_ASSIGN_OR_RETURN(ImageRecord record, store.find(name));
-  if (std::string captured_by = template_backend(record); captured_by != backend.name()) {
+  const std::string& name = loaded.name();
+  if (loaded.backend != backend.name()) {
     return make_error(ErrorCode::kInvalidArgument,
                       "template {} was captured by the {} backend; the {} backend cannot load its machine state", name,
-                      captured_by, backend.name());
+                      loaded.backend, backend.name());
   }
-  DELTAVM_ASSIGN_OR_RETURN(MachineSpec machine, template_machine(store, record));
-  DELTAVM_ASSIGN_OR_RETURN(std::vector<uint8_t> state, store.read_attachment(record, kMachineStateRole));
+  MachineSpec machine = loaded.machine;
+  // Verifying the kernel and initramfs reads them whole: only for a backend that uses them.
+  if (backend.restore_needs_boot_files()) DELTAVM_TRY(add_boot_files(store, loaded, machine));
+  DELTAVM_ASSIGN_OR_RETURN(std::vector<uint8_t> state, store.read_attachment(loaded.record(), kMachineStateRole));
   Loader loader(store);
-  DELTAVM_ASSIGN_OR_RETURN(PreparedRam ram, loader.prepare(name, strategy));
+  DELTAVM_ASSIGN_OR_RETURN(PreparedRam ram, loader.prepare(loaded.chain, strategy));
 
   DELTAVM_ASSIGN_OR_RETURN(VmDirectory vm, VmDirectory::create(runtime));
   VmGuard guard(backend, vm);
@@ -257,6 +266,12 @@ Result<StartedVm> start_vm(const std::string& name, Store& store, Backend& backe
   started.total_ms = elapsed_ms(start);
   guard.release();
   return started;
+}
+
+Result<StartedVm> start_vm(const std::string& name, Store& store, Backend& backend,
+                           const std::filesystem::path& runtime, RamStrategy strategy, bool leave_paused) {
+  DELTAVM_ASSIGN_OR_RETURN(Template loaded, load_template(store, name));
+  return start_vm(loaded, store, backend, runtime, strategy, leave_paused);
 }
 
 Status stop_vm(const std::string& id, Backend& backend, const std::filesystem::path& runtime) {

@@ -43,17 +43,29 @@ struct StartedVm {
   double total_ms = 0;
 };
 
-// The machine a stored template runs on: its kernel command line, memory and vCPUs from its
-// metadata, its kernel and initramfs as verified store objects.
-Result<MachineSpec> template_machine(Store& store, const ImageRecord& record);
+// A stored template resolved once for a request: its chain (base first, the template last)
+// and what its metadata records, parsed and checked. Everything a load reads of the catalog.
+struct Template {
+  std::vector<ImageRecord> chain;
+  MachineSpec machine;  // Without kernel and initramfs: add_boot_files adds them.
+  std::string backend;  // The backend whose machine state the template holds.
 
-// The patent's request: a new VM equivalent to template `name`, its RAM built from the base
-// and the chain, its machine state loaded, running when this returns.
-// With `leave_paused` the VM's RAM and state are in place but no vCPU has run yet.
-// The backend whose machine state a template holds ("qemu" for templates from before backends
-// were recorded).
-std::string template_backend(const ImageRecord& record);
+  const ImageRecord& record() const { return chain.back(); }
+  const std::string& name() const { return chain.back().name; }
+};
 
+Result<Template> load_template(Store& store, const std::string& name);
+
+// The template's kernel and initramfs as verified store objects. Verifying reads both whole,
+// so only a backend that boots from them asks for them.
+Status add_boot_files(Store& store, const Template& loaded, MachineSpec& machine);
+
+// The patent's request: a new VM equivalent to template `loaded`, its RAM built from the base
+// and the chain, its machine state loaded, running when this returns. With `leave_paused` the
+// VM's RAM and state are in place but no vCPU has run yet.
+Result<StartedVm> start_vm(const Template& loaded, Store& store, Backend& backend,
+                           const std::filesystem::path& runtime, RamStrategy strategy, bool leave_paused = false);
+// load_template, then start_vm.
 Result<StartedVm> start_vm(const std::string& name, Store& store, Backend& backend,
                            const std::filesystem::path& runtime, RamStrategy strategy, bool leave_paused = false);
 

@@ -11,6 +11,7 @@
 #include "backends/agent_client.h"
 #include "backends/qemu/qemu_backend.h"
 #include "templates/initramfs.h"
+#include "templates/kernel_image.h"
 #include "templates/templates.h"
 
 namespace deltavm {
@@ -72,7 +73,7 @@ class NestedKvm : public ::testing::Test {
       std::filesystem::remove_all(test_root() / "store");
       std::filesystem::remove_all(runtime());
     }
-    store_ = new Store(std::move(*Store::open_or_create(test_root() / "store")));
+    store_ = new Store(std::move(*Store::open_or_create(test_root() / "store", template_reference_kinds())));
     backend_ = make_qemu_backend().release();
     if (reuse && store_->find("nested-kvm")) return;
     Result<TemplateSpec> spec = parse_template_spec(spec_json, test_root() / "nested-kvm.json");

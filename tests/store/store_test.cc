@@ -99,7 +99,7 @@ TEST_F(StoreTest, CorruptObjectIsRefusedWithItsName) {
   Result<Mapping> image = store_->get_image("a");
   ASSERT_FALSE(image);
   EXPECT_EQ(image.error().code, ErrorCode::kCorruption);
-  EXPECT_NE(image.error().message.find(record.object_id), std::string::npos);
+  EXPECT_NE(image.error().message.find(record.object_id.hex()), std::string::npos);
   Result<FsckReport> report = store_->fsck();
   ASSERT_TRUE(report);
   EXPECT_FALSE(report->clean());
@@ -181,7 +181,7 @@ TEST_F(StoreTest, EmptyCatalogIsRefused) {
   std::filesystem::remove(directory_ / "catalog.sqlite-shm");
   std::filesystem::resize_file(directory_ / "catalog.sqlite", 0);
   for (auto open : {&Store::open, &Store::open_or_create}) {
-    Result<Store> opened = open(directory_);
+    Result<Store> opened = open(directory_, {});
     ASSERT_FALSE(opened);
     EXPECT_EQ(opened.error().code, ErrorCode::kCorruption);
     EXPECT_NE(opened.error().message.find("is empty (0 bytes)"), std::string::npos) << opened.error().message;
@@ -303,6 +303,32 @@ TEST_F(StoreTest, ImageCompressedAgainstAnAttachmentRoundTripsAndNeedsIt) {
   Result<Mapping> broken = reopened->get_image("a");
   ASSERT_FALSE(broken);
   EXPECT_NE(broken.error().message.find("compression reference"), std::string::npos) << broken.error().message;
+}
+
+// Reference kinds come with each Store (no process-wide registry): a store opened without the
+// kind an image was compressed through cannot read it, and says which kind it lacks.
+TEST_F(StoreTest, ReferenceKindsComeWithTheStoreThatOpensIt) {
+  ReferenceKinds reversed;
+  reversed.emplace("reversed", [](std::span<const uint8_t> bytes) {
+    return Result<std::vector<uint8_t>>(std::vector<uint8_t>(bytes.rbegin(), bytes.rend()));
+  });
+  store_.reset();
+  Result<Store> with_kind = Store::open(directory_, reversed);
+  ASSERT_TRUE(with_kind) << with_kind.error().message;
+  std::vector<uint8_t> attachment(a_.rbegin() + 8 * kPageSize, a_.rbegin() + 40 * kPageSize);
+  PutOptions options;
+  options.attachments = {{"kernel", attachment}};
+  options.reference = {{"kernel", "reversed"}};
+  ASSERT_TRUE(with_kind->put_image("a", a_, std::nullopt, options));
+  Result<Store> without_kind = Store::open(directory_);
+  ASSERT_TRUE(without_kind);
+  Result<Mapping> refused = without_kind->get_image("a");
+  ASSERT_FALSE(refused);
+  EXPECT_EQ(refused.error().code, ErrorCode::kUnsupported);
+  EXPECT_NE(refused.error().message.find("reference kind reversed"), std::string::npos) << refused.error().message;
+  Result<Mapping> image = with_kind->get_image("a");
+  ASSERT_TRUE(image) << image.error().message;
+  EXPECT_EQ(bytes_of(*image), a_);
 }
 
 TEST_F(StoreTest, UnknownReferenceKindIsRefusedAtPut) {

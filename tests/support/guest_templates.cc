@@ -8,6 +8,7 @@
 
 #include "backends/qemu/qemu_backend.h"
 #include "templates/initramfs.h"
+#include "templates/kernel_image.h"
 
 namespace deltavm::testing {
 namespace {
@@ -51,7 +52,7 @@ Result<GuestTemplates> guest_templates() {
     std::filesystem::remove_all(templates.root, error);
     std::filesystem::create_directories(templates.root, error);
   }
-  DELTAVM_ASSIGN_OR_RETURN(Store store, Store::open_or_create(templates.root / "store"));
+  DELTAVM_ASSIGN_OR_RETURN(Store store, Store::open_or_create(templates.root / "store", template_reference_kinds()));
   templates.store = new Store(std::move(store));
   templates.backend = make_qemu_backend().release();
   if (!reuse || !templates.store->find("base") || !templates.store->find("counter")) {

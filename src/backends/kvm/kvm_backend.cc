@@ -1,26 +1,22 @@
 #include "backends/kvm/kvm_backend.h"
 
-#include <signal.h>
 #include <unistd.h>
 
 #include <chrono>
 #include <cstdlib>
-#include <thread>
 
-#include "backends/kvm/guest_memory.h"
-#include "backends/kvm/kvm.h"
-#include "backends/kvm/ram_overlay.h"
+#include "backends/kvm/overlay_memory_writer.h"
 #include "backends/kvm/vmm_client.h"
 #include "backends/process.h"
 #include "backends/vm_processes.h"
 #include "base/file.h"
 #include "base/subprocess.h"
+#include "vmm/ram_overlay.h"
 
 namespace deltavm {
 namespace {
 
 using Clock = std::chrono::steady_clock;
-using nlohmann::json;
 constexpr auto kLaunchTimeout = std::chrono::seconds(30);
 constexpr auto kRequestTimeout = std::chrono::seconds(120);
 
@@ -33,50 +29,46 @@ double elapsed_ms(Clock::time_point start) {
 constexpr std::string_view kBootArguments =
     " reboot=k pci=off i8042.noaux i8042.nomux i8042.dumbkbd 8250.nr_uarts=2";
 
-Result<kvm::VmmClient> connect(const VmDirectory& vm) {
-  Result<kvm::VmmClient> client = kvm::VmmClient::connect(vm.control_socket(), deadline_after(std::chrono::seconds(5)));
+// One request to VM `vm`'s VMM; errors carry the VM and the tail of its log.
+template <typename ReplyType>
+Result<ReplyType> call(const VmDirectory& vm, const vmm::Request& request) {
+  Result<VmmClient> client = VmmClient::connect(vm.control_socket(), deadline_after(std::chrono::seconds(5)));
   if (!client) return client.error().with_context(fmt::format("VM {}", vm.id()));
-  return client;
-}
-
-Result<json> request(const VmDirectory& vm, const json& body) {
-  DELTAVM_ASSIGN_OR_RETURN(kvm::VmmClient client, connect(vm));
-  Result<json> answer = client.request(body, kRequestTimeout);
-  if (!answer) return answer.error().with_context(fmt::format("VM {} ({})", vm.id(), tail_of_log(vm.log_file())));
-  return answer;
+  Result<ReplyType> reply = client->call<ReplyType>(request, kRequestTimeout);
+  if (!reply) return reply.error().with_context(fmt::format("VM {} ({})", vm.id(), tail_of_log(vm.log_file())));
+  return reply;
 }
 
 class KvmBackend : public Backend {
  public:
-  explicit KvmBackend(kvm::MemoryStrategy strategy) : strategy_(strategy) {}
+  explicit KvmBackend(vmm::MemoryStrategy strategy) : strategy_(strategy) {}
 
   std::string name() const override { return "kvm"; }
   std::string describe() const override {
-    return fmt::format("deltavm-vmm ({}), restores with {} memory: {}", kvm::default_vmm_binary().string(),
-                       kvm::memory_strategy_name(strategy_), describe_kvm_device());
+    return fmt::format("deltavm-vmm ({}), restores with {} memory: {}", default_vmm_binary().string(),
+                       vmm::memory_strategy_name(strategy_), describe_kvm_device());
   }
 
   Status boot(const MachineSpec& machine, const std::filesystem::path& ram_file, const VmDirectory& vm) override {
     // A booting VM exists only for the build that boots it: it dies with its owner.
     DELTAVM_TRY(launch(vm, ram_file, {machine.kernel, machine.initramfs}, /*die_with_parent=*/true));
-    DELTAVM_TRY(request(vm, {{"op", "boot_linux"},
-                             {"kernel", machine.kernel.string()},
-                             {"initrd", machine.initramfs.string()},
-                             {"command_line", machine.command_line + std::string(kBootArguments)},
-                             {"memory_bytes", machine.memory_bytes},
-                             {"vcpus", machine.vcpus},
-                             {"ram_file", ram_file.string()}}));
-    return {};
+    vmm::BootLinuxRequest request;
+    request.kernel = machine.kernel.string();
+    request.initrd = machine.initramfs.string();
+    request.command_line = machine.command_line + std::string(kBootArguments);
+    request.memory_bytes = machine.memory_bytes;
+    request.vcpus = machine.vcpus;
+    request.ram_file = ram_file.string();
+    return call<vmm::StatusReply>(vm, request).status();
   }
 
-  Status pause(const VmDirectory& vm) override {
-    DELTAVM_TRY(request(vm, {{"op", "pause"}}));
-    return {};
-  }
+  Status pause(const VmDirectory& vm) override { return call<vmm::StatusReply>(vm, vmm::PauseRequest{}).status(); }
 
   Result<std::vector<uint8_t>> save_machine_state(const VmDirectory& vm) override {
     std::filesystem::path state = vm.path() / "state.out";
-    DELTAVM_TRY(request(vm, {{"op", "save"}, {"state", state.string()}}));
+    vmm::SaveRequest request;
+    request.state = state.string();
+    DELTAVM_TRY(call<vmm::SaveReply>(vm, request).status());
     DELTAVM_ASSIGN_OR_RETURN(std::vector<uint8_t> bytes, read_file(state));
     std::error_code error;
     std::filesystem::remove(state, error);
@@ -89,38 +81,41 @@ class KvmBackend : public Backend {
     (void)machine;
     RestoreTimings timings;
     Clock::time_point start = Clock::now();
-    // The loader's pages go into an overlay file the VMM maps; then the VMM starts.
+    // The loader's pages go into an overlay file the VMM maps; then the VMM starts. Both files
+    // live as long as the VM: nothing to keep across a crash, so no fsync.
     std::filesystem::path overlay_path = vm.path() / "overlay";
-    DELTAVM_ASSIGN_OR_RETURN(kvm::RamOverlayWriter overlay, kvm::RamOverlayWriter::create(overlay_path));
-    kvm::OverlayMemoryWriter writer(overlay);
+    DELTAVM_ASSIGN_OR_RETURN(vmm::RamOverlayWriter overlay, vmm::RamOverlayWriter::create(overlay_path));
+    OverlayMemoryWriter writer(overlay);
     DELTAVM_TRY(fill(writer));
     DELTAVM_TRY(overlay.commit());
     std::filesystem::path state_path = vm.path() / "state";
-    DELTAVM_TRY(write_file_atomic(state_path, machine_state));
+    DELTAVM_TRY(write_scratch_file(state_path, machine_state));
     timings.fill_ms = elapsed_ms(start);
 
     start = Clock::now();
     DELTAVM_TRY(launch(vm, base_ram_file, {base_ram_file}, /*die_with_parent=*/false));
     timings.launch_ms = elapsed_ms(start);
     start = Clock::now();
-    DELTAVM_TRY(request(vm, {{"op", "restore"},
-                             {"state", state_path.string()},
-                             {"base", base_ram_file.string()},
-                             {"overlay", overlay_path.string()},
-                             {"strategy", kvm::memory_strategy_name(strategy_)},
-                             {"paused", leave_paused}}));
+    vmm::RestoreRequest request;
+    request.state = state_path.string();
+    request.base = base_ram_file.string();
+    request.overlay = overlay_path.string();
+    request.strategy = strategy_;
+    request.start.paused = leave_paused;
+    DELTAVM_TRY(call<vmm::StatusReply>(vm, request).status());
     timings.state_ms = elapsed_ms(start);
     return timings;
   }
 
-  Status resume(const VmDirectory& vm) override {
-    DELTAVM_TRY(request(vm, {{"op", "resume"}}));
-    return {};
-  }
+  bool restore_needs_boot_files() const override { return false; }
+
+  Status resume(const VmDirectory& vm) override { return call<vmm::StatusReply>(vm, vmm::ResumeRequest{}).status(); }
 
   Status read_memory(const VmDirectory& vm, std::span<uint8_t> out) override {
     std::filesystem::path ram = vm.path() / "ram.out";
-    DELTAVM_TRY(request(vm, {{"op", "save"}, {"ram", ram.string()}}));
+    vmm::SaveRequest request;
+    request.ram = ram.string();
+    DELTAVM_TRY(call<vmm::SaveReply>(vm, request).status());
     DELTAVM_ASSIGN_OR_RETURN(Mapping mapping, Mapping::map_file_readonly(ram));
     if (out.size() > mapping.size()) {
       return make_error(ErrorCode::kInvalidArgument, "VM {} has {} bytes of RAM, {} asked", vm.id(), mapping.size(),
@@ -134,8 +129,8 @@ class KvmBackend : public Backend {
 
   Status stop(const VmDirectory& vm) override {
     return processes_.stop(vm, [&] {
-      Result<kvm::VmmClient> client = kvm::VmmClient::connect(vm.control_socket(), deadline_after(std::chrono::seconds(2)));
-      if (client) (void)client->request({{"op", "quit"}}, std::chrono::seconds(2));
+      Result<VmmClient> client = VmmClient::connect(vm.control_socket(), deadline_after(std::chrono::seconds(2)));
+      if (client) (void)client->call<vmm::QuitReply>(vmm::QuitRequest{}, std::chrono::seconds(2));
     });
   }
 
@@ -145,7 +140,7 @@ class KvmBackend : public Backend {
   Status launch(const VmDirectory& vm, const std::filesystem::path& ram_file,
                 const std::vector<std::filesystem::path>& read_only, bool die_with_parent) {
     SpawnOptions options;
-    options.argv = {kvm::default_vmm_binary().string(), "--directory", vm.path().string(), "--control",
+    options.argv = {default_vmm_binary().string(), "--directory", vm.path().string(), "--control",
                     vm.control_socket().string(), "--console", vm.console_socket().string(), "--agent",
                     vm.agent_socket().string()};
     for (const std::filesystem::path& path : read_only) options.argv.insert(options.argv.end(), {"--read-only", path.string()});
@@ -155,8 +150,8 @@ class KvmBackend : public Backend {
     DELTAVM_TRY(processes_.launch(vm, options, "kvm", ram_file));
     Deadline deadline = deadline_after(kLaunchTimeout);
     for (;;) {
-      Result<kvm::VmmClient> client =
-          kvm::VmmClient::connect(vm.control_socket(), std::min(deadline, deadline_after(std::chrono::milliseconds(50))));
+      Result<VmmClient> client =
+          VmmClient::connect(vm.control_socket(), std::min(deadline, deadline_after(std::chrono::milliseconds(50))));
       if (client) return {};
       if (std::optional<std::string> ended = processes_.exit_of(vm.id())) {
         return make_error(ErrorCode::kIo, "deltavm-vmm {} at start: {}", *ended, tail_of_log(vm.log_file()));
@@ -166,26 +161,35 @@ class KvmBackend : public Backend {
   }
 
   VmProcesses processes_;  // The VMMs this backend started.
-  kvm::MemoryStrategy strategy_;
+  vmm::MemoryStrategy strategy_;
 };
 
 }  // namespace
 
 std::unique_ptr<Backend> make_kvm_backend() {
-  kvm::MemoryStrategy strategy = kvm::MemoryStrategy::kUserfault;
+  vmm::MemoryStrategy strategy = vmm::MemoryStrategy::kUserfault;
   if (const char* configured = std::getenv("DELTAVM_KVM_MEMORY"); configured != nullptr && *configured) {
-    if (Result<kvm::MemoryStrategy> parsed = kvm::parse_memory_strategy(configured)) strategy = *parsed;
+    if (Result<vmm::MemoryStrategy> parsed = vmm::parse_memory_strategy(configured)) strategy = *parsed;
   }
   return make_kvm_backend(strategy);
 }
 
-std::unique_ptr<Backend> make_kvm_backend(kvm::MemoryStrategy strategy) { return std::make_unique<KvmBackend>(strategy); }
+std::unique_ptr<Backend> make_kvm_backend(vmm::MemoryStrategy strategy) { return std::make_unique<KvmBackend>(strategy); }
 
 std::string describe_kvm_device() {
-  if (std::optional<std::string> why = kvm::kvm_unusable_reason()) return fmt::format("not usable: {}", *why);
-  Result<kvm::KvmSystem> system = kvm::KvmSystem::open();
-  if (!system) return fmt::format("not usable: {}", system.error().message);
-  return "/dev/kvm ready";
+  // Only the VMM knows KVM: it says whether /dev/kvm can run its guests here.
+  std::filesystem::path log = std::filesystem::path("/tmp") / fmt::format("deltavm-vmm-check-{}", ::getpid());
+  SpawnOptions options;
+  options.argv = {default_vmm_binary().string(), "--check"};
+  options.log = log;
+  Result<Subprocess> check = Subprocess::spawn(options);
+  if (!check) return fmt::format("not usable: {}", check.error().message);
+  Result<int> status = check->wait(deadline_after(std::chrono::seconds(10)));
+  std::string said = tail_of_log(log);
+  std::error_code error;
+  std::filesystem::remove(log, error);
+  if (!status) return fmt::format("not usable: {}", status.error().message);
+  return said;
 }
 
 }  // namespace deltavm

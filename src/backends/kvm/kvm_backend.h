@@ -7,14 +7,14 @@
 #include <string>
 
 #include "backends/backend.h"
-#include "backends/kvm/guest_memory.h"
+#include "vmm/protocol.h"
 
 namespace deltavm {
 
 // How restored VMs get their RAM: $DELTAVM_KVM_MEMORY (eager, private or userfault), else
 // userfault.
 std::unique_ptr<Backend> make_kvm_backend();
-std::unique_ptr<Backend> make_kvm_backend(kvm::MemoryStrategy strategy);
+std::unique_ptr<Backend> make_kvm_backend(vmm::MemoryStrategy strategy);
 
 // Whether /dev/kvm can be used here, and if not, why (for `deltavm doctor`).
 std::string describe_kvm_device();

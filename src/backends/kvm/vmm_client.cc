@@ -1,38 +1,20 @@
 #include "backends/kvm/vmm_client.h"
 
-#include <fcntl.h>
-#include <signal.h>
-#include <sys/wait.h>
-#include <unistd.h>
-
 #include <cstdlib>
 
 #include "backends/process.h"
 
-namespace deltavm::kvm {
+namespace deltavm {
 
 Result<VmmClient> VmmClient::connect(const std::filesystem::path& socket, Deadline deadline) {
   DELTAVM_ASSIGN_OR_RETURN(Fd fd, connect_unix(socket, deadline));
-  return VmmClient(std::move(fd), socket.string());
+  return VmmClient(std::move(fd), socket);
 }
 
-Result<nlohmann::json> VmmClient::request(const nlohmann::json& request, std::chrono::milliseconds timeout) {
-  DELTAVM_TRY(send_all(fd_.get(), request.dump() + "\n", socket_));
-  Deadline deadline = deadline_after(timeout);
-  size_t newline;
-  while ((newline = buffer_.find('\n')) == std::string::npos) {
-    DELTAVM_TRY(read_some(fd_.get(), buffer_, deadline, socket_));
-  }
-  std::string line = buffer_.substr(0, newline);
-  buffer_.erase(0, newline + 1);
-  nlohmann::json answer = nlohmann::json::parse(line, nullptr, false);
-  if (answer.is_discarded() || !answer.is_object()) {
-    return make_error(ErrorCode::kIo, "{}: answer is not a JSON object: {}", socket_, line.substr(0, 200));
-  }
-  if (!answer.value("ok", false)) {
-    return make_error(ErrorCode::kInvalidArgument, "{}", answer.value("error", std::string("VMM reported an error")));
-  }
-  return answer;
+Result<vmm::Reply> VmmClient::exchange(const vmm::Request& request, std::chrono::milliseconds timeout) {
+  DELTAVM_TRY(channel_.write_line(vmm::encode_request(request)));
+  DELTAVM_ASSIGN_OR_RETURN(std::string line, channel_.read_line(deadline_after(timeout)));
+  return vmm::decode_reply(line);
 }
 
 std::filesystem::path default_vmm_binary() {
@@ -71,12 +53,8 @@ Result<VmmProcess> VmmProcess::launch(const std::filesystem::path& binary, const
   }
 }
 
-Result<nlohmann::json> VmmProcess::request(const nlohmann::json& request, std::chrono::milliseconds timeout) {
-  Result<nlohmann::json> answer = client_.request(request, timeout);
-  if (!answer && answer.error().code == ErrorCode::kIo) {
-    return answer.error().with_context(fmt::format("deltavm-vmm (log: {})", tail_of_log(log_)));
-  }
-  return answer;
+Error VmmProcess::with_log(const Error& error) const {
+  return error.with_context(fmt::format("deltavm-vmm (log: {})", tail_of_log(log_)));
 }
 
-}  // namespace deltavm::kvm
+}  // namespace deltavm

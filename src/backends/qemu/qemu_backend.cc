@@ -20,6 +20,7 @@
 #include "backends/vm_processes.h"
 #include "backends/qemu/qmp.h"
 #include "base/file.h"
+#include "base/page.h"
 #include "base/subprocess.h"
 
 namespace deltavm {
@@ -157,18 +158,18 @@ class ProcessMemoryWriter : public GuestMemoryWriter {
       size_t count = std::min(kBatch, pages.size() - first);
       for (size_t i = 0; i < count; ++i) {
         const PageWrite& page = pages[first + i];
-        if (page.guest_physical_address + 4096 > ram_bytes_) {
+        if (page.guest_physical_address + kPageSize > ram_bytes_) {
           return make_error(ErrorCode::kInvalidArgument, "page at {:#x} is outside the guest's {} bytes of RAM",
                             page.guest_physical_address, ram_bytes_);
         }
-        local[i] = {const_cast<uint8_t*>(page.bytes), 4096};
-        remote[i] = {reinterpret_cast<void*>(ram_address_ + page.guest_physical_address), 4096};
+        local[i] = {const_cast<uint8_t*>(page.bytes), kPageSize};
+        remote[i] = {reinterpret_cast<void*>(ram_address_ + page.guest_physical_address), kPageSize};
       }
       ssize_t written = ::process_vm_writev(pid_, local.data(), count, remote.data(), count, 0);
       if (written < 0) return errno_error(fmt::format("process_vm_writev into qemu {}", pid_), errno);
-      if (static_cast<size_t>(written) != count * 4096) {
+      if (static_cast<size_t>(written) != count * kPageSize) {
         return make_error(ErrorCode::kIo, "process_vm_writev into qemu {}: wrote {} of {} bytes", pid_, written,
-                          count * 4096);
+                          count * kPageSize);
       }
     }
     return {};

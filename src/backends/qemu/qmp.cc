@@ -1,5 +1,7 @@
 #include "backends/qemu/qmp.h"
 
+#include "base/json_fields.h"
+
 #include <sys/socket.h>
 
 #include <cstring>
@@ -18,26 +20,13 @@ Result<QmpClient> QmpClient::connect(const std::filesystem::path& socket, Deadli
   return client;
 }
 
-// QMP messages are small; a line longer than this is not QMP.
-constexpr size_t kMaxMessageBytes = 1 << 20;
-
 Result<nlohmann::json> QmpClient::read_message(Deadline deadline) {
-  for (;;) {
-    size_t newline = buffer_.find('\n');
-    if (newline != std::string::npos) {
-      std::string line = buffer_.substr(0, newline);
-      buffer_.erase(0, newline + 1);
-      nlohmann::json message = nlohmann::json::parse(line, nullptr, false);
-      if (message.is_discarded() || !message.is_object()) {
-        return make_error(ErrorCode::kIo, "QMP {}: unparsable message {}", socket_, line.substr(0, 200));
-      }
-      return message;
-    }
-    if (buffer_.size() > kMaxMessageBytes) {
-      return make_error(ErrorCode::kIo, "QMP {}: a message longer than {} bytes", socket_, kMaxMessageBytes);
-    }
-    DELTAVM_TRY(read_some(fd_.get(), buffer_, deadline, fmt::format("QMP {}", socket_)));
+  DELTAVM_ASSIGN_OR_RETURN(std::string line, channel_.read_line(deadline));
+  nlohmann::json message = nlohmann::json::parse(line, nullptr, false);
+  if (message.is_discarded() || !message.is_object()) {
+    return make_error(ErrorCode::kIo, "QMP {}: unparsable message {}", socket_, line.substr(0, 200));
   }
+  return message;
 }
 
 Result<nlohmann::json> QmpClient::read_answer(std::string_view command, Deadline deadline) {
@@ -58,8 +47,7 @@ Result<nlohmann::json> QmpClient::execute(std::string_view command, const nlohma
                                           std::chrono::milliseconds timeout) {
   nlohmann::json request = {{"execute", command}};
   if (!arguments.is_null()) request["arguments"] = arguments;
-  DELTAVM_TRY(send_all(fd_.get(), request.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace) + "\n",
-                       fmt::format("QMP {}", socket_)));
+  DELTAVM_TRY(channel_.write_line(dump_json(request)));
   return read_answer(command, deadline_after(timeout));
 }
 
@@ -80,12 +68,11 @@ Status QmpClient::send_fd(std::string_view name, int fd) {
   std::memcpy(CMSG_DATA(header), &fd, sizeof(int));
   ssize_t sent;
   do {
-    sent = ::sendmsg(fd_.get(), &message, MSG_NOSIGNAL);
+    sent = ::sendmsg(channel_.fd(), &message, MSG_NOSIGNAL);
   } while (sent < 0 && errno == EINTR);
   if (sent < 0) return errno_error(fmt::format("QMP {}: send fd {}", socket_, name), errno);
   // The fd travels with the first byte; the rest of the line may follow in plain sends.
-  DELTAVM_TRY(send_all(fd_.get(), std::string_view(text).substr(static_cast<size_t>(sent)),
-                       fmt::format("QMP {}", socket_)));
+  DELTAVM_TRY(send_all(channel_.fd(), std::string_view(text).substr(static_cast<size_t>(sent)), channel_.what()));
   DELTAVM_TRY(read_answer("getfd", deadline_after(std::chrono::seconds(30))));
   return {};
 }

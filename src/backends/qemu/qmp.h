@@ -30,14 +30,16 @@ class QmpClient {
   Status wait_for_migration(std::chrono::milliseconds timeout);
 
  private:
-  QmpClient(Fd fd, std::string socket) : fd_(std::move(fd)), socket_(std::move(socket)) {}
+  QmpClient(Fd fd, std::string socket)
+      : channel_(std::move(fd), fmt::format("QMP {}", socket), kMaxMessageBytes), socket_(std::move(socket)) {}
+  // QMP messages are small; a line longer than this is not QMP.
+  static constexpr size_t kMaxMessageBytes = 1 << 20;
   Result<nlohmann::json> read_message(Deadline deadline);
   // Reads until the answer to the command just sent; events are skipped.
   Result<nlohmann::json> read_answer(std::string_view command, Deadline deadline);
 
-  Fd fd_;
+  LineChannel channel_;
   std::string socket_;
-  std::string buffer_;
 };
 
 }  // namespace deltavm

@@ -1,0 +1,103 @@
+// deltavm-vmm: the kvm backend's per-VM process. It opens /dev/kvm once, listens on a control
+// socket and runs one machine: booted, or restored from a machine state and RAM layers. The
+// protocol (vmm/protocol.h, docs/kvm.md) is one JSON object per line each way; a malformed
+// request gets an error reply and the VMM serves on.
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <CLI/CLI.hpp>
+
+#include <cstdio>
+#include <cstring>
+#include <memory>
+
+#include "base/socket.h"
+#include "vmm/kvm.h"
+#include "vmm/path_policy.h"
+#include "vmm/protocol.h"
+#include "vmm/serial_socket.h"
+#include "vmm/vmm.h"
+
+namespace deltavm::vmm {
+namespace {
+
+// Serves one connection until it closes; returns true if the client asked the VMM to quit.
+bool serve(Vmm& vmm, Fd connection) {
+  LineChannel channel(std::move(connection), "control connection", kMaxLineBytes);
+  for (;;) {
+    Result<std::string> line = channel.read_line(Deadline::max());
+    if (!line) return false;  // Closed, or a line too long to be a request: the connection ends.
+    Result<Request> request = decode_request(*line);
+    Result<Reply> reply = request ? vmm.handle(*request) : Result<Reply>(request.error());
+    if (!channel.write_line(encode_reply(reply))) return false;
+    if (request && std::holds_alternative<QuitRequest>(*request)) return true;
+  }
+}
+
+int fail(const Error& error) {
+  std::fprintf(stderr, "deltavm-vmm: %s\n", error.message.c_str());
+  return 1;
+}
+
+}  // namespace
+}  // namespace deltavm::vmm
+
+int main(int argc, char** argv) {
+  using namespace deltavm;
+  using namespace deltavm::vmm;
+  CLI::App app{"deltavm-vmm: runs one VM on /dev/kvm, controlled over a Unix socket"};
+  std::string control, device = "/dev/kvm", console, agent, directory;
+  std::vector<std::string> read_only;
+  bool check = false;
+  app.add_flag("--check", check, "say whether KVM can run this VMM's guests here, and exit (0: yes, 1: no)");
+  app.add_option("--control", control, "control socket to create");
+  app.add_option("--device", device, "KVM device");
+  app.add_option("--console", console, "socket to serve ttyS0 on");
+  app.add_option("--agent", agent, "socket to serve ttyS1 on");
+  app.add_option("--directory", directory, "the VM's directory: the only place this VMM writes");
+  app.add_option("--read-only", read_only, "a file or directory this VMM may also read (repeatable)");
+  CLI11_PARSE(app, argc, argv);
+
+  if (check) {
+    std::optional<std::string> why = kvm_unusable_reason(device);
+    Result<KvmSystem> system = why ? Result<KvmSystem>(Error{ErrorCode::kUnsupported, *why}) : KvmSystem::open(device);
+    if (!system) {
+      std::printf("not usable: %s\n", system.error().message.c_str());
+      return 1;
+    }
+    std::printf("%s ready\n", device.c_str());
+    return 0;
+  }
+  if (control.empty() || directory.empty()) {
+    std::fprintf(stderr, "deltavm-vmm: --control and --directory are required\n");
+    return 2;
+  }
+  // Sockets and files this VMM creates are its owner's alone (0600).
+  ::umask(0177);
+  Result<PathPolicy> policy = PathPolicy::make(directory, {read_only.begin(), read_only.end()});
+  if (!policy) return fail(policy.error());
+  Result<KvmSystem> system = KvmSystem::open(device);
+  if (!system) return fail(system.error());
+  Result<Fd> listener = listen_unix(control);
+  if (!listener) return fail(listener.error());
+  std::unique_ptr<SerialSocket> sockets[2];
+  const std::string* paths[2] = {&console, &agent};
+  for (int port = 0; port < 2; ++port) {
+    if (paths[port]->empty()) continue;
+    Result<std::unique_ptr<SerialSocket>> socket = SerialSocket::listen(*paths[port], port == 0 ? 64 << 10 : 0);
+    if (!socket) return fail(socket.error());
+    sockets[port] = std::move(socket).value();
+  }
+  Vmm vmm(std::move(system).value(), std::move(policy).value(), std::move(sockets[0]), std::move(sockets[1]));
+  for (;;) {
+    Fd connection(::accept4(listener->get(), nullptr, nullptr, SOCK_CLOEXEC));
+    if (!connection.valid()) {
+      if (errno == EINTR) continue;
+      return fail(errno_error("accept", errno));
+    }
+    if (serve(vmm, std::move(connection))) break;
+  }
+  ::unlink(control.c_str());
+  return 0;
+}
