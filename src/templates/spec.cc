@@ -5,6 +5,7 @@
 #include <set>
 
 #include "base/file.h"
+#include "base/json_fields.h"
 
 namespace deltavm {
 namespace {
@@ -12,7 +13,7 @@ namespace {
 using nlohmann::json;
 
 std::string describe(const json& value) {
-  std::string text = value.dump();
+  std::string text = dump_json(value);
   return text.size() > 60 ? text.substr(0, 57) + "..." : text;
 }
 
@@ -192,7 +193,7 @@ std::string TemplateSpec::to_json() const {
                    {"deterministic", deterministic}, {"ready_timeout_s", ready_timeout_s}};
   if (parent) document["parent"] = *parent;
   if (!kernel.empty()) document["kernel"] = kernel.string();
-  return document.dump();
+  return dump_json(document);
 }
 
 }  // namespace deltavm

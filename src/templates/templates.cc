@@ -104,7 +104,7 @@ Status inherit_from_parent(const ImageRecord& parent, TemplateSpec& spec) {
   if (metadata.is_discarded() || !metadata.contains("template")) {
     return make_error(ErrorCode::kInvalidArgument, "template {}: parent {} is not a template", spec.name, parent.name);
   }
-  Result<TemplateSpec> parent_spec = parse_template_spec(metadata["template"].dump(), "(stored spec of " + parent.name + ")");
+  Result<TemplateSpec> parent_spec = parse_template_spec(dump_json(metadata["template"]), "(stored spec of " + parent.name + ")");
   if (!parent_spec) return parent_spec.error();
   if (parent_spec->memory_mib != spec.memory_mib) {
     return make_error(ErrorCode::kInvalidArgument, "template {}: memory_mib {} differs from its parent {}'s {}",
@@ -200,9 +200,9 @@ Result<TemplateBuild> build_template(const TemplateSpec& spec, Store& store, Bac
     }
   }
   PutOptions options;
-  options.metadata = nlohmann::json{{"template", nlohmann::json::parse(effective.to_json())},
-                                    {"machine", machine_json(machine)},
-                                    {"backend", backend.name()}}.dump();
+  options.metadata = dump_json(nlohmann::json{{"template", nlohmann::json::parse(effective.to_json(), nullptr, false)},
+                                              {"machine", machine_json(machine)},
+                                              {"backend", backend.name()}});
   options.attachments = {{std::string(kMachineStateRole), state},
                          {std::string(kKernelRole), kernel},
                          {std::string(kInitramfsRole), initramfs}};

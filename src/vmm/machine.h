@@ -86,7 +86,8 @@ class Machine {
   MachineStatus wait(std::chrono::milliseconds timeout);
   MachineStatus status() const;
   // A vCPU, for instrumentation that must touch it before the machine first runs.
-  Vcpu& vcpu(size_t index) { return vcpus_.at(index); }
+  // REQUIRES: index < the machine's vCPU count.
+  Vcpu& vcpu(size_t index) { return vcpus_[index]; }
 
   // REQUIRES: the machine is paused (or done).
   Result<MachineState> save_state();

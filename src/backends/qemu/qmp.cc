@@ -14,7 +14,7 @@ Result<QmpClient> QmpClient::connect(const std::filesystem::path& socket, Deadli
   QmpClient client(std::move(fd), socket.string());
   DELTAVM_ASSIGN_OR_RETURN(nlohmann::json greeting, client.read_message(deadline));
   if (!greeting.contains("QMP")) {
-    return make_error(ErrorCode::kIo, "QMP {}: expected a greeting, got {}", client.socket_, greeting.dump());
+    return make_error(ErrorCode::kIo, "QMP {}: expected a greeting, got {}", client.socket_, dump_json(greeting));
   }
   DELTAVM_TRY(client.execute("qmp_capabilities"));
   return client;
@@ -53,7 +53,7 @@ Result<nlohmann::json> QmpClient::execute(std::string_view command, const nlohma
 
 Status QmpClient::send_fd(std::string_view name, int fd) {
   nlohmann::json request = {{"execute", "getfd"}, {"arguments", {{"fdname", name}}}};
-  std::string text = request.dump() + "\n";
+  std::string text = dump_json(request) + "\n";
   iovec data{text.data(), text.size()};
   alignas(cmsghdr) char control[CMSG_SPACE(sizeof(int))] = {};
   msghdr message{};
