@@ -10,13 +10,13 @@
 //   zstd          `zstd --patch-from=base target` and `zstd -d --patch-from=base`
 //   memcpy        copying the base into fresh anonymous memory
 //   chain apply   fresh memory <- base, then decode + apply d(base,target) and d(target,third)
-#include <CLI/CLI.hpp>
-#include <fmt/format.h>
-#include <nlohmann/json.hpp>
 #include <fcntl.h>
+#include <fmt/format.h>
 #include <sys/wait.h>
 #include <unistd.h>
 #include <xxhash.h>
+#include <CLI/CLI.hpp>
+#include <nlohmann/json.hpp>
 
 #include <algorithm>
 #include <chrono>
@@ -124,9 +124,8 @@ int main(int argc, char** argv) {
   volatile uint64_t sink = 0;
   for (int run = 0; run < runs; ++run) {
     if (!json && isatty(STDERR_FILENO)) fmt::print(stderr, "\rrun {}/{}", run + 1, runs);
-    times["floor"].push_back(time_ms([&] {
-      sink = sink + XXH3_64bits(base.bytes().data(), size) + XXH3_64bits(target.bytes().data(), size);
-    }));
+    times["floor"].push_back(time_ms(
+        [&] { sink = sink + XXH3_64bits(base.bytes().data(), size) + XXH3_64bits(target.bytes().data(), size); }));
     std::vector<uint8_t> encoded;
     times["deltavm encode"].push_back(time_ms([&] {
       deltavm::Delta delta = check(deltavm::diff(base.bytes(), target.bytes()), "diff");
@@ -154,8 +153,12 @@ int main(int argc, char** argv) {
       }
       sink = sink + memory.bytes()[size / 2];
     }));
-    times["xdelta3 encode"].push_back(time_ms([&] { run_command({"xdelta3", "-e", "-f", "-s", base_path, target_path, xdelta_file}); }));
-    times["xdelta3 apply"].push_back(time_ms([&] { run_command({"xdelta3", "-d", "-f", "-s", base_path, xdelta_file, xdelta_out}); }));
+    times["xdelta3 encode"].push_back(time_ms([&] {
+      run_command({"xdelta3", "-e", "-f", "-s", base_path, target_path, xdelta_file});
+    }));
+    times["xdelta3 apply"].push_back(time_ms([&] {
+      run_command({"xdelta3", "-d", "-f", "-s", base_path, xdelta_file, xdelta_out});
+    }));
     times["zstd encode"].push_back(time_ms([&] {
       run_command({"zstd", "-q", "-f", "--patch-from=" + base_path, target_path, "-o", zstd_file});
     }));
@@ -214,7 +217,8 @@ int main(int argc, char** argv) {
   fmt::print("  deltavm encode / xdelta3 encode  {:6.3f}  (<= 0.1)\n", m["deltavm encode"] / m["xdelta3 encode"]);
   fmt::print("  deltavm encode / floor           {:6.3f}  (<= 2)\n", m["deltavm encode"] / m["floor"]);
   fmt::print("  chain apply / memcpy             {:6.3f}  (<= 2)\n", m["chain apply"] / m["memcpy"]);
-  fmt::print("\nthe peers run as processes on files in the page cache; deltavm and the floor on memory.\n"
-             "deltavm diff hashes both images on a second thread while it compares them.\n");
+  fmt::print(
+      "\nthe peers run as processes on files in the page cache; deltavm and the floor on memory.\n"
+      "deltavm diff hashes both images on a second thread while it compares them.\n");
   return 0;
 }

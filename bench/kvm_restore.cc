@@ -19,10 +19,10 @@
 // pages into each), each runs until its first answer and pauses; the sum of their PSS
 // (/proc/PID/smaps_rollup) is compared with the budget base image + their dirty pages (KVM's
 // log) + 1 MiB each.
-#include <CLI/CLI.hpp>
 #include <fmt/format.h>
-#include <nlohmann/json.hpp>
 #include <unistd.h>
+#include <CLI/CLI.hpp>
+#include <nlohmann/json.hpp>
 
 #include <algorithm>
 #include <fstream>
@@ -33,9 +33,9 @@
 #include "backends/kvm/overlay_memory_writer.h"
 #include "backends/kvm/vmm_client.h"
 #include "base/page.h"
-#include "vmm/ram_overlay.h"
 #include "loader/loader.h"
 #include "store/store.h"
+#include "vmm/ram_overlay.h"
 
 namespace {
 
@@ -112,7 +112,8 @@ int main(int argc, char** argv) {
   bool json_output = false;
   app.add_option("--memory-mib", memory_mib, "Guest RAM of the micro guest")->check(CLI::Range(64, 2048));
   app.add_option("--loads", loads, "Loads per strategy")->check(CLI::Range(1, 10000));
-  app.add_option("--clones", clones, "Concurrent clones for the memory measurement (0: skip)")->check(CLI::Range(0, 1000));
+  app.add_option("--clones", clones, "Concurrent clones for the memory measurement (0: skip)")
+      ->check(CLI::Range(0, 1000));
   app.add_option("--dir", dir, "Work directory (removed and recreated)");
   app.add_flag("--json", json_output, "Print JSON");
   CLI11_PARSE(app, argc, argv);
@@ -128,7 +129,8 @@ int main(int argc, char** argv) {
   Store store = check(Store::open_or_create(root / "store"), "opening the store");
   {
     progress(quiet, fmt::format("capturing a {} MiB micro guest at checkpoints 1-4", memory_mib));
-    VmmProcess vmm = check(VmmProcess::launch(vmm_binary(), root / "capture", {micro_guest_program(), root}), "starting deltavm-vmm");
+    VmmProcess vmm = check(VmmProcess::launch(vmm_binary(), root / "capture", {micro_guest_program(), root}),
+                           "starting deltavm-vmm");
     std::filesystem::path ram = root / "capture" / "ram";
     BootMicroRequest boot;
     boot.program = micro_guest_program().string();
@@ -142,7 +144,8 @@ int main(int argc, char** argv) {
     check(vmm.call<StatusReply>(boot), "booting the micro guest");
     std::optional<std::string> parent;
     for (uint64_t checkpoint = 1; checkpoint <= 4; ++checkpoint) {
-      StatusReply status = check(vmm.call<StatusReply>(WaitRequest{}, std::chrono::minutes(10)), "waiting for a checkpoint");
+      StatusReply status =
+          check(vmm.call<StatusReply>(WaitRequest{}, std::chrono::minutes(10)), "waiting for a checkpoint");
       if (status.state != RunState::kPaused || !status.micro || status.micro->checkpoint != checkpoint) {
         fail(fmt::format("unexpected state {} ({}) at checkpoint {}", run_state_name(status.state), status.failure,
                          checkpoint));
@@ -167,8 +170,8 @@ int main(int argc, char** argv) {
   // 2. The load's inputs, prepared once: base flat file, overlay, machine state.
   Clock::time_point prepare_start = Clock::now();
   Loader loader(store);
-  PreparedRam prepared = check(loader.prepare(check(store.chain("c4"), "chain of c4"), RamStrategy::kBasePlusDeltas),
-                               "preparing c4");
+  PreparedRam prepared =
+      check(loader.prepare(check(store.chain("c4"), "chain of c4"), RamStrategy::kBasePlusDeltas), "preparing c4");
   RestoreFiles files{prepared.flat_file(), root / "overlay", root / "state"};
   RamOverlayWriter overlay = check(RamOverlayWriter::create(files.overlay), "creating the overlay");
   OverlayMemoryWriter writer(overlay);
@@ -177,7 +180,8 @@ int main(int argc, char** argv) {
   check(write_scratch_file(files.state, check(store.read_attachment(record, "machine-state"), "reading state")),
         "writing the state");
   double prepare_ms = std::chrono::duration<double, std::milli>(Clock::now() - prepare_start).count();
-  uint64_t overlay_pages = check(RamOverlay::open(files.overlay, page_count(memory_bytes)), "reading the overlay").page_count();
+  uint64_t overlay_pages =
+      check(RamOverlay::open(files.overlay, page_count(memory_bytes)), "reading the overlay").page_count();
 
   auto restore_request = [&](MemoryStrategy strategy) {
     RestoreRequest request;
@@ -199,7 +203,8 @@ int main(int argc, char** argv) {
     if (!isatty(STDERR_FILENO) && (load + 1) % 10 == 0) fmt::print(stderr, "load {}/{}\n", load + 1, loads);
     for (MemoryStrategy strategy : strategies) {
       std::string name(memory_strategy_name(strategy));
-      VmmProcess vmm = check(VmmProcess::launch(vmm_binary(), root / "load", {micro_guest_program(), root}), "starting deltavm-vmm");
+      VmmProcess vmm =
+          check(VmmProcess::launch(vmm_binary(), root / "load", {micro_guest_program(), root}), "starting deltavm-vmm");
       floor.push_back(check(vmm.call<FloorReply>(FloorRequest{}), "floor").floor_us);
       RestoreRequest request = restore_request(strategy);
       request.step_first_instruction = true;
@@ -224,7 +229,8 @@ int main(int argc, char** argv) {
     uint64_t dirty_pages = 0;
     for (int i = 0; i < count; ++i) {
       running.push_back(
-          check(VmmProcess::launch(vmm_binary(), root / fmt::format("clone{}", i), {micro_guest_program(), root}), "starting deltavm-vmm"));
+          check(VmmProcess::launch(vmm_binary(), root / fmt::format("clone{}", i), {micro_guest_program(), root}),
+                "starting deltavm-vmm"));
       RestoreRequest request = restore_request(strategy);
       request.start.log_dirty = true;
       check(running.back().call<StatusReply>(request), "restoring a clone");
@@ -258,7 +264,8 @@ int main(int argc, char** argv) {
     std::string strategy(memory_strategy_name(kind));
     result["strategies"][strategy] = {
         {"first_instruction_us",
-         {{"p50", percentile(first_instruction[strategy], 0.5)}, {"p99", percentile(first_instruction[strategy], 0.99)}}},
+         {{"p50", percentile(first_instruction[strategy], 0.5)},
+          {"p99", percentile(first_instruction[strategy], 0.99)}}},
         {"answered_us", {{"p50", percentile(answered[strategy], 0.5)}, {"p99", percentile(answered[strategy], 0.99)}}},
         {"first_instruction_over_floor", percentile(first_instruction[strategy], 0.5) / floor_p50}};
   }

@@ -6,10 +6,10 @@
 //
 // Loads run one at a time and interleaved (deltavm, deltavm flat, flat-file peer, stock peer),
 // each VM stopped after it answers, so no load shares the CPU with another VM.
-#include <CLI/CLI.hpp>
 #include <fmt/format.h>
-#include <nlohmann/json.hpp>
 #include <unistd.h>
+#include <CLI/CLI.hpp>
+#include <nlohmann/json.hpp>
 
 #include <algorithm>
 #include <chrono>
@@ -96,7 +96,8 @@ int main(int argc, char** argv) {
 
   std::map<std::string, std::vector<double>> totals;
   std::map<std::string, std::vector<double>> phases;
-  const std::vector<std::string> ways = {"deltavm (base+deltas)", "deltavm (flat)", "qemu flat file", "qemu stock stream"};
+  const std::vector<std::string> ways = {"deltavm (base+deltas)", "deltavm (flat)", "qemu flat file",
+                                         "qemu stock stream"};
   for (int load = 0; load < loads; ++load) {
     if (!json && isatty(STDERR_FILENO)) fmt::print(stderr, "\rload {}/{}", load + 1, loads);
     for (const std::string& way : ways) {
@@ -116,7 +117,9 @@ int main(int argc, char** argv) {
         VmDirectory vm = check(VmDirectory::create(runtime), "vm directory");
         id = vm.id();
         if (way == "qemu flat file") {
-          check(backend->restore(machine, flat, [](GuestMemoryWriter&) { return Status(); }, state, vm, false), way);
+          check(backend->restore(
+                    machine, flat, [](GuestMemoryWriter&) { return Status(); }, state, vm, false),
+                way);
         } else {
           check(restore_stock_snapshot(machine, stream, vm), way);
         }
@@ -137,30 +140,40 @@ int main(int argc, char** argv) {
   for (const auto& [way, values] : totals) median[way] = percentile(values, 0.5);
   double ours = median[ways[0]];
   nlohmann::json result = {
-      {"template", template_name}, {"chain_depth", chain.size() - 1}, {"loads", loads},
-      {"image_size_bytes", record.image_size_bytes}, {"machine_state_bytes", state.size()},
-      {"stock_stream_bytes", stream_bytes}, {"median_ms", median},
-      {"p90_ms", {{ways[0], percentile(totals[ways[0]], 0.9)}, {ways[2], percentile(totals[ways[2]], 0.9)},
-                  {ways[3], percentile(totals[ways[3]], 0.9)}}},
-      {"phases_median_ms", {{"prepare", percentile(phases["prepare"], 0.5)}, {"launch", percentile(phases["launch"], 0.5)},
-                            {"fill", percentile(phases["fill"], 0.5)}, {"state", percentile(phases["state"], 0.5)},
-                            {"answer", percentile(phases["answer"], 0.5)}}},
-      {"ratios", {{"deltavm_over_flat_file", ours / median[ways[2]]},
-                  {"stock_over_deltavm", median[ways[3]] / ours}}}};
+      {"template", template_name},
+      {"chain_depth", chain.size() - 1},
+      {"loads", loads},
+      {"image_size_bytes", record.image_size_bytes},
+      {"machine_state_bytes", state.size()},
+      {"stock_stream_bytes", stream_bytes},
+      {"median_ms", median},
+      {"p90_ms",
+       {{ways[0], percentile(totals[ways[0]], 0.9)},
+        {ways[2], percentile(totals[ways[2]], 0.9)},
+        {ways[3], percentile(totals[ways[3]], 0.9)}}},
+      {"phases_median_ms",
+       {{"prepare", percentile(phases["prepare"], 0.5)},
+        {"launch", percentile(phases["launch"], 0.5)},
+        {"fill", percentile(phases["fill"], 0.5)},
+        {"state", percentile(phases["state"], 0.5)},
+        {"answer", percentile(phases["answer"], 0.5)}}},
+      {"ratios", {{"deltavm_over_flat_file", ours / median[ways[2]]}, {"stock_over_deltavm", median[ways[3]] / ours}}}};
   if (json) {
     fmt::print("{}\n", result.dump(2));
     return 0;
   }
-  fmt::print("template {} (chain depth {}, {} MiB RAM, machine state {} KiB, stock stream {:.1f} MB); {} loads each\n\n",
-             template_name, chain.size() - 1, record.image_size_bytes >> 20, state.size() >> 10, stream_bytes / 1e6, loads);
+  fmt::print(
+      "template {} (chain depth {}, {} MiB RAM, machine state {} KiB, stock stream {:.1f} MB); {} loads each\n\n",
+      template_name, chain.size() - 1, record.image_size_bytes >> 20, state.size() >> 10, stream_bytes / 1e6, loads);
   fmt::print("{:<24} {:>12} {:>12}\n", "request -> answer", "median", "p90");
   for (const std::string& way : ways) {
     fmt::print("{:<24} {:>9.1f} ms {:>9.1f} ms\n", way, median[way], percentile(totals[way], 0.9));
   }
-  fmt::print("\ndeltavm (base+deltas) phases, median: prepare {:.1f} ms, launch {:.1f} ms, fill {:.1f} ms, "
-             "state {:.1f} ms, first answer {:.1f} ms\n",
-             percentile(phases["prepare"], 0.5), percentile(phases["launch"], 0.5), percentile(phases["fill"], 0.5),
-             percentile(phases["state"], 0.5), percentile(phases["answer"], 0.5));
+  fmt::print(
+      "\ndeltavm (base+deltas) phases, median: prepare {:.1f} ms, launch {:.1f} ms, fill {:.1f} ms, "
+      "state {:.1f} ms, first answer {:.1f} ms\n",
+      percentile(phases["prepare"], 0.5), percentile(phases["launch"], 0.5), percentile(phases["fill"], 0.5),
+      percentile(phases["state"], 0.5), percentile(phases["answer"], 0.5));
   fmt::print("\nratios (target):\n");
   fmt::print("  deltavm / qemu flat file        {:6.3f}  (<= 1.1)\n", ours / median[ways[2]]);
   fmt::print("  qemu stock stream / deltavm     {:6.3f}  (>= 1.5)\n", median[ways[3]] / ours);

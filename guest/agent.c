@@ -255,12 +255,8 @@ static void write_stdin(struct Command* command) {
 
 static void handle_frame(char kind, uint64_t id, const unsigned char* payload, size_t length) {
   switch (kind) {
-    case 'X':
-      start_command(id, payload, length);
-      break;
-    case 'I':
-      add_stdin(id, payload, length);
-      break;
+    case 'X': start_command(id, payload, length); break;
+    case 'I': add_stdin(id, payload, length); break;
     case 'K': {
       struct Command* command = find_command(id);
       if (command != NULL && !command->exited) {
@@ -269,8 +265,7 @@ static void handle_frame(char kind, uint64_t id, const unsigned char* payload, s
       }
       break;
     }
-    default:
-      break;  // Unknown kinds are read past: a newer host may send more.
+    default: break;  // Unknown kinds are read past: a newer host may send more.
   }
 }
 
@@ -418,9 +413,12 @@ int main(int argc, char** argv) {
     for (size_t i = 2; i < count; ++i) {
       struct Command* command = owners[i];
       if (fds[i].revents == 0 || !command->used) continue;
-      if (fds[i].fd == command->out_fd) relay_output(command, &command->out_fd, 'O');
-      else if (fds[i].fd == command->err_fd) relay_output(command, &command->err_fd, 'E');
-      else if (fds[i].fd == command->in_fd) write_stdin(command);
+      if (fds[i].fd == command->out_fd)
+        relay_output(command, &command->out_fd, 'O');
+      else if (fds[i].fd == command->err_fd)
+        relay_output(command, &command->err_fd, 'E');
+      else if (fds[i].fd == command->in_fd)
+        write_stdin(command);
     }
     if (fds[1].revents & POLLIN) {
       struct signalfd_siginfo info;

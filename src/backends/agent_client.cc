@@ -104,9 +104,7 @@ Result<uint64_t> AgentConnection::start(const ExecRequest& request, Deadline dea
   return id;
 }
 
-Status AgentConnection::cancel(uint64_t id) {
-  return send_frame('K', id, {}, deadline_after(std::chrono::seconds(2)));
-}
+Status AgentConnection::cancel(uint64_t id) { return send_frame('K', id, {}, deadline_after(std::chrono::seconds(2))); }
 
 Status AgentConnection::receive(Deadline deadline) {
   DELTAVM_TRY(read_some(fd_.get(), buffer_, deadline, what_));
@@ -195,8 +193,7 @@ Status AgentConnection::receive(Deadline deadline) {
                                        std::string(payload.substr(0, 512)));
           pending.done = true;
           break;
-        default:
-          break;
+        default: break;
       }
     }
     // Frames of other commands (one that ended, an abandoned earlier request) are read past.

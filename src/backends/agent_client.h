@@ -22,7 +22,7 @@
 namespace deltavm {
 
 struct ExecRequest {
-  std::string command;  // Run as /bin/sh -c COMMAND; at most kMaxCommandBytes.
+  std::string command;                     // Run as /bin/sh -c COMMAND; at most kMaxCommandBytes.
   std::optional<std::string> stdin_bytes;  // Else stdin is /dev/null. At most kMaxStdinBytes.
   // The guest kills the command's process group after this long (0: never); the host then
   // waits a little more for the guest's answer and, without one, cancels and reports a timeout.
@@ -30,10 +30,10 @@ struct ExecRequest {
 };
 
 struct ExecResult {
-  int exit_status = 0;  // 0-255, or 128 + the signal that ended the command.
-  int signal = 0;       // The signal that ended it, or 0.
-  bool timed_out = false;   // Killed by the guest when its timeout passed.
-  bool cancelled = false;   // Killed on the host's request.
+  int exit_status = 0;     // 0-255, or 128 + the signal that ended the command.
+  int signal = 0;          // The signal that ended it, or 0.
+  bool timed_out = false;  // Killed by the guest when its timeout passed.
+  bool cancelled = false;  // Killed on the host's request.
   bool stdout_truncated = false;
   bool stderr_truncated = false;
   std::string stdout_bytes;

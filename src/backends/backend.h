@@ -61,8 +61,7 @@ class Backend {
 
   // Boots `machine` with its RAM written through to `ram_file` (created by the backend), so
   // that after pause() the file holds the guest's RAM image exactly.
-  virtual Status boot(const MachineSpec& machine, const std::filesystem::path& ram_file,
-                      const VmDirectory& vm) = 0;
+  virtual Status boot(const MachineSpec& machine, const std::filesystem::path& ram_file, const VmDirectory& vm) = 0;
   // Stops the guest's vCPUs; RAM and devices stay as they are.
   virtual Status pause(const VmDirectory& vm) = 0;
   // The machine state (vCPUs, devices, clocks) of a paused VM, without RAM.

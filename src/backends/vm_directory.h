@@ -38,9 +38,9 @@ Status prepare_runtime_directory(const std::filesystem::path& runtime);
 // What vm.json records. Parsed field by field: a damaged record is an error, never a crash.
 struct VmRecord {
   std::string id;
-  std::string backend;        // "qemu" or "kvm"; empty until the VM process is started.
+  std::string backend;  // "qemu" or "kvm"; empty until the VM process is started.
   std::string template_name;
-  std::string purpose;        // "template build" while a build owns the VM; else empty.
+  std::string purpose;                     // "template build" while a build owns the VM; else empty.
   std::optional<ProcessIdentity> process;  // The VM process (QEMU, deltavm-vmm).
   std::optional<ProcessIdentity> owner;    // The deltavm process creating the VM, until done.
   std::string ram_file;

@@ -18,8 +18,12 @@ const char* error_code_name(ErrorCode code) {
 }
 
 namespace {
-constexpr ErrorCode kAllCodes[] = {ErrorCode::kInvalidArgument, ErrorCode::kCorruption, ErrorCode::kNotFound,
-                                   ErrorCode::kAlreadyExists,   ErrorCode::kIo,         ErrorCode::kUnsupported,
+constexpr ErrorCode kAllCodes[] = {ErrorCode::kInvalidArgument,
+                                   ErrorCode::kCorruption,
+                                   ErrorCode::kNotFound,
+                                   ErrorCode::kAlreadyExists,
+                                   ErrorCode::kIo,
+                                   ErrorCode::kUnsupported,
                                    ErrorCode::kBusy};
 }  // namespace
 

@@ -18,9 +18,9 @@ enum class ErrorCode {
   kCorruption,       // Stored bytes fail a check: checksum, magic, length, offset.
   kNotFound,         // A named file, object or image does not exist.
   kAlreadyExists,
-  kIo,               // A system call failed; the message carries errno's text.
-  kUnsupported,      // A valid input this version cannot handle (a newer format version).
-  kBusy,             // A lock is held by someone else.
+  kIo,           // A system call failed; the message carries errno's text.
+  kUnsupported,  // A valid input this version cannot handle (a newer format version).
+  kBusy,         // A lock is held by someone else.
 };
 
 const char* error_code_name(ErrorCode code);
@@ -33,9 +33,7 @@ struct Error {
   std::string message;
 
   // Prefixes the message with context: "reading delta x.dvd: " + message.
-  Error with_context(std::string_view context) const {
-    return Error{code, fmt::format("{}: {}", context, message)};
-  }
+  Error with_context(std::string_view context) const { return Error{code, fmt::format("{}: {}", context, message)}; }
 };
 
 template <typename... Args>
@@ -114,9 +112,9 @@ Status Result<T>::status() const {
 }  // namespace deltavm
 
 // Early return of an Error from a Status or Result expression.
-#define DELTAVM_TRY(expression)                          \
-  do {                                                   \
-    auto deltavm_try_result_ = (expression);             \
+#define DELTAVM_TRY(expression)                                   \
+  do {                                                            \
+    auto deltavm_try_result_ = (expression);                      \
     if (!deltavm_try_result_) return deltavm_try_result_.error(); \
   } while (false)
 

@@ -53,8 +53,7 @@ class Mapping {
   // not touched: the kernel supplies each on first access.
   static Result<Mapping> map_anonymous(size_t size_bytes);
   // mmap(2) of `fd` with the given protection and flags; `what` names the mapping in errors.
-  static Result<Mapping> map(int fd, size_t size_bytes, int protection, int flags, off_t offset,
-                             std::string_view what);
+  static Result<Mapping> map(int fd, size_t size_bytes, int protection, int flags, off_t offset, std::string_view what);
 
   std::span<const uint8_t> bytes() const { return {data_, size_}; }
   std::span<uint8_t> writable_bytes() { return {data_, size_}; }

@@ -26,8 +26,7 @@ class JsonFields {
 
   Status text(std::string_view field, std::string& out, bool required = false);
   Status text(std::string_view field, std::optional<std::string>& out);
-  Status unsigned_integer(std::string_view field, uint64_t& out, bool required = false,
-                          uint64_t most = UINT64_MAX);
+  Status unsigned_integer(std::string_view field, uint64_t& out, bool required = false, uint64_t most = UINT64_MAX);
   Status unsigned_integer(std::string_view field, std::optional<uint64_t>& out, uint64_t most = UINT64_MAX);
   Status integer(std::string_view field, int64_t& out, bool required = false);
   Status boolean(std::string_view field, bool& out);

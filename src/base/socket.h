@@ -14,9 +14,7 @@ namespace deltavm {
 
 using Deadline = std::chrono::steady_clock::time_point;
 
-inline Deadline deadline_after(std::chrono::milliseconds timeout) {
-  return std::chrono::steady_clock::now() + timeout;
-}
+inline Deadline deadline_after(std::chrono::milliseconds timeout) { return std::chrono::steady_clock::now() + timeout; }
 
 // A listening Unix stream socket at `path`, replacing a stale socket file left there (one that
 // refuses connections); a socket a live process listens on is refused (kBusy), and so is any

@@ -17,8 +17,11 @@ double elapsed_ms(Clock::time_point start) {
 }
 
 nlohmann::json stats_json(const DeltaStats& stats) {
-  return {{"zero_pages", stats.zero_pages}, {"run_pages", stats.run_pages},
-          {"full_pages", stats.full_pages}, {"runs", stats.runs}, {"data_bytes", stats.data_bytes}};
+  return {{"zero_pages", stats.zero_pages},
+          {"run_pages", stats.run_pages},
+          {"full_pages", stats.full_pages},
+          {"runs", stats.runs},
+          {"data_bytes", stats.data_bytes}};
 }
 
 void print_stats_table(const Delta& delta, uint64_t file_bytes) {
@@ -67,9 +70,12 @@ Status run_diff(const GlobalOptions& options, const std::string& base_path, cons
   DELTAVM_TRY(write_file_atomic(output_path, encoded));
   double total_ms = elapsed_ms(start);
   if (options.json) {
-    print_json({{"delta", output_path}, {"image_size_bytes", delta.image_size_bytes},
-                {"pages_changed", delta.edits.size()}, {"delta_bytes", encoded.size()},
-                {"stats", stats_json(delta.stats())}, {"elapsed_ms", total_ms}});
+    print_json({{"delta", output_path},
+                {"image_size_bytes", delta.image_size_bytes},
+                {"pages_changed", delta.edits.size()},
+                {"delta_bytes", encoded.size()},
+                {"stats", stats_json(delta.stats())},
+                {"elapsed_ms", total_ms}});
   } else {
     print_stats_table(delta, encoded.size());
     fmt::print("wrote {} in {}\n", output_path, human_duration_ms(total_ms));
@@ -102,8 +108,8 @@ Status run_apply(const GlobalOptions& options, const std::string& base_path,
   if (!deltas.empty() && deltas.front().base_digest) {
     ImageDigest base_digest = digest_image(base.bytes());
     if (base_digest != *deltas.front().base_digest) {
-      return make_error(ErrorCode::kInvalidArgument, "{} applies to image {}, but {} is image {}",
-                        delta_paths.front(), deltas.front().base_digest->hex(), base_path, base_digest.hex());
+      return make_error(ErrorCode::kInvalidArgument, "{} applies to image {}, but {} is image {}", delta_paths.front(),
+                        deltas.front().base_digest->hex(), base_path, base_digest.hex());
     }
   }
   DELTAVM_ASSIGN_OR_RETURN(Mapping memory, Mapping::map_anonymous(base.size()));
@@ -119,12 +125,14 @@ Status run_apply(const GlobalOptions& options, const std::string& base_path,
   DELTAVM_TRY(write_image_file(output_path, memory.bytes(), options.json));
   double total_ms = elapsed_ms(start);
   if (options.json) {
-    print_json({{"image", output_path}, {"image_size_bytes", memory.size()}, {"deltas", delta_paths.size()},
-                {"digest", result.hex()}, {"elapsed_ms", total_ms}});
+    print_json({{"image", output_path},
+                {"image_size_bytes", memory.size()},
+                {"deltas", delta_paths.size()},
+                {"digest", result.hex()},
+                {"elapsed_ms", total_ms}});
   } else {
-    fmt::print("wrote {} ({}, digest {}) from {} and {} delta(s) in {}\n", output_path,
-               human_bytes(memory.size()), result.hex(), base_path, delta_paths.size(),
-               human_duration_ms(total_ms));
+    fmt::print("wrote {} ({}, digest {}) from {} and {} delta(s) in {}\n", output_path, human_bytes(memory.size()),
+               result.hex(), base_path, delta_paths.size(), human_duration_ms(total_ms));
   }
   return {};
 }
@@ -137,15 +145,20 @@ Status run_inspect(const GlobalOptions& options, const std::string& path) {
     if (options.json) {
       nlohmann::json sections = nlohmann::json::array();
       for (const auto& section : info.sections) {
-        sections.push_back({{"name", section.name}, {"raw_bytes", section.raw_bytes},
-                            {"stored_bytes", section.stored_bytes}});
+        sections.push_back(
+            {{"name", section.name}, {"raw_bytes", section.raw_bytes}, {"stored_bytes", section.stored_bytes}});
       }
-      print_json({{"kind", "delta"}, {"file", path}, {"version", info.version},
-                  {"file_bytes", info.file_bytes}, {"image_size_bytes", delta.image_size_bytes},
-                  {"pages_changed", delta.edits.size()}, {"stats", stats_json(delta.stats())},
-                  {"base_digest", delta.base_digest ? nlohmann::json(delta.base_digest->hex()) : nlohmann::json()},
-                  {"target_digest", delta.target_digest ? nlohmann::json(delta.target_digest->hex()) : nlohmann::json()},
-                  {"sections", sections}});
+      print_json(
+          {{"kind", "delta"},
+           {"file", path},
+           {"version", info.version},
+           {"file_bytes", info.file_bytes},
+           {"image_size_bytes", delta.image_size_bytes},
+           {"pages_changed", delta.edits.size()},
+           {"stats", stats_json(delta.stats())},
+           {"base_digest", delta.base_digest ? nlohmann::json(delta.base_digest->hex()) : nlohmann::json()},
+           {"target_digest", delta.target_digest ? nlohmann::json(delta.target_digest->hex()) : nlohmann::json()},
+           {"sections", sections}});
       return {};
     }
     fmt::print("{}: deltavm delta, format version {}\n", path, info.version);
@@ -164,8 +177,12 @@ Status run_inspect(const GlobalOptions& options, const std::string& path) {
   }
   ImageDigest digest = digest_image(file.bytes());
   if (options.json) {
-    print_json({{"kind", "image"}, {"file", path}, {"image_size_bytes", file.size()},
-                {"pages", page_count(file.size())}, {"zero_pages", zero_pages}, {"digest", digest.hex()}});
+    print_json({{"kind", "image"},
+                {"file", path},
+                {"image_size_bytes", file.size()},
+                {"pages", page_count(file.size())},
+                {"zero_pages", zero_pages},
+                {"digest", digest.hex()}});
     return {};
   }
   fmt::print("{}: raw RAM image\n", path);
@@ -197,9 +214,7 @@ Status run_verify(const GlobalOptions& options, const std::string& path) {
 void add_image_commands(CLI::App& app, const GlobalOptions& options, int& exit_status) {
   CLI::App* image = app.add_subcommand("image", "Diff, apply and check guest RAM images and deltas");
   image->require_subcommand(1);
-  auto finish = [&exit_status](const Status& status) {
-    exit_status = status ? 0 : report_error(status.error());
-  };
+  auto finish = [&exit_status](const Status& status) { exit_status = status ? 0 : report_error(status.error()); };
 
   struct DiffArguments {
     std::string base, target, output, dirty;
@@ -210,8 +225,9 @@ void add_image_commands(CLI::App& app, const GlobalOptions& options, int& exit_s
   diff_command->add_option("BASE", diff_arguments->base, "Base RAM image")->required()->check(CLI::ExistingFile);
   diff_command->add_option("TARGET", diff_arguments->target, "Target RAM image")->required()->check(CLI::ExistingFile);
   diff_command->add_option("-o,--output", diff_arguments->output, "Delta file to write")->required();
-  diff_command->add_option("--dirty", diff_arguments->dirty,
-                           "Dirty bitmap (one bit per page): compare only these pages")->check(CLI::ExistingFile);
+  diff_command
+      ->add_option("--dirty", diff_arguments->dirty, "Dirty bitmap (one bit per page): compare only these pages")
+      ->check(CLI::ExistingFile);
   diff_command->add_option("--level", diff_arguments->level, "zstd compression level")->check(CLI::Range(1, 22));
   diff_command->callback([&options, diff_arguments, finish] {
     finish(run_diff(options, diff_arguments->base, diff_arguments->target, diff_arguments->output,
@@ -225,7 +241,9 @@ void add_image_commands(CLI::App& app, const GlobalOptions& options, int& exit_s
   auto apply_arguments = std::make_shared<ApplyArguments>();
   CLI::App* apply_command = image->add_subcommand("apply", "Apply a chain of deltas to BASE");
   apply_command->add_option("BASE", apply_arguments->base, "Base RAM image")->required()->check(CLI::ExistingFile);
-  apply_command->add_option("DELTA", apply_arguments->deltas, "Deltas, applied in order")->required()->check(CLI::ExistingFile);
+  apply_command->add_option("DELTA", apply_arguments->deltas, "Deltas, applied in order")
+      ->required()
+      ->check(CLI::ExistingFile);
   apply_command->add_option("-o,--output", apply_arguments->output, "Image file to write")->required();
   apply_command->callback([&options, apply_arguments, finish] {
     finish(run_apply(options, apply_arguments->base, apply_arguments->deltas, apply_arguments->output));

@@ -36,8 +36,10 @@ void Table::print() const {
     for (size_t c = 0; c < headers_.size(); ++c) {
       const std::string cell = c < cells.size() ? cells[c] : "";
       if (c > 0) line += "  ";
-      if (numeric[c] && !rows_.empty()) line += fmt::format("{:>{}}", cell, widths[c]);
-      else line += fmt::format("{:<{}}", cell, widths[c]);
+      if (numeric[c] && !rows_.empty())
+        line += fmt::format("{:>{}}", cell, widths[c]);
+      else
+        line += fmt::format("{:<{}}", cell, widths[c]);
     }
     while (!line.empty() && line.back() == ' ') line.pop_back();
     fmt::print("{}\n", line);

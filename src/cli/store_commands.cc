@@ -75,9 +75,8 @@ Status run_put(const GlobalOptions& options, const std::string& name, const std:
   if (options.json) {
     print_json(record_json(record));
   } else {
-    fmt::print("stored {} ({} as {}, chain depth {}, object {})\n", record.name,
-               human_bytes(record.image_size_bytes), human_bytes(record.stored_size_bytes),
-               record.chain_depth, record.object_id);
+    fmt::print("stored {} ({} as {}, chain depth {}, object {})\n", record.name, human_bytes(record.image_size_bytes),
+               human_bytes(record.stored_size_bytes), record.chain_depth, record.object_id);
   }
   return {};
 }
@@ -87,16 +86,20 @@ Status run_get(const GlobalOptions& options, const std::string& name, const std:
   DELTAVM_ASSIGN_OR_RETURN(Store store, open_store(options));
   DELTAVM_ASSIGN_OR_RETURN(Mapping image, store.get_image(name));
   DELTAVM_TRY(write_image_file(output, image.bytes(), options.json));
-  if (options.json) print_json({{"name", name}, {"output", output}, {"image_size_bytes", image.size()}});
-  else fmt::print("wrote {} ({})\n", output, human_bytes(image.size()));
+  if (options.json)
+    print_json({{"name", name}, {"output", output}, {"image_size_bytes", image.size()}});
+  else
+    fmt::print("wrote {} ({})\n", output, human_bytes(image.size()));
   return {};
 }
 
 Status run_rm(const GlobalOptions& options, const std::string& name) {
   DELTAVM_ASSIGN_OR_RETURN(Store store, open_store(options));
   DELTAVM_TRY(store.remove_image(name));
-  if (options.json) print_json({{"removed", name}});
-  else fmt::print("removed {} (its object is freed by the next gc)\n", name);
+  if (options.json)
+    print_json({{"removed", name}});
+  else
+    fmt::print("removed {} (its object is freed by the next gc)\n", name);
   return {};
 }
 
@@ -107,8 +110,7 @@ Status run_verify(const GlobalOptions& options, const std::string& name) {
   if (options.json) {
     print_json({{"name", name}, {"ok", true}, {"chain_length", chain.size()}, {"digest", chain.back().digest.hex()}});
   } else {
-    fmt::print("{}: ok (chain of {} object(s) verified, image digest {})\n", name, chain.size(),
-               chain.back().digest);
+    fmt::print("{}: ok (chain of {} object(s) verified, image digest {})\n", name, chain.size(), chain.back().digest);
   }
   return {};
 }
@@ -117,7 +119,8 @@ Status run_gc(const GlobalOptions& options) {
   DELTAVM_ASSIGN_OR_RETURN(Store store, open_store(options));
   DELTAVM_ASSIGN_OR_RETURN(GcReport report, store.gc());
   if (options.json) {
-    print_json({{"objects_removed", report.objects_removed}, {"temporaries_removed", report.temporaries_removed},
+    print_json({{"objects_removed", report.objects_removed},
+                {"temporaries_removed", report.temporaries_removed},
                 {"bytes_freed", report.bytes_freed}});
   } else {
     fmt::print("removed {} unreferenced object(s) and {} temporary file(s), freed {}\n", report.objects_removed,
@@ -131,9 +134,12 @@ Result<int> run_fsck(const GlobalOptions& options) {
   DELTAVM_ASSIGN_OR_RETURN(Store store, open_store(options));
   DELTAVM_ASSIGN_OR_RETURN(FsckReport report, store.fsck());
   if (options.json) {
-    print_json({{"clean", report.clean()}, {"images_checked", report.images_checked},
-                {"objects_checked", report.objects_checked}, {"problems", report.problems},
-                {"unreferenced_objects", object_ids(report.unreferenced)}, {"temporaries", report.temporaries}});
+    print_json({{"clean", report.clean()},
+                {"images_checked", report.images_checked},
+                {"objects_checked", report.objects_checked},
+                {"problems", report.problems},
+                {"unreferenced_objects", object_ids(report.unreferenced)},
+                {"temporaries", report.temporaries}});
   } else {
     fmt::print("checked {} image(s) and {} object(s) in {}\n", report.images_checked, report.objects_checked,
                store.directory().string());
@@ -158,12 +164,11 @@ Result<Store> open_store(const GlobalOptions& options, StoreAccess access) {
 void add_store_commands(CLI::App& app, const GlobalOptions& options, int& exit_status) {
   CLI::App* store = app.add_subcommand("store", "List, check and collect the image store");
   store->require_subcommand(1);
-  auto finish = [&exit_status](const Status& status) {
-    exit_status = status ? 0 : report_error(status.error());
-  };
+  auto finish = [&exit_status](const Status& status) { exit_status = status ? 0 : report_error(status.error()); };
 
-  store->add_subcommand("ls", "List the stored images with their chains and sizes")
-      ->callback([&options, finish] { finish(run_ls(options)); });
+  store->add_subcommand("ls", "List the stored images with their chains and sizes")->callback([&options, finish] {
+    finish(run_ls(options));
+  });
 
   struct PutArguments {
     std::string name, image, parent;
@@ -194,8 +199,9 @@ void add_store_commands(CLI::App& app, const GlobalOptions& options, int& exit_s
   verify_command->add_option("NAME", *verify_name)->required();
   verify_command->callback([&options, verify_name, finish] { finish(run_verify(options, *verify_name)); });
 
-  store->add_subcommand("gc", "Remove unreferenced objects and leftover temporaries")
-      ->callback([&options, finish] { finish(run_gc(options)); });
+  store->add_subcommand("gc", "Remove unreferenced objects and leftover temporaries")->callback([&options, finish] {
+    finish(run_gc(options));
+  });
 
   store->add_subcommand("fsck", "Check the catalog and every object; exit 1 on corruption")
       ->callback([&options, &exit_status] {

@@ -32,16 +32,22 @@ Status run_template_build(const GlobalOptions& options, const std::string& spec_
   DELTAVM_ASSIGN_OR_RETURN(std::unique_ptr<Backend> backend, make_backend(backend_name));
   DELTAVM_ASSIGN_OR_RETURN(Store store, open_store(options, StoreAccess::kCreate));
   bool show = !options.json && ::isatty(STDERR_FILENO);
-  DELTAVM_ASSIGN_OR_RETURN(TemplateBuild build,
-                           build_template(spec, store, *backend, runtime_directory(options), [&](std::string_view phase) {
-                             if (show) fmt::print(stderr, "template {}: {}...\n", spec.name, phase);
-                           }));
+  DELTAVM_ASSIGN_OR_RETURN(
+      TemplateBuild build,
+      build_template(spec, store, *backend, runtime_directory(options), [&](std::string_view phase) {
+        if (show) fmt::print(stderr, "template {}: {}...\n", spec.name, phase);
+      }));
   const ImageRecord& record = build.record;
   if (options.json) {
-    print_json({{"template", record.name}, {"parent", record.parent ? nlohmann::json(*record.parent) : nlohmann::json()},
-                {"parent_reason", build.parent_reason}, {"chain_depth", record.chain_depth},
-                {"image_size_bytes", record.image_size_bytes}, {"stored_size_bytes", record.stored_size_bytes},
-                {"boot_ms", build.boot_ms}, {"capture_ms", build.capture_ms}, {"store_ms", build.store_ms}});
+    print_json({{"template", record.name},
+                {"parent", record.parent ? nlohmann::json(*record.parent) : nlohmann::json()},
+                {"parent_reason", build.parent_reason},
+                {"chain_depth", record.chain_depth},
+                {"image_size_bytes", record.image_size_bytes},
+                {"stored_size_bytes", record.stored_size_bytes},
+                {"boot_ms", build.boot_ms},
+                {"capture_ms", build.capture_ms},
+                {"store_ms", build.store_ms}});
     return {};
   }
   fmt::print("template {}: stored {} as {} against {} ({}); boot {}, capture {}, store {}\n", record.name,
@@ -68,14 +74,19 @@ Status run_template_ls(const GlobalOptions& options) {
       chain_bytes += link.stored_size_bytes;
       names.push_back(link.name);
     }
-    templates.push_back({{"template", record.name}, {"chain", names}, {"chain_depth", record.chain_depth},
-                         {"image_size_bytes", record.image_size_bytes}, {"stored_size_bytes", record.stored_size_bytes},
+    templates.push_back({{"template", record.name},
+                         {"chain", names},
+                         {"chain_depth", record.chain_depth},
+                         {"image_size_bytes", record.image_size_bytes},
+                         {"stored_size_bytes", record.stored_size_bytes},
                          {"chain_stored_bytes", chain_bytes}});
     table.add_row({record.name, chain_text, std::to_string(record.chain_depth), human_bytes(record.image_size_bytes),
                    human_bytes(record.stored_size_bytes), human_bytes(chain_bytes)});
   }
-  if (options.json) print_json({{"templates", templates}});
-  else table.print();
+  if (options.json)
+    print_json({{"templates", templates}});
+  else
+    table.print();
   return {};
 }
 
@@ -96,11 +107,17 @@ Status run_run(const GlobalOptions& options, const std::string& name, const std:
   } else {
     DELTAVM_ASSIGN_OR_RETURN(backend, make_backend(chosen));
   }
-  DELTAVM_ASSIGN_OR_RETURN(StartedVm vm, start_vm(loaded, store, *backend, runtime_directory(options), strategy, paused));
+  DELTAVM_ASSIGN_OR_RETURN(StartedVm vm,
+                           start_vm(loaded, store, *backend, runtime_directory(options), strategy, paused));
   if (options.json) {
-    print_json({{"id", vm.id}, {"template", vm.template_name}, {"strategy", ram_strategy_name(vm.strategy)},
-                {"prepare_ms", vm.prepare_ms}, {"launch_ms", vm.restore.launch_ms}, {"fill_ms", vm.restore.fill_ms},
-                {"state_ms", vm.restore.state_ms}, {"total_ms", vm.total_ms}});
+    print_json({{"id", vm.id},
+                {"template", vm.template_name},
+                {"strategy", ram_strategy_name(vm.strategy)},
+                {"prepare_ms", vm.prepare_ms},
+                {"launch_ms", vm.restore.launch_ms},
+                {"fill_ms", vm.restore.fill_ms},
+                {"state_ms", vm.restore.state_ms},
+                {"total_ms", vm.total_ms}});
   } else {
     fmt::print("{}\n", vm.id);
   }
@@ -153,9 +170,13 @@ Result<int> run_exec(const GlobalOptions& options, const std::string& id, const 
   }
   DELTAVM_ASSIGN_OR_RETURN(ExecResult result, agent_exec(vm.agent_socket(), request));
   if (options.json) {
-    print_json({{"exit_status", result.exit_status}, {"signal", result.signal}, {"timed_out", result.timed_out},
-                {"stdout", result.stdout_bytes}, {"stderr", result.stderr_bytes},
-                {"stdout_truncated", result.stdout_truncated}, {"stderr_truncated", result.stderr_truncated},
+    print_json({{"exit_status", result.exit_status},
+                {"signal", result.signal},
+                {"timed_out", result.timed_out},
+                {"stdout", result.stdout_bytes},
+                {"stderr", result.stderr_bytes},
+                {"stdout_truncated", result.stdout_truncated},
+                {"stderr_truncated", result.stderr_truncated},
                 {"duration_ms", result.duration_ms}});
   } else {
     fwrite(result.stdout_bytes.data(), 1, result.stdout_bytes.size(), stdout);
@@ -237,13 +258,18 @@ Status run_ps(const GlobalOptions& options) {
     std::string state = record->process && process_running(*record->process) ? "running" : "exited";
     if (!record->purpose.empty() && state == "running") state += " (" + record->purpose + ")";
     int pid = record->process ? record->process->pid : 0;
-    rows.push_back({{"id", vm.id()}, {"template", record->template_name}, {"backend", record->backend},
-                    {"pid", pid}, {"state", state}});
+    rows.push_back({{"id", vm.id()},
+                    {"template", record->template_name},
+                    {"backend", record->backend},
+                    {"pid", pid},
+                    {"state", state}});
     table.add_row({vm.id(), record->template_name.empty() ? "?" : record->template_name,
                    record->backend.empty() ? "?" : record->backend, pid > 0 ? std::to_string(pid) : "-", state});
   }
-  if (options.json) print_json({{"vms", rows}});
-  else table.print();
+  if (options.json)
+    print_json({{"vms", rows}});
+  else
+    table.print();
   return {};
 }
 
@@ -275,8 +301,9 @@ Status run_stop(const GlobalOptions& options, const std::vector<std::string>& id
     if (!options.json) fmt::print("stopped {}\n", id);
   }
   if (options.json) print_json({{"stopped", stopped}});
-  if (first_failure) return make_error(first_failure->code, "{} of {} VM(s) could not be stopped",
-                                       targets.size() - stopped.size(), targets.size());
+  if (first_failure)
+    return make_error(first_failure->code, "{} of {} VM(s) could not be stopped", targets.size() - stopped.size(),
+                      targets.size());
   return {};
 }
 
@@ -285,7 +312,9 @@ Status run_doctor(const GlobalOptions& options) {
   Result<GuestKit> kit = GuestKit::locate();
   bool qemu_found = std::system("command -v qemu-system-x86_64 >/dev/null 2>&1") == 0;
   if (options.json) {
-    print_json({{"qemu", qemu_found}, {"accelerator", accelerator.name}, {"reason", accelerator.reason},
+    print_json({{"qemu", qemu_found},
+                {"accelerator", accelerator.name},
+                {"reason", accelerator.reason},
                 {"guest_kit", kit ? nlohmann::json(kit->kernel.parent_path().string()) : nlohmann::json()},
                 {"kvm_backend", describe_kvm_device()},
                 {"runtime", runtime_directory(options).string()}});
@@ -315,9 +344,11 @@ void add_vm_commands(CLI::App& app, const GlobalOptions& options, int& exit_stat
   CLI::App* build_command = templates->add_subcommand("build", "Boot a template spec, capture it and store it");
   build_command->add_option("SPEC", build->spec, "Template spec (JSON)")->required()->check(CLI::ExistingFile);
   build_command->add_option("--backend", build->backend, "qemu (default) or kvm");
-  build_command->callback([&options, build, finish] { finish(run_template_build(options, build->spec, build->backend)); });
-  templates->add_subcommand("ls", "List templates with their chains and stored sizes")
-      ->callback([&options, finish] { finish(run_template_ls(options)); });
+  build_command->callback(
+      [&options, build, finish] { finish(run_template_build(options, build->spec, build->backend)); });
+  templates->add_subcommand("ls", "List templates with their chains and stored sizes")->callback([&options, finish] {
+    finish(run_template_ls(options));
+  });
 
   struct RunArguments {
     std::string name, backend, strategy = "base+deltas", kvm_memory;
@@ -350,8 +381,9 @@ void add_vm_commands(CLI::App& app, const GlobalOptions& options, int& exit_stat
   CLI::App* exec_command = app.add_subcommand("exec", "Run a command in a VM: deltavm exec ID -- CMD ...");
   exec_command->add_option("ID", exec->id)->required();
   exec_command->add_option("COMMAND", exec->command, "Command (after --)")->required();
-  exec_command->add_option("--timeout", exec->timeout_s,
-                           "Seconds the command may run before the guest kills it (0: no limit); exit status 124 then")
+  exec_command
+      ->add_option("--timeout", exec->timeout_s,
+                   "Seconds the command may run before the guest kills it (0: no limit); exit status 124 then")
       ->check(CLI::Range(0, 86400 * 7));
   exec_command->add_flag("--stdin", exec->pass_stdin, "Pass this command's stdin to the guest command");
   exec_command->callback([&options, &exit_status, exec] {
@@ -376,8 +408,9 @@ void add_vm_commands(CLI::App& app, const GlobalOptions& options, int& exit_stat
   stop_command->add_flag("--all", stop->all, "Stop every VM");
   stop_command->callback([&options, stop, finish] { finish(run_stop(options, stop->ids, stop->all)); });
 
-  app.add_subcommand("doctor", "Check QEMU, the accelerator and the guest kit")
-      ->callback([&options, finish] { finish(run_doctor(options)); });
+  app.add_subcommand("doctor", "Check QEMU, the accelerator and the guest kit")->callback([&options, finish] {
+    finish(run_doctor(options));
+  });
 }
 
 }  // namespace deltavm::cli

@@ -16,8 +16,7 @@ constexpr uint64_t kRunsLimitBytes = kPageSize - 64;
 // Appends the runs where `base` and `target` differ, merging stretches whose gap is at most
 // `merge_gap` bytes. Returns the bytes the runs would store (values plus about two header
 // bytes per run), stopping early once that exceeds kRunsLimitBytes.
-uint64_t find_runs(const uint8_t* base, const uint8_t* target, uint32_t merge_gap,
-                   std::vector<PageRun>& runs) {
+uint64_t find_runs(const uint8_t* base, const uint8_t* target, uint32_t merge_gap, std::vector<PageRun>& runs) {
   runs.clear();
   uint64_t cost = 0;
   size_t offset = 0;
@@ -83,39 +82,33 @@ std::span<const PageRun> Delta::edit_runs(const PageEdit& edit) const {
 }
 
 void DeltaBuilder::add_zero(uint64_t page_index) {
-  delta_.edits.push_back(
-      PageEdit{page_index, PageEncoding::kZero, 0, delta_.runs.size(), delta_.data.size()});
+  delta_.edits.push_back(PageEdit{page_index, PageEncoding::kZero, 0, delta_.runs.size(), delta_.data.size()});
 }
 
 void DeltaBuilder::add_full(uint64_t page_index, const uint8_t* page) {
-  delta_.edits.push_back(
-      PageEdit{page_index, PageEncoding::kFull, 0, delta_.runs.size(), delta_.data.size()});
+  delta_.edits.push_back(PageEdit{page_index, PageEncoding::kFull, 0, delta_.runs.size(), delta_.data.size()});
   delta_.data.insert(delta_.data.end(), page, page + kPageSize);
 }
 
-void DeltaBuilder::add_runs(uint64_t page_index, std::span<const PageRun> runs,
-                            const uint8_t* values) {
-  delta_.edits.push_back(PageEdit{page_index, PageEncoding::kRuns,
-                                  static_cast<uint32_t>(runs.size()), delta_.runs.size(),
-                                  delta_.data.size()});
+void DeltaBuilder::add_runs(uint64_t page_index, std::span<const PageRun> runs, const uint8_t* values) {
+  delta_.edits.push_back(PageEdit{page_index, PageEncoding::kRuns, static_cast<uint32_t>(runs.size()),
+                                  delta_.runs.size(), delta_.data.size()});
   uint64_t total = 0;
   for (const PageRun& run : runs) total += run.length;
   delta_.runs.insert(delta_.runs.end(), runs.begin(), runs.end());
   delta_.data.insert(delta_.data.end(), values, values + total);
 }
 
-Result<Delta> diff(std::span<const uint8_t> base, std::span<const uint8_t> target,
-                   const DiffOptions& options) {
+Result<Delta> diff(std::span<const uint8_t> base, std::span<const uint8_t> target, const DiffOptions& options) {
   if (base.size() != target.size()) {
     return make_error(ErrorCode::kInvalidArgument,
-                      "base is {} bytes but target is {} bytes; images must be the same size",
-                      base.size(), target.size());
+                      "base is {} bytes but target is {} bytes; images must be the same size", base.size(),
+                      target.size());
   }
   DELTAVM_TRY(check_image_size(base.size(), "image"));
   const uint64_t pages = page_count(base.size());
   if (options.dirty != nullptr && options.dirty->pages() != pages) {
-    return make_error(ErrorCode::kInvalidArgument,
-                      "dirty bitmap covers {} pages but the images have {} pages",
+    return make_error(ErrorCode::kInvalidArgument, "dirty bitmap covers {} pages but the images have {} pages",
                       options.dirty->pages(), pages);
   }
 
@@ -187,8 +180,10 @@ void compose_edits(const Delta& first, const PageEdit& a, const Delta& second, c
                    DeltaBuilder& builder) {
   if (b.encoding != PageEncoding::kRuns) {
     // The second edit replaces the whole page.
-    if (b.encoding == PageEncoding::kZero) builder.add_zero(b.page_index);
-    else builder.add_full(b.page_index, second.data.data() + b.data_offset);
+    if (b.encoding == PageEncoding::kZero)
+      builder.add_zero(b.page_index);
+    else
+      builder.add_full(b.page_index, second.data.data() + b.data_offset);
     return;
   }
   std::array<uint8_t, kPageSize> page{};
@@ -241,8 +236,7 @@ void copy_edit(const Delta& delta, const PageEdit& edit, DeltaBuilder& builder) 
 
 Status apply_delta(const Delta& delta, std::span<uint8_t> memory) {
   if (memory.size() != delta.image_size_bytes) {
-    return make_error(ErrorCode::kInvalidArgument,
-                      "delta is for a {}-byte image but the memory is {} bytes",
+    return make_error(ErrorCode::kInvalidArgument, "delta is for a {}-byte image but the memory is {} bytes",
                       delta.image_size_bytes, memory.size());
   }
   for (const PageEdit& edit : delta.edits) {

@@ -95,8 +95,7 @@ struct DiffOptions {
 };
 
 // The delta from `base` to `target`. Both must be the same whole number of pages.
-Result<Delta> diff(std::span<const uint8_t> base, std::span<const uint8_t> target,
-                   const DiffOptions& options = {});
+Result<Delta> diff(std::span<const uint8_t> base, std::span<const uint8_t> target, const DiffOptions& options = {});
 
 // Applies `delta` to `memory` in place. REQUIRES: memory holds the delta's base image (checked
 // only for size here: checking the digest would read all of memory; callers that want it

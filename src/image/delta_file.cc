@@ -80,13 +80,12 @@ size_t compress(std::vector<uint8_t>& out, std::span<const uint8_t> raw, int lev
   return size;
 }
 
-void append_section(std::vector<uint8_t>& out, SectionKind kind, std::span<const uint8_t> raw,
-                    int compression_level, const CompressionReference* reference) {
+void append_section(std::vector<uint8_t>& out, SectionKind kind, std::span<const uint8_t> raw, int compression_level,
+                    const CompressionReference* reference) {
   std::vector<uint8_t> compressed(ZSTD_compressBound(raw.size()));
   size_t compressed_size = compress(compressed, raw, compression_level, reference);
   bool use_zstd = !ZSTD_isError(compressed_size) && compressed_size < raw.size();
-  std::span<const uint8_t> stored =
-      use_zstd ? std::span<const uint8_t>(compressed.data(), compressed_size) : raw;
+  std::span<const uint8_t> stored = use_zstd ? std::span<const uint8_t>(compressed.data(), compressed_size) : raw;
 
   size_t header_start = out.size();
   put_u32_le(out, static_cast<uint32_t>(kind));
@@ -110,8 +109,7 @@ struct Header {
 
 Result<Header> read_header(std::span<const uint8_t> bytes, std::string_view name) {
   if (bytes.size() < kDeltaHeaderBytes) {
-    return make_error(ErrorCode::kCorruption,
-                      "{}: truncated: {} bytes, shorter than the {}-byte delta header", name,
+    return make_error(ErrorCode::kCorruption, "{}: truncated: {} bytes, shorter than the {}-byte delta header", name,
                       bytes.size(), kDeltaHeaderBytes);
   }
   if (std::memcmp(bytes.data(), kDeltaMagic, sizeof kDeltaMagic) != 0) {
@@ -121,25 +119,23 @@ Result<Header> read_header(std::span<const uint8_t> bytes, std::string_view name
   uint64_t stored_checksum = get_u64_le(h + kHeaderChecksumOffset);
   uint64_t computed = checksum(bytes.subspan(0, kHeaderChecksumOffset));
   if (stored_checksum != computed) {
-    return make_error(ErrorCode::kCorruption,
-                      "{}: header checksum mismatch: stored {:016x}, computed {:016x}", name,
+    return make_error(ErrorCode::kCorruption, "{}: header checksum mismatch: stored {:016x}, computed {:016x}", name,
                       stored_checksum, computed);
   }
   Header header;
   header.version = get_u32_le(h + kVersionOffset);
   if (header.version != kDeltaFormatVersion) {
-    return make_error(ErrorCode::kUnsupported, "{}: format version {}, this build reads version {}",
-                      name, header.version, kDeltaFormatVersion);
+    return make_error(ErrorCode::kUnsupported, "{}: format version {}, this build reads version {}", name,
+                      header.version, kDeltaFormatVersion);
   }
   uint32_t page_size = get_u32_le(h + kPageSizeOffset);
   if (page_size != kPageSize) {
-    return make_error(ErrorCode::kCorruption, "{}: header field page_size is {}, expected {}", name,
-                      page_size, kPageSize);
+    return make_error(ErrorCode::kCorruption, "{}: header field page_size is {}, expected {}", name, page_size,
+                      kPageSize);
   }
   header.image_size_bytes = get_u64_le(h + kImageSizeOffset);
   if (header.image_size_bytes % kPageSize != 0) {
-    return make_error(ErrorCode::kCorruption,
-                      "{}: header field image_size_bytes {} is not a multiple of {}", name,
+    return make_error(ErrorCode::kCorruption, "{}: header field image_size_bytes {} is not a multiple of {}", name,
                       header.image_size_bytes, kPageSize);
   }
   if (header.image_size_bytes > kMaxImageSizeBytes) {
@@ -149,19 +145,17 @@ Result<Header> read_header(std::span<const uint8_t> bytes, std::string_view name
   }
   header.edit_count = get_u64_le(h + kEditCountOffset);
   if (header.edit_count > page_count(header.image_size_bytes)) {
-    return make_error(ErrorCode::kCorruption,
-                      "{}: header field edit_count {} exceeds the image's {} pages", name,
+    return make_error(ErrorCode::kCorruption, "{}: header field edit_count {} exceeds the image's {} pages", name,
                       header.edit_count, page_count(header.image_size_bytes));
   }
   header.flags = get_u32_le(h + kFlagsOffset);
   if ((header.flags & ~kKnownFlags) != 0) {
-    return make_error(ErrorCode::kCorruption, "{}: header field flags {:#x} has unknown bits", name,
-                      header.flags);
+    return make_error(ErrorCode::kCorruption, "{}: header field flags {:#x} has unknown bits", name, header.flags);
   }
   uint32_t section_count = get_u32_le(h + kSectionCountOffset);
   if (section_count != kSectionCount) {
-    return make_error(ErrorCode::kCorruption, "{}: header field section_count is {}, expected {}",
-                      name, section_count, kSectionCount);
+    return make_error(ErrorCode::kCorruption, "{}: header field section_count is {}, expected {}", name, section_count,
+                      kSectionCount);
   }
   header.base_digest = {get_u64_le(h + kBaseDigestOffset), get_u64_le(h + kBaseDigestOffset + 8)};
   header.target_digest = {get_u64_le(h + kTargetDigestOffset), get_u64_le(h + kTargetDigestOffset + 8)};
@@ -176,57 +170,54 @@ struct Section {
 };
 
 // Reads and checks the section at `offset`; on success advances `offset` past it.
-Result<Section> read_section(std::span<const uint8_t> bytes, size_t& offset, SectionKind kind,
-                             uint64_t max_raw_size, std::string_view name) {
+Result<Section> read_section(std::span<const uint8_t> bytes, size_t& offset, SectionKind kind, uint64_t max_raw_size,
+                             std::string_view name) {
   const char* section_name = kSectionNames[static_cast<uint32_t>(kind)];
   if (bytes.size() - offset < kDeltaSectionHeaderBytes) {
-    return make_error(ErrorCode::kCorruption,
-                      "{}: truncated: {} section header at offset {} needs {} bytes, {} remain",
+    return make_error(ErrorCode::kCorruption, "{}: truncated: {} section header at offset {} needs {} bytes, {} remain",
                       name, section_name, offset, kDeltaSectionHeaderBytes, bytes.size() - offset);
   }
   const uint8_t* h = bytes.data() + offset;
   uint64_t stored_header_checksum = get_u64_le(h + 32);
   if (stored_header_checksum != checksum({h, 32})) {
-    return make_error(ErrorCode::kCorruption, "{}: {} section header at offset {}: checksum mismatch",
-                      name, section_name, offset);
+    return make_error(ErrorCode::kCorruption, "{}: {} section header at offset {}: checksum mismatch", name,
+                      section_name, offset);
   }
   uint32_t found_kind = get_u32_le(h);
   if (found_kind != static_cast<uint32_t>(kind)) {
-    return make_error(ErrorCode::kCorruption, "{}: section at offset {} has kind {}, expected {} ({})",
-                      name, offset, found_kind, static_cast<uint32_t>(kind), section_name);
+    return make_error(ErrorCode::kCorruption, "{}: section at offset {} has kind {}, expected {} ({})", name, offset,
+                      found_kind, static_cast<uint32_t>(kind), section_name);
   }
   Section section;
   uint32_t compression = get_u32_le(h + 4);
   if (compression > static_cast<uint32_t>(SectionCompression::kZstd)) {
-    return make_error(ErrorCode::kCorruption, "{}: {} section: unknown compression {}", name,
-                      section_name, compression);
+    return make_error(ErrorCode::kCorruption, "{}: {} section: unknown compression {}", name, section_name,
+                      compression);
   }
   section.compression = static_cast<SectionCompression>(compression);
   section.raw_size = get_u64_le(h + 8);
   uint64_t stored_size = get_u64_le(h + 16);
   if (section.raw_size > max_raw_size) {
-    return make_error(ErrorCode::kCorruption,
-                      "{}: {} section: raw size {} exceeds the bound {} implied by the header", name,
-                      section_name, section.raw_size, max_raw_size);
+    return make_error(ErrorCode::kCorruption, "{}: {} section: raw size {} exceeds the bound {} implied by the header",
+                      name, section_name, section.raw_size, max_raw_size);
   }
   size_t data_offset = offset + kDeltaSectionHeaderBytes;
   if (stored_size > bytes.size() - data_offset) {
-    return make_error(ErrorCode::kCorruption,
-                      "{}: truncated: {} section at offset {} stores {} bytes, {} remain", name,
+    return make_error(ErrorCode::kCorruption, "{}: truncated: {} section at offset {} stores {} bytes, {} remain", name,
                       section_name, data_offset, stored_size, bytes.size() - data_offset);
   }
   if (section.compression == SectionCompression::kNone && stored_size != section.raw_size) {
     return make_error(ErrorCode::kCorruption,
-                      "{}: {} section: uncompressed but stored size {} differs from raw size {}",
-                      name, section_name, stored_size, section.raw_size);
+                      "{}: {} section: uncompressed but stored size {} differs from raw size {}", name, section_name,
+                      stored_size, section.raw_size);
   }
   section.stored = bytes.subspan(data_offset, stored_size);
   uint64_t stored_checksum = get_u64_le(h + 24);
   uint64_t computed = checksum(section.stored);
   if (stored_checksum != computed) {
     return make_error(ErrorCode::kCorruption,
-                      "{}: {} section at offset {}: checksum mismatch: stored {:016x}, computed {:016x}",
-                      name, section_name, data_offset, stored_checksum, computed);
+                      "{}: {} section at offset {}: checksum mismatch: stored {:016x}, computed {:016x}", name,
+                      section_name, data_offset, stored_checksum, computed);
   }
   offset = data_offset + stored_size;
   return section;
@@ -235,16 +226,14 @@ Result<Section> read_section(std::span<const uint8_t> bytes, size_t& offset, Sec
 // Decompresses a section. The output grows only as zstd produces it (never to the size the
 // section claims up front), so a small hostile frame that claims gigabytes costs what it
 // really decodes to, which zstd bounds at a small multiple of the frame's own size.
-Result<std::vector<uint8_t>> section_bytes(const Section& section, std::string_view section_name,
-                                           std::string_view name, const CompressionReference* reference) {
+Result<std::vector<uint8_t>> section_bytes(const Section& section, std::string_view section_name, std::string_view name,
+                                           const CompressionReference* reference) {
   if (section.compression == SectionCompression::kNone) {
     return std::vector<uint8_t>(section.stored.begin(), section.stored.end());
   }
-  unsigned long long content_size =
-      ZSTD_getFrameContentSize(section.stored.data(), section.stored.size());
+  unsigned long long content_size = ZSTD_getFrameContentSize(section.stored.data(), section.stored.size());
   if (content_size != section.raw_size) {
-    return make_error(ErrorCode::kCorruption,
-                      "{}: {} section: zstd frame declares {} bytes, header says {}", name,
+    return make_error(ErrorCode::kCorruption, "{}: {} section: zstd frame declares {} bytes, header says {}", name,
                       section_name, static_cast<long long>(content_size), section.raw_size);
   }
   std::unique_ptr<ZSTD_DCtx, size_t (*)(ZSTD_DCtx*)> context(ZSTD_createDCtx(), ZSTD_freeDCtx);
@@ -258,8 +247,9 @@ Result<std::vector<uint8_t>> section_bytes(const Section& section, std::string_v
   // is refused before any memory is sized by it.
   const uint64_t most_possible = (section.stored.size() / 4 + 1) * ZSTD_BLOCKSIZE_MAX;
   if (section.raw_size > most_possible) {
-    return make_error(ErrorCode::kCorruption, "{}: {} section: a {}-byte zstd frame cannot hold the {} bytes the header says",
-                      name, section_name, section.stored.size(), section.raw_size);
+    return make_error(ErrorCode::kCorruption,
+                      "{}: {} section: a {}-byte zstd frame cannot hold the {} bytes the header says", name,
+                      section_name, section.stored.size(), section.raw_size);
   }
   // One byte of room beyond the promised size, so that a frame holding more shows it.
   std::vector<uint8_t> raw(section.raw_size + 1);
@@ -272,8 +262,9 @@ Result<std::vector<uint8_t>> section_bytes(const Section& section, std::string_v
                         ZSTD_getErrorName(left));
     }
     if (output.pos > section.raw_size) {
-      return make_error(ErrorCode::kCorruption, "{}: {} section: zstd frame holds more than the {} bytes the header says",
-                        name, section_name, section.raw_size);
+      return make_error(ErrorCode::kCorruption,
+                        "{}: {} section: zstd frame holds more than the {} bytes the header says", name, section_name,
+                        section.raw_size);
     }
     if (left == 0) {  // The frame is complete.
       if (output.pos != section.raw_size) {
@@ -303,8 +294,8 @@ struct Sections {
 Result<Sections> read_sections(std::span<const uint8_t> bytes, std::string_view name) {
   DELTAVM_ASSIGN_OR_RETURN(Header header, read_header(bytes, name));
   size_t offset = kDeltaHeaderBytes;
-  DELTAVM_ASSIGN_OR_RETURN(Section edits, read_section(bytes, offset, SectionKind::kEdits,
-                                                       header.edit_count * kMaxEditBytes, name));
+  DELTAVM_ASSIGN_OR_RETURN(Section edits,
+                           read_section(bytes, offset, SectionKind::kEdits, header.edit_count * kMaxEditBytes, name));
   // Every edit takes at least two bytes (a page gap and an encoding): a count the edits section
   // cannot hold is refused before anything is sized by it.
   if (header.edit_count > edits.raw_size / kMinEditBytes) {
@@ -312,27 +303,26 @@ Result<Sections> read_sections(std::span<const uint8_t> bytes, std::string_view 
                       "{}: header field edit_count {} needs at least {} bytes of edits, the edits section holds {}",
                       name, header.edit_count, header.edit_count * kMinEditBytes, edits.raw_size);
   }
-  DELTAVM_ASSIGN_OR_RETURN(Section data, read_section(bytes, offset, SectionKind::kData,
-                                                      header.edit_count * kPageSize, name));
+  DELTAVM_ASSIGN_OR_RETURN(Section data,
+                           read_section(bytes, offset, SectionKind::kData, header.edit_count * kPageSize, name));
   if (offset != bytes.size()) {
-    return make_error(ErrorCode::kCorruption, "{}: {} unexpected bytes after the last section",
-                      name, bytes.size() - offset);
+    return make_error(ErrorCode::kCorruption, "{}: {} unexpected bytes after the last section", name,
+                      bytes.size() - offset);
   }
   return Sections{header, edits, data};
 }
 
 // Parses the edits of `delta`, whose data section is already in place: edits and runs record
 // offsets into delta.data, and every offset and length is checked against it.
-Status decode_edits(std::span<const uint8_t> raw, uint64_t edit_count, Delta& delta,
-                    std::string_view name) {
+Status decode_edits(std::span<const uint8_t> raw, uint64_t edit_count, Delta& delta, std::string_view name) {
   const uint64_t pages = page_count(delta.image_size_bytes);
   ByteReader reader(raw);
   uint64_t next_page = 0;
   uint64_t data_offset = 0;
   std::vector<PageRun> runs;
   auto corrupt = [&](std::string_view what) {
-    return make_error(ErrorCode::kCorruption, "{}: edits section at byte {} (edit {}): {}", name,
-                      reader.position(), delta.edits.size(), what);
+    return make_error(ErrorCode::kCorruption, "{}: edits section at byte {} (edit {}): {}", name, reader.position(),
+                      delta.edits.size(), what);
   };
   // Claims the next `length` bytes of the data section; false if too few remain.
   auto take_data = [&](uint64_t length) {
@@ -367,8 +357,7 @@ Status decode_edits(std::span<const uint8_t> raw, uint64_t edit_count, Delta& de
           std::optional<uint64_t> offset_gap = reader.varint();
           std::optional<uint64_t> length_minus_one = reader.varint();
           if (!offset_gap || !length_minus_one) return corrupt("truncated run");
-          if (*offset_gap > kPageSize - previous_end ||
-              *length_minus_one >= kPageSize - previous_end - *offset_gap) {
+          if (*offset_gap > kPageSize - previous_end || *length_minus_one >= kPageSize - previous_end - *offset_gap) {
             return corrupt("run extends past the end of the page");
           }
           uint64_t offset = previous_end + *offset_gap;
@@ -377,14 +366,13 @@ Status decode_edits(std::span<const uint8_t> raw, uint64_t edit_count, Delta& de
           previous_end = offset + length;
           total += length;
         }
-        delta.edits.push_back(PageEdit{page, PageEncoding::kRuns, static_cast<uint32_t>(runs.size()),
-                                       delta.runs.size(), data_offset});
+        delta.edits.push_back(
+            PageEdit{page, PageEncoding::kRuns, static_cast<uint32_t>(runs.size()), delta.runs.size(), data_offset});
         if (!take_data(total)) return corrupt("run bytes run past the end of the data section");
         delta.runs.insert(delta.runs.end(), runs.begin(), runs.end());
         break;
       }
-      default:
-        return corrupt(fmt::format("unknown page encoding {}", *encoding));
+      default: return corrupt(fmt::format("unknown page encoding {}", *encoding));
     }
   }
   if (!reader.at_end()) return corrupt("unexpected bytes after the last edit");
@@ -420,8 +408,7 @@ std::vector<uint8_t> encode_delta(const Delta& delta, int compression_level, con
 }
 
 bool looks_like_delta(std::span<const uint8_t> bytes) {
-  return bytes.size() >= sizeof kDeltaMagic &&
-         std::memcmp(bytes.data(), kDeltaMagic, sizeof kDeltaMagic) == 0;
+  return bytes.size() >= sizeof kDeltaMagic && std::memcmp(bytes.data(), kDeltaMagic, sizeof kDeltaMagic) == 0;
 }
 
 Result<Delta> decode_delta(std::span<const uint8_t> bytes, std::string_view name,
@@ -429,8 +416,8 @@ Result<Delta> decode_delta(std::span<const uint8_t> bytes, std::string_view name
   DELTAVM_ASSIGN_OR_RETURN(Sections sections, read_sections(bytes, name));
   if (sections.header.flags & kFlagReference) {
     if (reference == nullptr) {
-      return make_error(ErrorCode::kInvalidArgument, "{}: compressed against reference {}, which was not given",
-                        name, sections.header.reference_digest.hex());
+      return make_error(ErrorCode::kInvalidArgument, "{}: compressed against reference {}, which was not given", name,
+                        sections.header.reference_digest.hex());
     }
     if (reference->digest != sections.header.reference_digest) {
       return make_error(ErrorCode::kInvalidArgument, "{}: compressed against reference {}, given reference {}", name,

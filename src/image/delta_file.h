@@ -63,7 +63,8 @@ struct DeltaFileInfo {
 
 Result<DeltaFileInfo> inspect_delta(std::span<const uint8_t> bytes, std::string_view name);
 
-// Writes crash-safely (never against a reference: a delta file stands alone): `path` either keeps its old content or gets the whole new delta.
+// Writes crash-safely (never against a reference: a delta file stands alone): `path` either keeps its old content or
+// gets the whole new delta.
 Status write_delta_file(const std::filesystem::path& path, const Delta& delta,
                         int compression_level = kDefaultDeltaCompressionLevel);
 Result<Delta> read_delta_file(const std::filesystem::path& path);

@@ -19,9 +19,12 @@ std::optional<ImageDigest> ImageDigest::from_hex(std::string_view hex) {
   for (size_t i = 0; i < 32; ++i) {
     char c = hex[i];
     uint64_t nibble;
-    if (c >= '0' && c <= '9') nibble = c - '0';
-    else if (c >= 'a' && c <= 'f') nibble = c - 'a' + 10;
-    else return std::nullopt;
+    if (c >= '0' && c <= '9')
+      nibble = c - '0';
+    else if (c >= 'a' && c <= 'f')
+      nibble = c - 'a' + 10;
+    else
+      return std::nullopt;
     uint64_t& half = i < 16 ? digest.high : digest.low;
     half = (half << 4) | nibble;
   }
@@ -33,9 +36,7 @@ ImageDigest digest_image(std::span<const uint8_t> image) {
   return ImageDigest{hash.high64, hash.low64};
 }
 
-ImageDigester::ImageDigester() : state_(XXH3_createState()) {
-  XXH3_128bits_reset(static_cast<XXH3_state_t*>(state_));
-}
+ImageDigester::ImageDigester() : state_(XXH3_createState()) { XXH3_128bits_reset(static_cast<XXH3_state_t*>(state_)); }
 
 ImageDigester::~ImageDigester() { XXH3_freeState(static_cast<XXH3_state_t*>(state_)); }
 
@@ -50,13 +51,12 @@ ImageDigest ImageDigester::finish() const {
 
 Status check_image_size(uint64_t size_bytes, std::string_view name) {
   if (size_bytes % kPageSize != 0) {
-    return make_error(ErrorCode::kInvalidArgument,
-                      "{}: size {} bytes is not a whole number of {}-byte pages", name,
+    return make_error(ErrorCode::kInvalidArgument, "{}: size {} bytes is not a whole number of {}-byte pages", name,
                       size_bytes, kPageSize);
   }
   if (size_bytes > kMaxImageSizeBytes) {
-    return make_error(ErrorCode::kInvalidArgument, "{}: size {} bytes is more than the {} bytes deltavm handles",
-                      name, size_bytes, kMaxImageSizeBytes);
+    return make_error(ErrorCode::kInvalidArgument, "{}: size {} bytes is more than the {} bytes deltavm handles", name,
+                      size_bytes, kMaxImageSizeBytes);
   }
   return {};
 }

@@ -46,8 +46,8 @@ class PreparedRam {
   friend class Loader;
   Store* store_ = nullptr;
   std::filesystem::path flat_file_;
-  Mapping flat_mapping_;                // The flat file mapped here, to read base pages from.
-  std::vector<ImageRecord> layers_;     // The chain after the flat file's image, in order.
+  Mapping flat_mapping_;             // The flat file mapped here, to read base pages from.
+  std::vector<ImageRecord> layers_;  // The chain after the flat file's image, in order.
   ImageDigest flat_digest_;
   double prepare_ms_ = 0;
 };

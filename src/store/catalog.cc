@@ -121,7 +121,8 @@ Result<ImageRecord> read_record(Statement& statement) {
                            digest_column(statement, 3, fmt::format("the object id of image {}", record.name)));
   record.image_size_bytes = static_cast<uint64_t>(statement.integer(4));
   record.stored_size_bytes = static_cast<uint64_t>(statement.integer(5));
-  DELTAVM_ASSIGN_OR_RETURN(record.digest, digest_column(statement, 6, fmt::format("the digest of image {}", record.name)));
+  DELTAVM_ASSIGN_OR_RETURN(record.digest,
+                           digest_column(statement, 6, fmt::format("the digest of image {}", record.name)));
   record.created_at_unix = statement.integer(7);
   record.metadata = statement.text(8);
   record.page_sample = statement.blob(9);
@@ -139,8 +140,8 @@ Result<Catalog> Catalog::open(const std::filesystem::path& path) {
                       "catalog {}: {}", path.string(), error.message());
   }
   if (size == 0) {
-    return make_error(ErrorCode::kCorruption, "catalog {} is empty (0 bytes): the store's catalog was lost or truncated",
-                      path.string());
+    return make_error(ErrorCode::kCorruption,
+                      "catalog {} is empty (0 bytes): the store's catalog was lost or truncated", path.string());
   }
   sqlite3* db = nullptr;
   // Serialized: one connection may be used from several threads (store.h, "Concurrency").
@@ -156,8 +157,8 @@ Result<Catalog> Catalog::open(const std::filesystem::path& path) {
   if (!version.ok() || version.step() != SQLITE_ROW) return sqlite_error(db, "read user_version");
   int64_t found = version.integer(0);
   if (found > kSchemaVersion) {
-    return make_error(ErrorCode::kUnsupported, "catalog {}: schema version {}, this build knows {}",
-                      path.string(), found, kSchemaVersion);
+    return make_error(ErrorCode::kUnsupported, "catalog {}: schema version {}, this build knows {}", path.string(),
+                      found, kSchemaVersion);
   }
   if (found < 1) {
     return make_error(ErrorCode::kCorruption,
@@ -208,9 +209,7 @@ Status Catalog::create(const std::filesystem::path& path) {
   return fsync_directory(path.parent_path());
 }
 
-Catalog::Catalog(Catalog&& other) noexcept : db_(other.db_) {
-  other.db_ = nullptr;
-}
+Catalog::Catalog(Catalog&& other) noexcept : db_(other.db_) { other.db_ = nullptr; }
 
 Catalog& Catalog::operator=(Catalog&& other) noexcept {
   if (this != &other) {
@@ -242,10 +241,10 @@ Status Catalog::load_attachments(ImageRecord& record) {
   int rc;
   while ((rc = statement.step()) == SQLITE_ROW) {
     Attachment attachment{statement.text(0), {}, static_cast<uint64_t>(statement.integer(2))};
-    DELTAVM_ASSIGN_OR_RETURN(attachment.object_id.hash,
-                             digest_column(statement, 1,
-                                           fmt::format("the object of image {}'s {} attachment", record.name,
-                                                       attachment.role)));
+    DELTAVM_ASSIGN_OR_RETURN(
+        attachment.object_id.hash,
+        digest_column(statement, 1,
+                      fmt::format("the object of image {}'s {} attachment", record.name, attachment.role)));
     record.attachments.push_back(std::move(attachment));
   }
   if (rc != SQLITE_DONE) return sqlite_error(db_, fmt::format("attachments of {}", record.name));
@@ -283,8 +282,10 @@ Status Catalog::insert_rows(const ImageRecord& record) {
                       "VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)");
   if (!statement.ok()) return sqlite_error(db_, "prepare insert");
   statement.bind(1, record.name);
-  if (record.parent) statement.bind(2, *record.parent);
-  else statement.bind_null(2);
+  if (record.parent)
+    statement.bind(2, *record.parent);
+  else
+    statement.bind_null(2);
   statement.bind(3, static_cast<int64_t>(record.chain_depth));
   statement.bind(4, record.object_id.hex());
   statement.bind(5, static_cast<int64_t>(record.image_size_bytes));

@@ -45,8 +45,8 @@ struct ImageRecord {
   uint64_t stored_size_bytes = 0;     // The size of its object.
   ImageDigest digest;                 // Of the whole image.
   int64_t created_at_unix = 0;
-  std::string metadata = "{}";            // JSON owned by the caller; the store keeps it as is.
-  std::vector<uint8_t> page_sample;       // Hashes of sampled pages, for finding similar images.
+  std::string metadata = "{}";       // JSON owned by the caller; the store keeps it as is.
+  std::vector<uint8_t> page_sample;  // Hashes of sampled pages, for finding similar images.
   // What the image's delta is compressed against: "role:kind,role:kind", each an attachment
   // transformed by a registered reference kind (store.h), concatenated. Empty: nothing.
   std::string reference;

@@ -1,15 +1,15 @@
 #include "store/store.h"
 
 #include <fcntl.h>
-#include <sys/stat.h>
 #include <sys/file.h>
+#include <sys/stat.h>
 #include <unistd.h>
 #include <xxhash.h>
 
 #include <algorithm>
 #include <chrono>
-#include <cstring>
 #include <cstdlib>
+#include <cstring>
 #include <map>
 #include <mutex>
 #include <set>
@@ -22,11 +22,8 @@ namespace {
 // A chain longer than this is taken as a corrupt catalog (a parent cycle).
 constexpr uint32_t kMaxChainDepth = 1000;
 
-
 int64_t now_unix() {
-  return std::chrono::duration_cast<std::chrono::seconds>(
-             std::chrono::system_clock::now().time_since_epoch())
-      .count();
+  return std::chrono::duration_cast<std::chrono::seconds>(std::chrono::system_clock::now().time_since_epoch()).count();
 }
 
 Status check_name(const std::string& name) {
@@ -34,12 +31,11 @@ Status check_name(const std::string& name) {
     return make_error(ErrorCode::kInvalidArgument, "image name must be 1 to 200 characters");
   }
   for (char c : name) {
-    bool allowed = (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') ||
-                   c == '-' || c == '_' || c == '.' || c == ':' || c == '/';
+    bool allowed = (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') || c == '-' || c == '_' ||
+                   c == '.' || c == ':' || c == '/';
     if (!allowed) {
       return make_error(ErrorCode::kInvalidArgument,
-                        "image name {:?} has character {:?}; allowed: letters, digits, - _ . : /",
-                        name, c);
+                        "image name {:?} has character {:?}; allowed: letters, digits, - _ . : /", name, c);
     }
   }
   return {};
@@ -153,15 +149,17 @@ Result<Store> Store::open(const std::filesystem::path& directory, ReferenceKinds
     return make_error(ErrorCode::kIo, "store {}: {}", directory.string(), error.message());
   }
   if (!is_directory) {
-    return make_error(ErrorCode::kNotFound,
-                      "no store at {} (check --store or $DELTAVM_STORE; deltavm store put and template build create one)",
-                      directory.string());
+    return make_error(
+        ErrorCode::kNotFound,
+        "no store at {} (check --store or $DELTAVM_STORE; deltavm store put and template build create one)",
+        directory.string());
   }
   std::filesystem::path catalog_path = directory / "catalog.sqlite";
   if (!std::filesystem::exists(catalog_path, error)) {
     std::string found;
     if (holds_no_data(directory, found)) {
-      return make_error(ErrorCode::kNotFound, "no store at {}: the directory has no catalog.sqlite", directory.string());
+      return make_error(ErrorCode::kNotFound, "no store at {}: the directory has no catalog.sqlite",
+                        directory.string());
     }
     return make_error(ErrorCode::kCorruption,
                       "store {}: its catalog {} is missing but the store holds data ({}); refusing to open it: "
@@ -223,13 +221,13 @@ Result<Mapping> Store::map_object(const ObjectId& object_id, uint64_t expected_s
   std::filesystem::path path = object_path(object_id);
   DELTAVM_ASSIGN_OR_RETURN(Mapping bytes, Mapping::map_file_readonly(path));
   if (bytes.size() != expected_size) {
-    return make_error(ErrorCode::kCorruption, "object {}: size {} bytes, catalog says {}",
-                      object_id, bytes.size(), expected_size);
+    return make_error(ErrorCode::kCorruption, "object {}: size {} bytes, catalog says {}", object_id, bytes.size(),
+                      expected_size);
   }
   ObjectId actual = ObjectId::of(bytes.bytes());
   if (actual != object_id) {
-    return make_error(ErrorCode::kCorruption, "object {}: content hash is {}: the object is damaged",
-                      object_id, actual);
+    return make_error(ErrorCode::kCorruption, "object {}: content hash is {}: the object is damaged", object_id,
+                      actual);
   }
   return bytes;
 }
@@ -277,7 +275,8 @@ Status Store::verify_object(const ObjectId& object_id, uint64_t expected_size) {
 
 Result<std::shared_ptr<const std::vector<uint8_t>>> Store::reference_of(const ImageRecord& record) {
   std::string key = record.reference;
-  for (const Attachment& attachment : record.attachments) key += "|" + attachment.role + "=" + attachment.object_id.hex();
+  for (const Attachment& attachment : record.attachments)
+    key += "|" + attachment.role + "=" + attachment.object_id.hex();
   {
     std::lock_guard lock(reference_cache_->mutex);
     if (key == reference_cache_->key) return reference_cache_->bytes;
@@ -307,8 +306,8 @@ Result<Delta> Store::read_delta(const ImageRecord& record) {
   if (!decoded) return decoded.error();
   Delta delta = std::move(decoded).value();
   if (delta.image_size_bytes != record.image_size_bytes) {
-    return make_error(ErrorCode::kCorruption, "image {}: object {} is for {}-byte images, catalog says {}",
-                      record.name, record.object_id, delta.image_size_bytes, record.image_size_bytes);
+    return make_error(ErrorCode::kCorruption, "image {}: object {} is for {}-byte images, catalog says {}", record.name,
+                      record.object_id, delta.image_size_bytes, record.image_size_bytes);
   }
   return delta;
 }
@@ -329,9 +328,8 @@ Result<ImageRecord> Store::put_image(const std::string& name, std::span<const ui
     DELTAVM_ASSIGN_OR_RETURN(std::optional<ImageRecord> parent_record, catalog_.find(*parent));
     if (!parent_record) return make_error(ErrorCode::kNotFound, "parent image {} is not in the store", *parent);
     if (parent_record->image_size_bytes != image.size()) {
-      return make_error(ErrorCode::kInvalidArgument,
-                        "image {} is {} bytes but its parent {} is {} bytes", name, image.size(),
-                        *parent, parent_record->image_size_bytes);
+      return make_error(ErrorCode::kInvalidArgument, "image {} is {} bytes but its parent {} is {} bytes", name,
+                        image.size(), *parent, parent_record->image_size_bytes);
     }
     DELTAVM_ASSIGN_OR_RETURN(base_memory, rebuild_image(*parent));
     record.parent = *parent;
@@ -348,13 +346,15 @@ Result<ImageRecord> Store::put_image(const std::string& name, std::span<const ui
   if (options.reference.empty()) {
     encoded = encode_delta(delta, options.encoding.compression_level);
   } else {
-    DELTAVM_ASSIGN_OR_RETURN(std::vector<uint8_t> reference,
-                             build_reference(kinds_, options.reference, [&](const std::string& role) -> Result<std::vector<uint8_t>> {
-                               for (const auto& [attachment_role, bytes] : options.attachments) {
-                                 if (attachment_role == role) return std::vector<uint8_t>(bytes.begin(), bytes.end());
-                               }
-                               return make_error(ErrorCode::kInvalidArgument, "image {}: reference names attachment {}, which is not given", name, role);
-                             }));
+    DELTAVM_ASSIGN_OR_RETURN(
+        std::vector<uint8_t> reference,
+        build_reference(kinds_, options.reference, [&](const std::string& role) -> Result<std::vector<uint8_t>> {
+          for (const auto& [attachment_role, bytes] : options.attachments) {
+            if (attachment_role == role) return std::vector<uint8_t>(bytes.begin(), bytes.end());
+          }
+          return make_error(ErrorCode::kInvalidArgument, "image {}: reference names attachment {}, which is not given",
+                            name, role);
+        }));
     CompressionReference compression = CompressionReference::of(reference);
     encoded = encode_delta(delta, options.encoding.compression_level, &compression);
     record.reference = reference_spec(options.reference);
@@ -378,7 +378,8 @@ Result<std::optional<Similarity>> Store::most_similar(std::span<const uint8_t> i
   DELTAVM_ASSIGN_OR_RETURN(std::vector<ImageRecord> records, catalog_.list());
   std::optional<Similarity> best;
   for (const ImageRecord& record : records) {
-    if (record.image_size_bytes != image.size() || record.page_sample.size() != sample.size() || sample.empty()) continue;
+    if (record.image_size_bytes != image.size() || record.page_sample.size() != sample.size() || sample.empty())
+      continue;
     uint64_t equal = 0;
     for (size_t i = 0; i < sample.size(); i += 8) {
       if (std::memcmp(&sample[i], &record.page_sample[i], 8) == 0) ++equal;
@@ -421,13 +422,13 @@ Result<std::vector<ImageRecord>> Store::chain(const std::string& name) {
   records.push_back(record);
   while (records.back().parent) {
     if (records.size() > kMaxChainDepth) {
-      return make_error(ErrorCode::kCorruption, "image {}: chain longer than {}: parent cycle in the catalog",
-                        name, kMaxChainDepth);
+      return make_error(ErrorCode::kCorruption, "image {}: chain longer than {}: parent cycle in the catalog", name,
+                        kMaxChainDepth);
     }
     DELTAVM_ASSIGN_OR_RETURN(std::optional<ImageRecord> parent, catalog_.find(*records.back().parent));
     if (!parent) {
-      return make_error(ErrorCode::kCorruption, "image {}: parent {} is missing from the catalog",
-                        records.back().name, *records.back().parent);
+      return make_error(ErrorCode::kCorruption, "image {}: parent {} is missing from the catalog", records.back().name,
+                        *records.back().parent);
     }
     records.push_back(*parent);
   }
@@ -447,8 +448,7 @@ Result<Mapping> Store::rebuild_image(const std::string& name) {
   for (const ImageRecord& record : records) {
     DELTAVM_ASSIGN_OR_RETURN(Delta delta, read_delta(record));
     if (previous_target && delta.base_digest && *delta.base_digest != *previous_target) {
-      return make_error(ErrorCode::kCorruption,
-                        "image {}: its delta applies to image {} but its parent is image {}",
+      return make_error(ErrorCode::kCorruption, "image {}: its delta applies to image {} but its parent is image {}",
                         record.name, delta.base_digest->hex(), previous_target->hex());
     }
     DELTAVM_TRY(apply_delta(delta, memory.writable_bytes()));
@@ -456,8 +456,8 @@ Result<Mapping> Store::rebuild_image(const std::string& name) {
   }
   ImageDigest digest = digest_image(memory.bytes());
   if (digest != records.back().digest) {
-    return make_error(ErrorCode::kCorruption, "image {}: rebuilt image has digest {}, catalog says {}",
-                      name, digest, records.back().digest);
+    return make_error(ErrorCode::kCorruption, "image {}: rebuilt image has digest {}, catalog says {}", name, digest,
+                      records.back().digest);
   }
   return memory;
 }
@@ -509,7 +509,8 @@ Status Store::make_flat_file(const ImageRecord& record) {
     // image is sealed again as it is (a copied store, a touched file); any other is replaced.
     Result<FileDigest> found = digest_file(path);
     if (!found || found->size_bytes != record.image_size_bytes || found->digest != record.digest) {
-      if (::unlink(path.c_str()) != 0) return errno_error(fmt::format("remove damaged flat file {}", path.string()), errno);
+      if (::unlink(path.c_str()) != 0)
+        return errno_error(fmt::format("remove damaged flat file {}", path.string()), errno);
     }
   }
   if (!std::filesystem::exists(path, error)) {
@@ -553,8 +554,8 @@ Status Store::remove_image(const std::string& name) {
   DELTAVM_ASSIGN_OR_RETURN(ImageRecord record, find(name));
   DELTAVM_ASSIGN_OR_RETURN(std::vector<std::string> children, catalog_.children(name));
   if (!children.empty()) {
-    return make_error(ErrorCode::kInvalidArgument, "image {} is the parent of {} other image(s), first {}",
-                      name, children.size(), children.front());
+    return make_error(ErrorCode::kInvalidArgument, "image {} is the parent of {} other image(s), first {}", name,
+                      children.size(), children.front());
   }
   return catalog_.remove(name);
 }
@@ -607,7 +608,8 @@ std::optional<ImageDigest> flat_file_digest(const std::filesystem::path& path) {
 }
 
 Status remove_file(const std::filesystem::path& path) {
-  if (::unlink(path.c_str()) != 0 && errno != ENOENT) return errno_error(fmt::format("unlink {}", path.string()), errno);
+  if (::unlink(path.c_str()) != 0 && errno != ENOENT)
+    return errno_error(fmt::format("unlink {}", path.string()), errno);
   return {};
 }
 
@@ -690,19 +692,20 @@ Result<FsckReport> Store::fsck() {
     for (const Attachment& attachment : record.attachments) {
       referenced.insert(attachment.object_id);
       Result<Mapping> bytes = map_object(attachment.object_id, attachment.size_bytes);
-      if (!bytes) report.problems.push_back(fmt::format("image {}: attachment {}: {}", record.name, attachment.role, bytes.error().message));
+      if (!bytes)
+        report.problems.push_back(
+            fmt::format("image {}: attachment {}: {}", record.name, attachment.role, bytes.error().message));
     }
     if (record.parent) {
       auto parent = by_name.find(*record.parent);
       if (parent == by_name.end()) {
         report.problems.push_back(fmt::format("image {}: parent {} is missing", record.name, *record.parent));
       } else if (parent->second->chain_depth + 1 != record.chain_depth) {
-        report.problems.push_back(fmt::format("image {}: chain depth {} but its parent's is {}",
-                                              record.name, record.chain_depth, parent->second->chain_depth));
+        report.problems.push_back(fmt::format("image {}: chain depth {} but its parent's is {}", record.name,
+                                              record.chain_depth, parent->second->chain_depth));
       } else if (parent->second->image_size_bytes != record.image_size_bytes) {
-        report.problems.push_back(fmt::format("image {}: {} bytes but its parent is {} bytes",
-                                              record.name, record.image_size_bytes,
-                                              parent->second->image_size_bytes));
+        report.problems.push_back(fmt::format("image {}: {} bytes but its parent is {} bytes", record.name,
+                                              record.image_size_bytes, parent->second->image_size_bytes));
       }
     } else if (record.chain_depth != 0) {
       report.problems.push_back(fmt::format("image {}: a base with chain depth {}", record.name, record.chain_depth));
@@ -713,9 +716,8 @@ Result<FsckReport> Store::fsck() {
       continue;
     }
     if (delta->target_digest && *delta->target_digest != record.digest) {
-      report.problems.push_back(fmt::format("image {}: object {} produces image {}, catalog says {}",
-                                            record.name, record.object_id, *delta->target_digest,
-                                            record.digest));
+      report.problems.push_back(fmt::format("image {}: object {} produces image {}, catalog says {}", record.name,
+                                            record.object_id, *delta->target_digest, record.digest));
     }
     if (record.parent && delta->base_digest) {
       auto parent = by_name.find(*record.parent);

@@ -48,9 +48,9 @@ std::filesystem::path default_store_directory();
 struct FsckReport {
   uint64_t images_checked = 0;
   uint64_t objects_checked = 0;
-  std::vector<std::string> problems;         // Corruption: the store is not sound.
-  std::vector<ObjectId> unreferenced;        // Objects no image uses (gc removes them).
-  std::vector<std::string> temporaries;      // Leftovers of interrupted writes (gc removes them).
+  std::vector<std::string> problems;           // Corruption: the store is not sound.
+  std::vector<ObjectId> unreferenced;          // Objects no image uses (gc removes them).
+  std::vector<std::string> temporaries;        // Leftovers of interrupted writes (gc removes them).
   std::vector<std::string> unused_flat_files;  // Cached images no stored image is (gc removes them).
   uint64_t flat_files_checked = 0;
   bool clean() const { return problems.empty(); }

@@ -33,9 +33,19 @@ class CpioWriter {
  private:
   void entry(const std::string& path, uint32_t mode, std::span<const uint8_t> bytes) {
     std::string name = path;
-    uint32_t fields[13] = {next_inode_++, mode, 0, 0, (mode & 040000) ? 2u : 1u, 0,
-                           static_cast<uint32_t>(bytes.size()), 0, 0, 0, 0,
-                           static_cast<uint32_t>(name.size() + 1), 0};
+    uint32_t fields[13] = {next_inode_++,
+                           mode,
+                           0,
+                           0,
+                           (mode & 040000) ? 2u : 1u,
+                           0,
+                           static_cast<uint32_t>(bytes.size()),
+                           0,
+                           0,
+                           0,
+                           0,
+                           static_cast<uint32_t>(name.size() + 1),
+                           0};
     std::string header = "070701";
     for (uint32_t field : fields) header += fmt::format("{:08X}", field);
     out_.insert(out_.end(), header.begin(), header.end());

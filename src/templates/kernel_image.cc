@@ -42,7 +42,8 @@ Result<std::vector<uint8_t>> decompress_lz4_legacy(std::span<const uint8_t> payl
     int produced = LZ4_decompress_safe(reinterpret_cast<const char*>(payload.data() + position + 4),
                                        reinterpret_cast<char*>(text.data() + start), static_cast<int>(block),
                                        static_cast<int>(kLz4LegacyBlockBytes));
-    if (produced < 0) return make_error(ErrorCode::kInvalidArgument, "kernel payload: corrupt LZ4 block at {}", position);
+    if (produced < 0)
+      return make_error(ErrorCode::kInvalidArgument, "kernel payload: corrupt LZ4 block at {}", position);
     text.resize(start + static_cast<size_t>(produced));
     position += 4 + block;
   }
@@ -56,7 +57,8 @@ Result<std::vector<uint8_t>> decompress_zstd(std::span<const uint8_t> payload) {
   }
   std::vector<uint8_t> text(size);
   size_t produced = ZSTD_decompress(text.data(), text.size(), payload.data(), payload.size());
-  if (ZSTD_isError(produced)) return make_error(ErrorCode::kInvalidArgument, "kernel payload: {}", ZSTD_getErrorName(produced));
+  if (ZSTD_isError(produced))
+    return make_error(ErrorCode::kInvalidArgument, "kernel payload: {}", ZSTD_getErrorName(produced));
   text.resize(produced);
   return text;
 }

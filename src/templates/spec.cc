@@ -24,15 +24,16 @@ class Checker {
       : object_(object), origin_(std::move(origin)), prefix_(std::move(prefix)) {}
 
   Error wrong(std::string_view field, std::string_view expected, const json& found) const {
-    return make_error(ErrorCode::kInvalidArgument, "template spec {}: field {}{}: expected {}, found {}",
-                      origin_, prefix_, field, expected, describe(found));
+    return make_error(ErrorCode::kInvalidArgument, "template spec {}: field {}{}: expected {}, found {}", origin_,
+                      prefix_, field, expected, describe(found));
   }
 
   Status string(std::string_view field, std::string& out, bool required) const {
     auto it = object_.find(field);
     if (it == object_.end()) {
       if (required) {
-        return make_error(ErrorCode::kInvalidArgument, "template spec {}: field {}{} is required", origin_, prefix_, field);
+        return make_error(ErrorCode::kInvalidArgument, "template spec {}: field {}{} is required", origin_, prefix_,
+                          field);
       }
       return {};
     }
@@ -81,8 +82,8 @@ Status check_regular_file(const std::filesystem::path& path, const std::string& 
                       path.string());
   }
   if (!std::filesystem::is_regular_file(status)) {
-    return make_error(ErrorCode::kInvalidArgument, "template spec {}: field {}: {} is not a regular file", where,
-                      field, path.string());
+    return make_error(ErrorCode::kInvalidArgument, "template spec {}: field {}: {} is not a regular file", where, field,
+                      path.string());
   }
   return {};
 }
@@ -90,7 +91,8 @@ Status check_regular_file(const std::filesystem::path& path, const std::string& 
 bool valid_name(const std::string& name) {
   if (name.empty() || name.size() > 64) return false;
   for (char c : name) {
-    if (!((c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') || c == '-' || c == '_' || c == '.')) {
+    if (!((c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') || c == '-' || c == '_' ||
+          c == '.')) {
       return false;
     }
   }
@@ -108,11 +110,12 @@ Result<TemplateSpec> parse_template_spec(std::string_view json_text, const std::
   if (!document.is_object()) {
     return make_error(ErrorCode::kInvalidArgument, "template spec {}: expected a JSON object at the top", where);
   }
-  static const std::set<std::string> known = {"name", "parent", "kernel", "command_line", "memory_mib", "vcpus",
-                                              "files", "setup", "deterministic", "ready_timeout_s"};
+  static const std::set<std::string> known = {"name",  "parent", "kernel", "command_line",  "memory_mib",
+                                              "vcpus", "files",  "setup",  "deterministic", "ready_timeout_s"};
   for (const auto& [key, value] : document.items()) {
     if (!known.count(key)) {
-      return make_error(ErrorCode::kInvalidArgument, "template spec {}: unknown field {} (known: name, parent, "
+      return make_error(ErrorCode::kInvalidArgument,
+                        "template spec {}: unknown field {} (known: name, parent, "
                         "kernel, command_line, memory_mib, vcpus, files, setup, deterministic, ready_timeout_s)",
                         where, key);
     }
@@ -160,7 +163,8 @@ Result<TemplateSpec> parse_template_spec(std::string_view json_text, const std::
       DELTAVM_TRY(file_check.string("source", source, true));
       DELTAVM_TRY(file_check.string("destination", file.destination, true));
       DELTAVM_TRY(file_check.string("mode", mode, false));
-      file.source = std::filesystem::path(source).is_absolute() ? std::filesystem::path(source) : base_directory / source;
+      file.source =
+          std::filesystem::path(source).is_absolute() ? std::filesystem::path(source) : base_directory / source;
       DELTAVM_TRY(check_regular_file(file.source, where, field + ".source"));
       if (file.destination.empty() || file.destination[0] != '/' || file.destination.find("..") != std::string::npos) {
         return file_check.wrong("destination", "an absolute guest path without '..'", entry["destination"]);
@@ -185,12 +189,18 @@ Result<TemplateSpec> read_template_spec(const std::filesystem::path& path) {
 std::string TemplateSpec::to_json() const {
   json files_json = json::array();
   for (const TemplateFile& file : files) {
-    files_json.push_back({{"source", file.source.string()}, {"destination", file.destination},
+    files_json.push_back({{"source", file.source.string()},
+                          {"destination", file.destination},
                           {"mode", fmt::format("{:04o}", file.mode)}});
   }
-  json document = {{"name", name}, {"command_line", command_line}, {"memory_mib", memory_mib},
-                   {"vcpus", vcpus}, {"files", files_json}, {"setup", setup},
-                   {"deterministic", deterministic}, {"ready_timeout_s", ready_timeout_s}};
+  json document = {{"name", name},
+                   {"command_line", command_line},
+                   {"memory_mib", memory_mib},
+                   {"vcpus", vcpus},
+                   {"files", files_json},
+                   {"setup", setup},
+                   {"deterministic", deterministic},
+                   {"ready_timeout_s", ready_timeout_s}};
   if (parent) document["parent"] = *parent;
   if (!kernel.empty()) document["kernel"] = kernel.string();
   return dump_json(document);

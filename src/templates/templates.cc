@@ -68,8 +68,10 @@ MachineSpec machine_for(const TemplateSpec& spec, std::filesystem::path kernel, 
 }
 
 nlohmann::json machine_json(const MachineSpec& machine) {
-  return {{"command_line", machine.command_line}, {"memory_bytes", machine.memory_bytes},
-          {"vcpus", machine.vcpus}, {"deterministic", machine.deterministic}};
+  return {{"command_line", machine.command_line},
+          {"memory_bytes", machine.memory_bytes},
+          {"vcpus", machine.vcpus},
+          {"deterministic", machine.deterministic}};
 }
 
 // The machine and backend a template's metadata records, every field checked.
@@ -104,7 +106,8 @@ Status inherit_from_parent(const ImageRecord& parent, TemplateSpec& spec) {
   if (metadata.is_discarded() || !metadata.contains("template")) {
     return make_error(ErrorCode::kInvalidArgument, "template {}: parent {} is not a template", spec.name, parent.name);
   }
-  Result<TemplateSpec> parent_spec = parse_template_spec(dump_json(metadata["template"]), "(stored spec of " + parent.name + ")");
+  Result<TemplateSpec> parent_spec =
+      parse_template_spec(dump_json(metadata["template"]), "(stored spec of " + parent.name + ")");
   if (!parent_spec) return parent_spec.error();
   if (parent_spec->memory_mib != spec.memory_mib) {
     return make_error(ErrorCode::kInvalidArgument, "template {}: memory_mib {} differs from its parent {}'s {}",
@@ -141,13 +144,15 @@ Result<TemplateBuild> build_template(const TemplateSpec& spec, Store& store, Bac
     if (phase) phase(text);
   };
   if (Result<ImageRecord> existing = store.find(spec.name); existing) {
-    return make_error(ErrorCode::kAlreadyExists, "template {} is already in the store (remove it with deltavm store rm)",
-                      spec.name);
+    return make_error(ErrorCode::kAlreadyExists,
+                      "template {} is already in the store (remove it with deltavm store rm)", spec.name);
   }
   TemplateSpec effective = spec;
   if (spec.parent) {
     Result<ImageRecord> parent = store.find(*spec.parent);
-    if (!parent) return make_error(ErrorCode::kNotFound, "template {}: parent template {} is not in the store", spec.name, *spec.parent);
+    if (!parent)
+      return make_error(ErrorCode::kNotFound, "template {}: parent template {} is not in the store", spec.name,
+                        *spec.parent);
     DELTAVM_TRY(inherit_from_parent(*parent, effective));
   }
   DELTAVM_ASSIGN_OR_RETURN(GuestKit kit, GuestKit::locate());
@@ -261,8 +266,9 @@ Result<StartedVm> start_vm(const Template& loaded, Store& store, Backend& backen
   started.strategy = strategy;
   started.prepare_ms = ram.prepare_ms();
   DELTAVM_ASSIGN_OR_RETURN(started.restore,
-                           backend.restore(machine, ram.flat_file(), [&ram](GuestMemoryWriter& writer) { return ram.fill(writer); },
-                                           state, vm, leave_paused));
+                           backend.restore(
+                               machine, ram.flat_file(), [&ram](GuestMemoryWriter& writer) { return ram.fill(writer); },
+                               state, vm, leave_paused));
   started.total_ms = elapsed_ms(start);
   guard.release();
   return started;

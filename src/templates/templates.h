@@ -63,8 +63,8 @@ Status add_boot_files(Store& store, const Template& loaded, MachineSpec& machine
 // The patent's request: a new VM equivalent to template `loaded`, its RAM built from the base
 // and the chain, its machine state loaded, running when this returns. With `leave_paused` the
 // VM's RAM and state are in place but no vCPU has run yet.
-Result<StartedVm> start_vm(const Template& loaded, Store& store, Backend& backend,
-                           const std::filesystem::path& runtime, RamStrategy strategy, bool leave_paused = false);
+Result<StartedVm> start_vm(const Template& loaded, Store& store, Backend& backend, const std::filesystem::path& runtime,
+                           RamStrategy strategy, bool leave_paused = false);
 // load_template, then start_vm.
 Result<StartedVm> start_vm(const std::string& name, Store& store, Backend& backend,
                            const std::filesystem::path& runtime, RamStrategy strategy, bool leave_paused = false);

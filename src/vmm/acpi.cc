@@ -30,9 +30,9 @@ std::vector<uint8_t> table(std::string_view signature, size_t length, uint8_t re
   bytes[8] = revision;
   std::memcpy(bytes.data() + 10, "DELTVM", 6);    // OEM ID.
   std::memcpy(bytes.data() + 16, "DELTAVM ", 8);  // OEM table ID.
-  put(bytes, 24, 1, 4);                            // OEM revision.
-  std::memcpy(bytes.data() + 28, "DVMM", 4);       // Creator ID.
-  put(bytes, 32, 1, 4);                            // Creator revision.
+  put(bytes, 24, 1, 4);                           // OEM revision.
+  std::memcpy(bytes.data() + 28, "DVMM", 4);      // Creator ID.
+  put(bytes, 32, 1, 4);                           // Creator revision.
   return bytes;
 }
 
@@ -53,10 +53,10 @@ uint64_t write_acpi_tables(std::span<uint8_t> ram, uint32_t vcpus) {
   // command port: ACPI is on from the start. SCI on IRQ 9, never raised. Power and sleep
   // buttons absent as fixed features, no VGA.
   std::vector<uint8_t> fadt = table("FACP", 276, 6);
-  put(fadt, 46, 9, 2);                                       // SCI_INT.
-  put(fadt, 109, (1u << 0) | (1u << 2), 2);                  // IAPC_BOOT_ARCH: legacy devices, no VGA.
-  put(fadt, 112, (1u << 4) | (1u << 5), 4);                  // PWR_BUTTON, SLP_BUTTON.
-  fadt[131] = 0;                                             // Minor version.
+  put(fadt, 46, 9, 2);                       // SCI_INT.
+  put(fadt, 109, (1u << 0) | (1u << 2), 2);  // IAPC_BOOT_ARCH: legacy devices, no VGA.
+  put(fadt, 112, (1u << 4) | (1u << 5), 4);  // PWR_BUTTON, SLP_BUTTON.
+  fadt[131] = 0;                             // Minor version.
 
   // MADT: one enabled local APIC per vCPU (UID = APIC ID = index), the IOAPIC at GSI 0, and
   // the PC's one override: the PIT's IRQ 0 arrives at IOAPIC pin 2 (KVM routes GSI 0 there).

@@ -65,8 +65,8 @@ class UserfaultServer {
     if (::ioctl(uffd.get(), UFFDIO_REGISTER, &registration) != 0) return errno_error("UFFDIO_REGISTER", errno);
     int stop = ::eventfd(0, EFD_CLOEXEC);
     if (stop < 0) return errno_error("eventfd", errno);
-    auto server = std::unique_ptr<UserfaultServer>(
-        new UserfaultServer(std::move(uffd), Fd(stop), ram, base, std::move(overlay)));
+    auto server =
+        std::unique_ptr<UserfaultServer>(new UserfaultServer(std::move(uffd), Fd(stop), ram, base, std::move(overlay)));
     server->thread_ = std::thread([raw_server = server.get()] { raw_server->serve(); });
     return server;
   }
@@ -154,9 +154,8 @@ class UserfaultServer {
       // under the copy, try again.
       if (result == 0 || errno == EEXIST) return {};
       if (errno != EAGAIN) {
-        return errno_error(fmt::format("userfaultfd: {} of guest page {}", source ? "UFFDIO_COPY" : "UFFDIO_ZEROPAGE",
-                                       page),
-                           errno);
+        return errno_error(
+            fmt::format("userfaultfd: {} of guest page {}", source ? "UFFDIO_COPY" : "UFFDIO_ZEROPAGE", page), errno);
       }
     }
   }
@@ -226,7 +225,8 @@ Result<GuestMemory> GuestMemory::load(MemoryStrategy strategy, const std::filesy
           return errno_error(fmt::format("read {} at {}", base.string(), offset), got < 0 ? errno : EIO);
         }
         for (size_t page = 0; page < want; page += kPage) {
-          if (!is_zero(chunk.data() + page)) std::memcpy(memory.ram_.data() + offset + page, chunk.data() + page, kPage);
+          if (!is_zero(chunk.data() + page))
+            std::memcpy(memory.ram_.data() + offset + page, chunk.data() + page, kPage);
         }
       }
       write_overlay();

@@ -20,10 +20,10 @@
 #include <thread>
 #include <vector>
 
-#include "vmm/protocol.h"
-#include "vmm/ram_overlay.h"
 #include "base/error.h"
 #include "base/file.h"
+#include "vmm/protocol.h"
+#include "vmm/ram_overlay.h"
 
 namespace deltavm::vmm {
 

@@ -81,12 +81,18 @@ Result<KvmSystem> KvmSystem::open(const std::filesystem::path& device) {
     const char* name;
   };
   static constexpr Required kRequired[] = {
-      {KVM_CAP_IRQCHIP, "IRQCHIP"},         {KVM_CAP_USER_MEMORY, "USER_MEMORY"},
-      {KVM_CAP_SET_TSS_ADDR, "SET_TSS_ADDR"}, {KVM_CAP_PIT2, "PIT2"},
-      {KVM_CAP_PIT_STATE2, "PIT_STATE2"},   {KVM_CAP_ADJUST_CLOCK, "ADJUST_CLOCK"},
-      {KVM_CAP_DEBUGREGS, "DEBUGREGS"},     {KVM_CAP_MP_STATE, "MP_STATE"},
-      {KVM_CAP_VCPU_EVENTS, "VCPU_EVENTS"}, {KVM_CAP_XCRS, "XCRS"},
-      {KVM_CAP_XSAVE, "XSAVE"},             {KVM_CAP_EXT_CPUID, "EXT_CPUID"},
+      {KVM_CAP_IRQCHIP, "IRQCHIP"},
+      {KVM_CAP_USER_MEMORY, "USER_MEMORY"},
+      {KVM_CAP_SET_TSS_ADDR, "SET_TSS_ADDR"},
+      {KVM_CAP_PIT2, "PIT2"},
+      {KVM_CAP_PIT_STATE2, "PIT_STATE2"},
+      {KVM_CAP_ADJUST_CLOCK, "ADJUST_CLOCK"},
+      {KVM_CAP_DEBUGREGS, "DEBUGREGS"},
+      {KVM_CAP_MP_STATE, "MP_STATE"},
+      {KVM_CAP_VCPU_EVENTS, "VCPU_EVENTS"},
+      {KVM_CAP_XCRS, "XCRS"},
+      {KVM_CAP_XSAVE, "XSAVE"},
+      {KVM_CAP_EXT_CPUID, "EXT_CPUID"},
       {KVM_CAP_IMMEDIATE_EXIT, "IMMEDIATE_EXIT"},
   };
   std::string missing;
@@ -101,11 +107,11 @@ Result<KvmSystem> KvmSystem::open(const std::filesystem::path& device) {
   }
   int xsave2 = ::ioctl(fd.get(), KVM_CHECK_EXTENSION, KVM_CAP_XSAVE2);
   if (xsave2 > static_cast<int>(kXsaveBytes)) {
-    return make_error(ErrorCode::kUnsupported, "{}: XSAVE state of {} bytes (AMX?) is larger than the {} this VMM saves",
-                      device.string(), xsave2, kXsaveBytes);
+    return make_error(ErrorCode::kUnsupported,
+                      "{}: XSAVE state of {} bytes (AMX?) is larger than the {} this VMM saves", device.string(),
+                      xsave2, kXsaveBytes);
   }
-  DELTAVM_ASSIGN_OR_RETURN(int mmap_size,
-                           checked_ioctl(fd.get(), KVM_GET_VCPU_MMAP_SIZE, "KVM_GET_VCPU_MMAP_SIZE"));
+  DELTAVM_ASSIGN_OR_RETURN(int mmap_size, checked_ioctl(fd.get(), KVM_GET_VCPU_MMAP_SIZE, "KVM_GET_VCPU_MMAP_SIZE"));
   return KvmSystem(std::move(fd), static_cast<size_t>(mmap_size));
 }
 
@@ -209,8 +215,8 @@ Status KvmVm::restore_state(const VmState& state) {
 Result<Vcpu> Vcpu::create(const KvmSystem& system, const KvmVm& vm, uint32_t index) {
   DELTAVM_ASSIGN_OR_RETURN(int vcpu_fd, checked_ioctl(vm.fd(), KVM_CREATE_VCPU, "KVM_CREATE_VCPU", index));
   Fd fd(vcpu_fd);
-  DELTAVM_ASSIGN_OR_RETURN(Mapping run, Mapping::map(fd.get(), system.vcpu_mmap_size(), PROT_READ | PROT_WRITE,
-                                                     MAP_SHARED, 0, "kvm_run"));
+  DELTAVM_ASSIGN_OR_RETURN(
+      Mapping run, Mapping::map(fd.get(), system.vcpu_mmap_size(), PROT_READ | PROT_WRITE, MAP_SHARED, 0, "kvm_run"));
   return Vcpu(std::move(fd), std::move(run), index);
 }
 
@@ -321,8 +327,8 @@ Result<VcpuState> Vcpu::save_state(std::span<const uint32_t> msr_indices) const 
     size_t count = msr_indices.size() - next;
     list.set_count(static_cast<uint32_t>(count));
     for (size_t i = 0; i < count; ++i) list.entries()[i] = kvm_msr_entry{msr_indices[next + i], 0, 0};
-    DELTAVM_ASSIGN_OR_RETURN(int read, checked_ioctl(fd_.get(), kIoctlGetMsrs, "KVM_GET_MSRS",
-                                                     reinterpret_cast<unsigned long>(list.get())));
+    DELTAVM_ASSIGN_OR_RETURN(
+        int read, checked_ioctl(fd_.get(), kIoctlGetMsrs, "KVM_GET_MSRS", reinterpret_cast<unsigned long>(list.get())));
     state.msrs.insert(state.msrs.end(), list.entries(), list.entries() + read);
     next += static_cast<size_t>(read) + 1;  // Skip the refused entry, if any.
   }

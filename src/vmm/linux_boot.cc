@@ -3,9 +3,9 @@
 #include <algorithm>
 #include <cstring>
 
+#include "base/coding.h"
 #include "vmm/acpi.h"
 #include "vmm/x86_boot.h"
-#include "base/coding.h"
 
 namespace deltavm::vmm {
 namespace {
@@ -69,7 +69,8 @@ Result<LinuxBootInfo> load_linux(std::span<uint8_t> ram, std::span<const uint8_t
     return make_error(ErrorCode::kInvalidArgument, "{}: protected-mode kernel ({} bytes at {:#x}) does not fit in RAM",
                       origin, kernel.size() - payload_offset, load_address);
   }
-  if (command_line.size() + 1 > kMaxCommandLineBytes || command_line.size() > get_u32_le(kernel.data() + kCmdlineSize)) {
+  if (command_line.size() + 1 > kMaxCommandLineBytes ||
+      command_line.size() > get_u32_le(kernel.data() + kCmdlineSize)) {
     return make_error(ErrorCode::kInvalidArgument, "kernel command line of {} bytes is too long", command_line.size());
   }
   // The initramfs goes at the top of RAM (below initrd_addr_max), clear of the window the

@@ -16,8 +16,8 @@ inline constexpr uint64_t kCommandLineAddress = 0x20000;
 inline constexpr size_t kMaxCommandLineBytes = 2048;
 
 struct LinuxBootInfo {
-  uint64_t entry = 0;           // 64-bit entry: load address + 0x200.
-  uint64_t boot_params = 0;     // For %rsi.
+  uint64_t entry = 0;        // 64-bit entry: load address + 0x200.
+  uint64_t boot_params = 0;  // For %rsi.
   uint64_t initrd_address = 0;
 };
 

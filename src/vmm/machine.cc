@@ -6,9 +6,9 @@
 
 #include <cstring>
 
-#include "vmm/linux_boot.h"
 #include "base/coding.h"
 #include "base/page.h"
+#include "vmm/linux_boot.h"
 
 namespace deltavm::vmm {
 namespace {
@@ -48,8 +48,8 @@ Result<std::unique_ptr<Machine>> Machine::create(const KvmSystem& system, GuestM
                                                  uint32_t vcpus, MachineOptions options) {
   uint64_t size = memory.bytes().size();
   if (size % kPageSize != 0 || size < (32ull << 20) || size > kMaxMemoryBytes) {
-    return make_error(ErrorCode::kInvalidArgument, "guest RAM of {} bytes: expected a multiple of 4 KiB from 32 MiB to 3 GiB",
-                      size);
+    return make_error(ErrorCode::kInvalidArgument,
+                      "guest RAM of {} bytes: expected a multiple of 4 KiB from 32 MiB to 3 GiB", size);
   }
   install_kick_handler();
   DELTAVM_ASSIGN_OR_RETURN(KvmVm vm, system.create_vm());
@@ -74,8 +74,9 @@ Result<std::unique_ptr<Machine>> Machine::boot_micro(const KvmSystem& system, Gu
   uint64_t size = memory.bytes().size();
   if (parameters.work_address < kWorkAddress || parameters.work_bytes % kPageSize != 0 ||
       parameters.work_address + parameters.work_bytes > size) {
-    return make_error(ErrorCode::kInvalidArgument, "micro guest work area [{:#x}, +{:#x}) is not inside RAM above 16 MiB",
-                      parameters.work_address, parameters.work_bytes);
+    return make_error(ErrorCode::kInvalidArgument,
+                      "micro guest work area [{:#x}, +{:#x}) is not inside RAM above 16 MiB", parameters.work_address,
+                      parameters.work_bytes);
   }
   DELTAVM_ASSIGN_OR_RETURN(std::unique_ptr<Machine> machine,
                            create(system, std::move(memory), GuestKind::kMicro, 1, options));
@@ -264,9 +265,7 @@ void Machine::run_vcpu(Vcpu& vcpu) {
     }
     exit_pending = true;
     switch (run->exit_reason) {
-      case KVM_EXIT_IO:
-        handle_io(vcpu);
-        break;
+      case KVM_EXIT_IO: handle_io(vcpu); break;
       case KVM_EXIT_DEBUG:
         if (options_.on_debug_exit) {
           options_.on_debug_exit(vcpu);
@@ -288,9 +287,7 @@ void Machine::run_vcpu(Vcpu& vcpu) {
       case KVM_EXIT_INTERNAL_ERROR:
         fail(fmt::format("vCPU {}: KVM_EXIT_INTERNAL_ERROR, suberror {}", vcpu.index(), run->internal.suberror));
         break;
-      default:
-        fail(fmt::format("vCPU {}: unexpected exit reason {}", vcpu.index(), run->exit_reason));
-        break;
+      default: fail(fmt::format("vCPU {}: unexpected exit reason {}", vcpu.index(), run->exit_reason)); break;
     }
   }
 }

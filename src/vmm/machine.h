@@ -4,9 +4,9 @@
 #pragma once
 
 #include <atomic>
-#include <functional>
 #include <chrono>
 #include <condition_variable>
+#include <functional>
 #include <memory>
 #include <mutex>
 #include <optional>
@@ -15,15 +15,15 @@
 #include <thread>
 #include <vector>
 
+#include "base/error.h"
 #include "vmm/guest_memory.h"
+#include "vmm/io_bus.h"
 #include "vmm/kvm.h"
 #include "vmm/machine_state.h"
-#include "vmm/io_bus.h"
 #include "vmm/micro_guest_device.h"
 #include "vmm/pc_devices.h"
 #include "vmm/protocol.h"
 #include "vmm/x86_boot.h"
-#include "base/error.h"
 
 namespace deltavm::vmm {
 
@@ -131,7 +131,7 @@ class Machine {
   std::condition_variable changed_;
   bool run_requested_ = false;  // The vCPUs should run (as opposed to park).
   bool quit_ = false;
-  size_t parked_ = 0;           // vCPU threads currently parked.
+  size_t parked_ = 0;  // vCPU threads currently parked.
   RunState state_ = RunState::kPaused;
   std::string failure_;
 };

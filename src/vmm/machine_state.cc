@@ -89,8 +89,8 @@ class StateReader {
                       kHeaderBytes + reader_.position());
   }
   Error layout_mismatch(const char* field, uint32_t found, size_t expected) const {
-    return make_error(ErrorCode::kUnsupported, "{}: field {} is {} bytes, this build's KVM ABI has {}", origin_,
-                      field, found, expected);
+    return make_error(ErrorCode::kUnsupported, "{}: field {} is {} bytes, this build's KVM ABI has {}", origin_, field,
+                      found, expected);
   }
   ByteReader reader_;
   std::string_view origin_;

@@ -9,8 +9,8 @@
 #include <string>
 #include <vector>
 
-#include "vmm/kvm.h"
 #include "base/error.h"
+#include "vmm/kvm.h"
 
 namespace deltavm::vmm {
 

@@ -33,26 +33,21 @@ void MicroGuestDevice::write(uint16_t port, std::span<const uint8_t> data) {
           pause = true;
         }
         break;
-      case kPortHeartbeat:
-        ++report_.heartbeats;
-        break;
-      case kPortChecksumLow:
-        report_.checksum = (report_.checksum & ~0xffffffffull) | value;
-        break;
-      case kPortChecksumHigh:
-        report_.checksum = (report_.checksum & 0xffffffffull) | (uint64_t{value} << 32);
-        break;
+      case kPortHeartbeat: ++report_.heartbeats; break;
+      case kPortChecksumLow: report_.checksum = (report_.checksum & ~0xffffffffull) | value; break;
+      case kPortChecksumHigh: report_.checksum = (report_.checksum & 0xffffffffull) | (uint64_t{value} << 32); break;
       case kPortDone:
         report_.done = true;
         report_.done_status = value;
         finish = true;
         break;
-      default:
-        break;
+      default: break;
     }
   }
-  if (finish) finish_();
-  else if (pause) pause_();
+  if (finish)
+    finish_();
+  else if (pause)
+    pause_();
 }
 
 void MicroGuestDevice::pause_at_checkpoint(uint64_t checkpoint) {

@@ -57,8 +57,7 @@ Result<std::filesystem::path> PathPolicy::writable(const std::filesystem::path& 
   std::filesystem::path target = resolved / path.filename();
   struct stat st {};
   if (::lstat(target.c_str(), &st) == 0 && S_ISLNK(st.st_mode)) {
-    return make_error(ErrorCode::kInvalidArgument, "{} is a symbolic link; refused to write through it",
-                      path.string());
+    return make_error(ErrorCode::kInvalidArgument, "{} is a symbolic link; refused to write through it", path.string());
   }
   return target;
 }

@@ -61,8 +61,11 @@ Status read_memory_bytes(JsonFields& fields, uint64_t& memory_bytes) {
 }
 
 json to_json(const BootMicroRequest& r) {
-  json out = {{"program", r.program}, {"memory_bytes", r.memory_bytes}, {"passes", r.passes},
-              {"seed", r.seed},       {"heartbeat_bytes", r.heartbeat_bytes}};
+  json out = {{"program", r.program},
+              {"memory_bytes", r.memory_bytes},
+              {"passes", r.passes},
+              {"seed", r.seed},
+              {"heartbeat_bytes", r.heartbeat_bytes}};
   put(out, "work_bytes", r.work_bytes);
   put(out, "ram_file", r.ram_file);
   put_start(out, r.start);
@@ -172,8 +175,10 @@ json to_json(const StatusReply& r) {
   json out = {{"state", run_state_name(r.state)}};
   if (!r.failure.empty()) out["failure"] = r.failure;
   if (r.micro) {
-    out["micro"] = {{"checkpoint", r.micro->checkpoint}, {"heartbeats", r.micro->heartbeats},
-                    {"done", r.micro->done},             {"done_status", r.micro->done_status},
+    out["micro"] = {{"checkpoint", r.micro->checkpoint},
+                    {"heartbeats", r.micro->heartbeats},
+                    {"done", r.micro->done},
+                    {"done_status", r.micro->done_status},
                     {"checksum", r.micro->checksum}};
   }
   if (r.userfault) {
@@ -192,11 +197,16 @@ json to_json(const StatusReply& r) {
 Status from_json(JsonFields& fields, StatusReply& r) {
   std::string state;
   DELTAVM_TRY(fields.text("state", state, true));
-  if (state == "paused") r.state = RunState::kPaused;
-  else if (state == "running") r.state = RunState::kRunning;
-  else if (state == "done") r.state = RunState::kDone;
-  else if (state == "failed") r.state = RunState::kFailed;
-  else return make_error(ErrorCode::kIo, "VMM reply: unknown machine state {:?}", state);
+  if (state == "paused")
+    r.state = RunState::kPaused;
+  else if (state == "running")
+    r.state = RunState::kRunning;
+  else if (state == "done")
+    r.state = RunState::kDone;
+  else if (state == "failed")
+    r.state = RunState::kFailed;
+  else
+    return make_error(ErrorCode::kIo, "VMM reply: unknown machine state {:?}", state);
   DELTAVM_TRY(fields.text("failure", r.failure));
   DELTAVM_ASSIGN_OR_RETURN(const json* micro, fields.object("micro"));
   if (micro != nullptr) {
@@ -339,8 +349,8 @@ Result<Request> decode_request(std::string_view line) {
 
 std::string encode_reply(const Result<Reply>& reply) {
   if (!reply) {
-    return dump_json({{"ok", false},
-                      {"error", {{"code", error_code_id(reply.error().code)}, {"message", reply.error().message}}}});
+    return dump_json(
+        {{"ok", false}, {"error", {{"code", error_code_id(reply.error().code)}, {"message", reply.error().message}}}});
   }
   return std::visit(
       [](const auto& value) {

@@ -60,7 +60,8 @@ void SerialSocket::serve() {
         client_ = std::move(client);  // A new client replaces the old one.
         pending_input_.clear();
         size_t start = history_.size() > history_bytes_ ? history_.size() - history_bytes_ : 0;
-        if (!history_.empty()) (void)!::send(client_.get(), history_.data() + start, history_.size() - start, MSG_NOSIGNAL);
+        if (!history_.empty())
+          (void)!::send(client_.get(), history_.data() + start, history_.size() - start, MSG_NOSIGNAL);
       }
     } else if (fds[2].fd >= 0 && fds[2].revents != 0 && fds[2].fd == client_.get()) {
       ssize_t n = ::read(client_.get(), buffer, sizeof buffer);

@@ -30,9 +30,7 @@ uint8_t Uart::read(uint16_t offset) {
         receive_fifo_.pop_front();
       }
       break;
-    case kInterruptEnable:
-      value = (line_control_ & kDivisorLatch) ? divisor_high_ : interrupt_enable_;
-      break;
+    case kInterruptEnable: value = (line_control_ & kDivisorLatch) ? divisor_high_ : interrupt_enable_; break;
     case kInterruptId:
       value = interrupt_identification_ | ((fifo_control_ & 1) ? kFifoEnabledBits : 0);
       // Reading IIR while it reports THRE acknowledges that interrupt.
@@ -109,10 +107,19 @@ void Uart::update_interrupt() {
 }
 
 std::vector<uint8_t> Uart::save() const {
-  std::vector<uint8_t> out = {divisor_low_,     divisor_high_, interrupt_enable_, interrupt_identification_,
-                              fifo_control_,    line_control_, modem_control_,    line_status_,
-                              modem_status_,    scratch_,      transmitter_empty_pending_,
-                              irq_level_,       static_cast<uint8_t>(receive_fifo_.size())};
+  std::vector<uint8_t> out = {divisor_low_,
+                              divisor_high_,
+                              interrupt_enable_,
+                              interrupt_identification_,
+                              fifo_control_,
+                              line_control_,
+                              modem_control_,
+                              line_status_,
+                              modem_status_,
+                              scratch_,
+                              transmitter_empty_pending_,
+                              irq_level_,
+                              static_cast<uint8_t>(receive_fifo_.size())};
   for (uint8_t byte : receive_fifo_) out.push_back(byte);
   return out;
 }

@@ -46,9 +46,9 @@ class Uart {
   uint8_t interrupt_identification_ = 0x01;  // No interrupt pending.
   uint8_t fifo_control_ = 0;
   uint8_t line_control_ = 0x03;
-  uint8_t modem_control_ = 0x08;   // OUT2: interrupts reach the PIC.
-  uint8_t line_status_ = 0x60;     // Transmitter empty.
-  uint8_t modem_status_ = 0xb0;    // DCD, DSR, CTS.
+  uint8_t modem_control_ = 0x08;  // OUT2: interrupts reach the PIC.
+  uint8_t line_status_ = 0x60;    // Transmitter empty.
+  uint8_t modem_status_ = 0xb0;   // DCD, DSR, CTS.
   uint8_t scratch_ = 0;
   bool transmitter_empty_pending_ = false;  // THRE interrupt owed to the guest.
   bool irq_level_ = false;

@@ -27,8 +27,7 @@ double microseconds_between(Clock::time_point from, Clock::time_point to) {
 
 }  // namespace
 
-Vmm::Vmm(KvmSystem system, PathPolicy paths, std::unique_ptr<SerialSocket> console,
-         std::unique_ptr<SerialSocket> agent)
+Vmm::Vmm(KvmSystem system, PathPolicy paths, std::unique_ptr<SerialSocket> console, std::unique_ptr<SerialSocket> agent)
     : system_(std::move(system)), paths_(std::move(paths)) {
   serial_sockets_[0] = std::move(console);
   serial_sockets_[1] = std::move(agent);
@@ -109,8 +108,9 @@ Machine::SerialOutput Vmm::serial_output() {
 void Vmm::connect_serial_input() {
   for (int port = 0; port < 2; ++port) {
     if (!serial_sockets_[port]) continue;
-    serial_sockets_[port]->set_input(
-        [machine = machine_.get(), port](std::span<const uint8_t> bytes) { return machine->serial_input(port, bytes); });
+    serial_sockets_[port]->set_input([machine = machine_.get(), port](std::span<const uint8_t> bytes) {
+      return machine->serial_input(port, bytes);
+    });
   }
 }
 
@@ -142,8 +142,9 @@ Result<Reply> Vmm::handle(const BootLinuxRequest& request) {
   MachineOptions options;
   options.log_dirty = request.start.log_dirty;
   DELTAVM_ASSIGN_OR_RETURN(GuestMemory memory, boot_memory(request.ram_file, request.memory_bytes));
-  DELTAVM_ASSIGN_OR_RETURN(machine_, Machine::boot_linux(system_, std::move(memory), kernel, initrd,
-                                                         request.command_line, request.vcpus, serial_output(), options));
+  DELTAVM_ASSIGN_OR_RETURN(
+      machine_, Machine::boot_linux(system_, std::move(memory), kernel, initrd, request.command_line, request.vcpus,
+                                    serial_output(), options));
   connect_serial_input();
   DELTAVM_ASSIGN_OR_RETURN(StatusReply reply, start(request.start));
   return Reply(std::move(reply));
@@ -174,9 +175,9 @@ Result<Reply> Vmm::handle(const RestoreRequest& request) {
   DELTAVM_TRY(probe.arm(*machine_));
   DELTAVM_ASSIGN_OR_RETURN(StatusReply reply, start(request.start));
   if (request.wait_first_report) probe.wait_first_report(*machine_, std::chrono::seconds(30));
-  reply.timings = RestoreTimings{microseconds_between(received, memory_ready),
-                                 microseconds_between(memory_ready, restored), probe.first_instruction_us(),
-                                 probe.first_report_us()};
+  reply.timings =
+      RestoreTimings{microseconds_between(received, memory_ready), microseconds_between(memory_ready, restored),
+                     probe.first_instruction_us(), probe.first_report_us()};
   return Reply(std::move(reply));
 }
 

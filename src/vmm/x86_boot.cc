@@ -52,8 +52,8 @@ Status check_micro_program(std::span<const uint8_t> program, std::string_view or
     return make_error(ErrorCode::kInvalidArgument, "{}: not a micro guest (no DVMICRO1 at offset 8)", origin);
   }
   if (program.size() > (16u << 20) - kProgramAddress) {
-    return make_error(ErrorCode::kInvalidArgument, "{}: {} bytes, larger than the 15 MiB below the work area",
-                      origin, program.size());
+    return make_error(ErrorCode::kInvalidArgument, "{}: {} bytes, larger than the 15 MiB below the work area", origin,
+                      program.size());
   }
   return {};
 }
@@ -110,8 +110,7 @@ std::vector<kvm_cpuid_entry2> normalize_cpuid(std::span<const kvm_cpuid_entry2> 
       case 0x1f:
         entry.edx = vcpu_index;  // x2APIC ID.
         break;
-      default:
-        break;
+      default: break;
     }
   }
   return entries;
@@ -126,16 +125,16 @@ Status configure_vcpu(Vcpu& vcpu, std::span<const kvm_cpuid_entry2> cpuid) {
     if (leaf.function == 1) mtrr = (leaf.edx >> 12) & 1;
   }
   std::vector<kvm_msr_entry> msrs = {
-      {0x174, 0, 0},         // SYSENTER_CS
-      {0x175, 0, 0},         // SYSENTER_ESP
-      {0x176, 0, 0},         // SYSENTER_EIP
-      {0xc0000081, 0, 0},    // STAR
-      {0xc0000082, 0, 0},    // LSTAR
-      {0xc0000083, 0, 0},    // CSTAR
-      {0xc0000084, 0, 0},    // SFMASK
-      {0xc0000102, 0, 0},    // KERNEL_GS_BASE
-      {0x10, 0, 0},          // TSC
-      {0x1a0, 0, 1},         // MISC_ENABLE: fast strings.
+      {0x174, 0, 0},       // SYSENTER_CS
+      {0x175, 0, 0},       // SYSENTER_ESP
+      {0x176, 0, 0},       // SYSENTER_EIP
+      {0xc0000081, 0, 0},  // STAR
+      {0xc0000082, 0, 0},  // LSTAR
+      {0xc0000083, 0, 0},  // CSTAR
+      {0xc0000084, 0, 0},  // SFMASK
+      {0xc0000102, 0, 0},  // KERNEL_GS_BASE
+      {0x10, 0, 0},        // TSC
+      {0x1a0, 0, 1},       // MISC_ENABLE: fast strings.
   };
   if (mtrr) msrs.push_back({0x2ff, 0, (1u << 11) | 6});  // MTRRs on, write-back default.
   DELTAVM_TRY(vcpu.set_msrs(msrs));

@@ -32,8 +32,8 @@ class AgentChannel : public ::testing::Test {
     ASSERT_TRUE(templates) << templates.error().message;
     templates_ = *templates;
     runtime_ = templates_.root / "agent-runtime";
-    Result<StartedVm> vm = start_vm("base", *templates_.store, *templates_.backend, runtime_,
-                                    RamStrategy::kBasePlusDeltas);
+    Result<StartedVm> vm =
+        start_vm("base", *templates_.store, *templates_.backend, runtime_, RamStrategy::kBasePlusDeltas);
     ASSERT_TRUE(vm) << vm.error().message;
     id_ = vm->id;
     Result<VmDirectory> directory = VmDirectory::open(runtime_, id_);
@@ -48,7 +48,8 @@ class AgentChannel : public ::testing::Test {
     return agent_exec(vm_->agent_socket(), command, timeout);
   }
   std::vector<std::string> cli(std::vector<std::string> arguments) {
-    arguments.insert(arguments.begin(), {"--store", (templates_.root / "store").string(), "--runtime", runtime_.string()});
+    arguments.insert(arguments.begin(),
+                     {"--store", (templates_.root / "store").string(), "--runtime", runtime_.string()});
     return arguments;
   }
 
@@ -112,7 +113,8 @@ TEST_F(AgentChannel, BackgroundProcessesDoNotHoldTheCommand) {
 }
 
 TEST_F(AgentChannel, CommandsRunConcurrentlyOverOneConnection) {
-  Result<AgentConnection> connection = AgentConnection::connect(vm_->agent_socket(), deadline_after(std::chrono::seconds(10)));
+  Result<AgentConnection> connection =
+      AgentConnection::connect(vm_->agent_socket(), deadline_after(std::chrono::seconds(10)));
   ASSERT_TRUE(connection) << connection.error().message;
   Deadline deadline = deadline_after(std::chrono::seconds(60));
   ExecRequest slow{"sleep 4; echo slow", std::nullopt, std::chrono::seconds(30)};

@@ -2,8 +2,8 @@
 // signalled, a killed build leaves no VM behind, the runtime is private whatever the umask and
 // refused when someone else could reach it, paths reach QEMU without a shell, and a damaged
 // record or a damaged cached image never harms a VM.
-#include <gtest/gtest.h>
 #include <fcntl.h>
+#include <gtest/gtest.h>
 #include <signal.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
@@ -32,7 +32,8 @@ class VmProcesses : public ::testing::Test {
     Result<testing::GuestTemplates> templates = testing::guest_templates();
     ASSERT_TRUE(templates) << templates.error().message;
     templates_ = *templates;
-    runtime_ = templates_.root / ("runtime-" + std::string(::testing::UnitTest::GetInstance()->current_test_info()->name()));
+    runtime_ =
+        templates_.root / ("runtime-" + std::string(::testing::UnitTest::GetInstance()->current_test_info()->name()));
     std::error_code error;
     std::filesystem::remove_all(runtime_, error);
   }
@@ -42,7 +43,8 @@ class VmProcesses : public ::testing::Test {
     std::filesystem::remove_all(runtime_, error);
   }
   std::vector<std::string> cli(std::vector<std::string> arguments) const {
-    arguments.insert(arguments.begin(), {"--store", (templates_.root / "store").string(), "--runtime", runtime_.string()});
+    arguments.insert(arguments.begin(),
+                     {"--store", (templates_.root / "store").string(), "--runtime", runtime_.string()});
     return arguments;
   }
   std::string run_vm() {
@@ -94,8 +96,9 @@ TEST_F(VmProcesses, KilledTemplateBuildLeavesNoVmBehind) {
   std::filesystem::path spec = runtime_.parent_path() / "slow-build.json";
   std::ofstream(spec) << R"({"name": "never-stored", "memory_mib": 128, "setup": ["sleep 600"]})";
   SpawnOptions options;
-  options.argv = {DELTAVM_BINARY, "--store", (templates_.root / "store").string(), "--runtime", runtime_.string(),
-                  "template", "build", spec.string()};
+  options.argv = {DELTAVM_BINARY, "--store",         (templates_.root / "store").string(),
+                  "--runtime",    runtime_.string(), "template",
+                  "build",        spec.string()};
   Result<Subprocess> build = Subprocess::spawn(options);
   ASSERT_TRUE(build) << build.error().message;
   build->kill_on_destroy();

@@ -1,7 +1,7 @@
 // The deltavm command as a user runs it: real files, real exit statuses, real output.
 #include <gtest/gtest.h>
-#include <nlohmann/json.hpp>
 #include <sys/wait.h>
+#include <nlohmann/json.hpp>
 
 #include <cstdio>
 #include <fstream>
@@ -57,7 +57,8 @@ class Cli : public ::testing::Test {
 TEST_F(Cli, DiffThenApplyAChainReproducesTheTarget) {
   ASSERT_EQ(run("image diff " + path("a.ram") + " " + path("b.ram") + " -o " + path("ab.dvd")).status, 0);
   ASSERT_EQ(run("image diff " + path("b.ram") + " " + path("c.ram") + " -o " + path("bc.dvd")).status, 0);
-  CommandResult apply = run("image apply " + path("a.ram") + " " + path("ab.dvd") + " " + path("bc.dvd") + " -o " + path("out.ram"));
+  CommandResult apply =
+      run("image apply " + path("a.ram") + " " + path("ab.dvd") + " " + path("bc.dvd") + " -o " + path("out.ram"));
   ASSERT_EQ(apply.status, 0) << apply.err;
   EXPECT_EQ(*read_file(dir_ / "out.ram"), c_);
 }
@@ -65,7 +66,8 @@ TEST_F(Cli, DiffThenApplyAChainReproducesTheTarget) {
 TEST_F(Cli, ApplyRefusesDeltasOutOfOrder) {
   ASSERT_EQ(run("image diff " + path("a.ram") + " " + path("b.ram") + " -o " + path("ab.dvd")).status, 0);
   ASSERT_EQ(run("image diff " + path("b.ram") + " " + path("c.ram") + " -o " + path("bc.dvd")).status, 0);
-  CommandResult apply = run("image apply " + path("a.ram") + " " + path("bc.dvd") + " " + path("ab.dvd") + " -o " + path("out.ram"));
+  CommandResult apply =
+      run("image apply " + path("a.ram") + " " + path("bc.dvd") + " " + path("ab.dvd") + " -o " + path("out.ram"));
   EXPECT_NE(apply.status, 0);
   EXPECT_NE(apply.err.find("ab.dvd applies to image"), std::string::npos) << apply.err;
   EXPECT_FALSE(std::filesystem::exists(dir_ / "out.ram"));
@@ -78,8 +80,10 @@ TEST_F(Cli, CorruptOrTruncatedDeltaIsRefusedAndNoOutputIsCreated) {
   std::uniform_int_distribution<size_t> position(0, good.size() - 1);
   for (int trial = 0; trial < 24; ++trial) {
     std::vector<uint8_t> bad = good;
-    if (trial % 2 == 0) bad[position(random)] ^= 0x10;
-    else bad.resize(position(random));
+    if (trial % 2 == 0)
+      bad[position(random)] ^= 0x10;
+    else
+      bad.resize(position(random));
     ASSERT_TRUE(write_file_atomic(dir_ / "bad.dvd", bad));
     CommandResult apply = run("image apply " + path("a.ram") + " " + path("bad.dvd") + " -o " + path("out.ram"));
     EXPECT_EQ(apply.status, 1) << "trial " << trial;
@@ -114,12 +118,16 @@ TEST_F(Cli, InspectPrintsJsonForDeltasAndImages) {
 TEST_F(Cli, DiffWithADirtyBitmap) {
   std::vector<uint8_t> bitmap(8, 0xFF);
   ASSERT_TRUE(write_file_atomic(dir_ / "dirty.bin", bitmap));
-  ASSERT_EQ(run("image diff " + path("a.ram") + " " + path("b.ram") + " --dirty " + path("dirty.bin") + " -o " + path("ab.dvd")).status, 0);
+  ASSERT_EQ(run("image diff " + path("a.ram") + " " + path("b.ram") + " --dirty " + path("dirty.bin") + " -o " +
+                path("ab.dvd"))
+                .status,
+            0);
   ASSERT_EQ(run("image apply " + path("a.ram") + " " + path("ab.dvd") + " -o " + path("out.ram")).status, 0);
   EXPECT_EQ(*read_file(dir_ / "out.ram"), b_);
   std::vector<uint8_t> short_bitmap(7, 0xFF);
   ASSERT_TRUE(write_file_atomic(dir_ / "short.bin", short_bitmap));
-  CommandResult bad = run("image diff " + path("a.ram") + " " + path("b.ram") + " --dirty " + path("short.bin") + " -o " + path("x.dvd"));
+  CommandResult bad = run("image diff " + path("a.ram") + " " + path("b.ram") + " --dirty " + path("short.bin") +
+                          " -o " + path("x.dvd"));
   EXPECT_EQ(bad.status, 2);
   EXPECT_NE(bad.err.find("short.bin"), std::string::npos);
   EXPECT_NE(bad.err.find("expected 8 bytes"), std::string::npos) << bad.err;

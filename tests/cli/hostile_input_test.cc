@@ -64,7 +64,8 @@ TEST_F(HostileInput, TinyDeltasWithHugeClaimsAreRefusedCheaply) {
     ASSERT_LT(c.bytes.size(), 200u);
     ASSERT_TRUE(write_file_atomic(dir_ / c.name, c.bytes));
     for (const std::vector<std::string>& command :
-         {std::vector<std::string>{"image", "verify", path(c.name)}, {"image", "inspect", path(c.name)},
+         {std::vector<std::string>{"image", "verify", path(c.name)},
+          {"image", "inspect", path(c.name)},
           {"image", "apply", path("a.ram"), path(c.name), "-o", path("out.ram")}}) {
       CommandResult result = run_deltavm(command);
       SCOPED_TRACE(c.name + " " + command[1]);
@@ -130,15 +131,19 @@ TEST_F(HostileInput, StoreWithoutItsCatalogIsRefusedByEveryCommand) {
   ASSERT_GT(objects, 0u);
   for (const char* damage : {"deleted", "empty"}) {
     SCOPED_TRACE(damage);
-    for (const char* file : {"catalog.sqlite-wal", "catalog.sqlite-shm"}) std::filesystem::remove(dir_ / "store" / file);
+    for (const char* file : {"catalog.sqlite-wal", "catalog.sqlite-shm"})
+      std::filesystem::remove(dir_ / "store" / file);
     if (std::string(damage) == "deleted") {
       std::filesystem::remove(dir_ / "store" / "catalog.sqlite");
     } else {
       ASSERT_TRUE(write_file_atomic(dir_ / "store" / "catalog.sqlite", std::vector<uint8_t>()));
     }
-    for (const std::vector<std::string>& command :
-         {std::vector<std::string>{"store", "ls"}, {"store", "fsck"}, {"store", "gc"}, {"store", "verify", "a"},
-          {"template", "ls"}, {"store", "put", "c", path("a.ram")}}) {
+    for (const std::vector<std::string>& command : {std::vector<std::string>{"store", "ls"},
+                                                    {"store", "fsck"},
+                                                    {"store", "gc"},
+                                                    {"store", "verify", "a"},
+                                                    {"template", "ls"},
+                                                    {"store", "put", "c", path("a.ram")}}) {
       std::vector<std::string> arguments = command;
       arguments.insert(arguments.end(), {"--store", store});
       CommandResult result = run_deltavm(arguments);
@@ -151,9 +156,14 @@ TEST_F(HostileInput, StoreWithoutItsCatalogIsRefusedByEveryCommand) {
 
 TEST_F(HostileInput, MistypedStoreIsNotCreatedByReadCommands) {
   std::string typo = path("no-such-store");
-  for (const std::vector<std::string>& command :
-       {std::vector<std::string>{"store", "ls"}, {"store", "fsck"}, {"store", "gc"}, {"store", "verify", "a"},
-        {"store", "get", "a", "-o", path("x.ram")}, {"store", "rm", "a"}, {"template", "ls"}, {"run", "a"}}) {
+  for (const std::vector<std::string>& command : {std::vector<std::string>{"store", "ls"},
+                                                  {"store", "fsck"},
+                                                  {"store", "gc"},
+                                                  {"store", "verify", "a"},
+                                                  {"store", "get", "a", "-o", path("x.ram")},
+                                                  {"store", "rm", "a"},
+                                                  {"template", "ls"},
+                                                  {"run", "a"}}) {
     std::vector<std::string> arguments = command;
     arguments.insert(arguments.end(), {"--store", typo});
     SCOPED_TRACE(command[0] + " " + command[1]);
@@ -175,14 +185,17 @@ TEST_F(HostileInput, SpecPathsTheFileSystemRefusesAreClearErrors) {
   std::vector<Case> cases = {
       {fmt::format(R"({{"name": "x", "kernel": "{}"}})", (dir_ / long_name).string()), "field kernel"},
       {fmt::format(R"({{"name": "x", "kernel": "{}"}})", (dir_ / "loop-a").string()), "field kernel"},
-      {fmt::format(R"({{"name": "x", "files": [{{"source": "{}", "destination": "/x"}}]}})", (dir_ / "loop-a" / "x").string()),
+      {fmt::format(R"({{"name": "x", "files": [{{"source": "{}", "destination": "/x"}}]}})",
+                   (dir_ / "loop-a" / "x").string()),
        "field files[0].source"},
-      {fmt::format(R"({{"name": "x", "files": [{{"source": "{}/{}", "destination": "/x"}}]}})", dir_.string(), long_name),
+      {fmt::format(R"({{"name": "x", "files": [{{"source": "{}/{}", "destination": "/x"}}]}})", dir_.string(),
+                   long_name),
        "field files[0].source"},
   };
   for (size_t i = 0; i < cases.size(); ++i) {
     std::filesystem::path spec = dir_ / fmt::format("spec{}.json", i);
-    ASSERT_TRUE(write_file_atomic(spec, std::span(reinterpret_cast<const uint8_t*>(cases[i].spec.data()), cases[i].spec.size())));
+    ASSERT_TRUE(write_file_atomic(
+        spec, std::span(reinterpret_cast<const uint8_t*>(cases[i].spec.data()), cases[i].spec.size())));
     SCOPED_TRACE(cases[i].spec);
     expect_clear_error(run_deltavm({"template", "build", spec.string(), "--store", path("store")}), cases[i].expected);
   }

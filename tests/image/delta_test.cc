@@ -43,8 +43,8 @@ TEST(Delta, EqualImagesGiveAnEmptyDelta) {
 TEST(Delta, ChoosesTheSmallestEncodingPerPage) {
   std::vector<uint8_t> base(4 * kPageSize, 0xAA);
   std::vector<uint8_t> target = base;
-  std::fill_n(target.begin() + 1 * kPageSize, kPageSize, 0);            // Page 1 becomes zero.
-  target[2 * kPageSize + 100] = 1;                                      // Page 2: one byte.
+  std::fill_n(target.begin() + 1 * kPageSize, kPageSize, 0);  // Page 1 becomes zero.
+  target[2 * kPageSize + 100] = 1;                            // Page 2: one byte.
   for (size_t i = 0; i < kPageSize; ++i) target[3 * kPageSize + i] = static_cast<uint8_t>(i * 7);  // Page 3: all.
   Result<Delta> delta = diff(base, target);
   ASSERT_TRUE(delta);

@@ -27,8 +27,7 @@ std::vector<uint8_t> random_image(uint64_t pages, std::mt19937_64& random) {
   return image;
 }
 
-std::vector<uint8_t> mutate_image(const std::vector<uint8_t>& image, double change_fraction,
-                                  std::mt19937_64& random) {
+std::vector<uint8_t> mutate_image(const std::vector<uint8_t>& image, double change_fraction, std::mt19937_64& random) {
   std::vector<uint8_t> result = image;
   uint64_t pages = image.size() / kPageSize;
   std::bernoulli_distribution touch(change_fraction);
@@ -73,8 +72,8 @@ std::vector<uint8_t> craft_delta_file(uint64_t image_size_bytes, uint64_t edit_c
   put_u32_le(out, kPageSize);
   put_u64_le(out, image_size_bytes);
   put_u64_le(out, edit_count);
-  put_u32_le(out, 0);  // flags
-  put_u32_le(out, 2);  // section_count
+  put_u32_le(out, 0);              // flags
+  put_u32_le(out, 2);              // section_count
   out.resize(out.size() + 48, 0);  // digests
   put_u64_le(out, XXH3_64bits(out.data(), out.size()));
   uint32_t kind = 1;

@@ -15,8 +15,7 @@ std::vector<uint8_t> random_image(uint64_t pages, std::mt19937_64& random);
 
 // A copy of `image` with a random mix of changes: byte runs inside pages, zeroed pages,
 // replaced pages. `change_fraction` is roughly the fraction of pages touched.
-std::vector<uint8_t> mutate_image(const std::vector<uint8_t>& image, double change_fraction,
-                                  std::mt19937_64& random);
+std::vector<uint8_t> mutate_image(const std::vector<uint8_t>& image, double change_fraction, std::mt19937_64& random);
 
 // The directory holding the real captured images guest-0.ram, guest-1.ram, guest-2.ram, or
 // nothing when the fixture has not produced them (DELTAVM_TEST_IMAGES unset or empty).

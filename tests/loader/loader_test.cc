@@ -47,8 +47,12 @@ TEST(Loader, ThreeDeepChainWithOverlappingEditsFillsTheTopImageExactly) {
       uint8_t* bytes = next.data() + page * kPageSize;
       switch ((page + layer) % 3) {
         case 0: std::memset(bytes, 0, kPageSize); break;
-        case 1: for (size_t i = 0; i < kPageSize; i += 97) bytes[i] ^= static_cast<uint8_t>(layer * 31 + 1); break;
-        default: for (size_t i = 0; i < kPageSize; ++i) bytes[i] = static_cast<uint8_t>(random()); break;
+        case 1:
+          for (size_t i = 0; i < kPageSize; i += 97) bytes[i] ^= static_cast<uint8_t>(layer * 31 + 1);
+          break;
+        default:
+          for (size_t i = 0; i < kPageSize; ++i) bytes[i] = static_cast<uint8_t>(random());
+          break;
       }
     }
     images.push_back(std::move(next));
@@ -72,11 +76,13 @@ TEST(Loader, ThreeDeepChainWithOverlappingEditsFillsTheTopImageExactly) {
   ASSERT_TRUE(base);
   ASSERT_EQ(*base, images[0]) << "the flat file is not the base";
   std::vector<uint8_t> memory = *base;
-  for (const auto& [page, bytes] : writer.written) std::memcpy(memory.data() + page * kPageSize, bytes.data(), kPageSize);
+  for (const auto& [page, bytes] : writer.written)
+    std::memcpy(memory.data() + page * kPageSize, bytes.data(), kPageSize);
   EXPECT_EQ(memory, images[3]);
   // Only pages some delta changes are written; every page that differs from the base is.
   for (uint64_t page = 0; page < kPages; ++page) {
-    bool differs = std::memcmp(images[0].data() + page * kPageSize, images[3].data() + page * kPageSize, kPageSize) != 0;
+    bool differs =
+        std::memcmp(images[0].data() + page * kPageSize, images[3].data() + page * kPageSize, kPageSize) != 0;
     if (differs) EXPECT_TRUE(writer.written.count(page)) << "page " << page << " differs but was not written";
   }
   for (uint64_t page = 10; page < 20; ++page) EXPECT_TRUE(writer.written.count(page)) << page;

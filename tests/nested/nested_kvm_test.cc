@@ -168,7 +168,8 @@ deltavm stop "$id"
   Result<ExecResult> flow = agent_exec(directory.agent_socket(), script, std::chrono::minutes(20));
   ASSERT_TRUE(flow) << flow.error().message;
   EXPECT_EQ(flow->exit_status, 0) << flow->stdout_bytes << flow->stderr_bytes;
-  EXPECT_NE(flow->stdout_bytes.find("served-by-kvm\n42\n"), std::string::npos) << flow->stdout_bytes << flow->stderr_bytes;
+  EXPECT_NE(flow->stdout_bytes.find("served-by-kvm\n42\n"), std::string::npos)
+      << flow->stdout_bytes << flow->stderr_bytes;
   EXPECT_NE(flow->stdout_bytes.find("base-answers\n"), std::string::npos) << flow->stdout_bytes << flow->stderr_bytes;
   // Two vCPUs (ACPI tables), captured with both online and loaded with both running.
   EXPECT_NE(flow->stdout_bytes.find("cpus 2\n"), std::string::npos) << flow->stdout_bytes << flow->stderr_bytes;

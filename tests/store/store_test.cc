@@ -195,7 +195,8 @@ TEST_F(StoreTest, UnreadableCatalogIsRefused) {
   std::filesystem::remove(directory_ / "catalog.sqlite-wal");
   std::filesystem::remove(directory_ / "catalog.sqlite-shm");
   std::string garbage(8192, 'x');
-  ASSERT_TRUE(write_file_atomic(directory_ / "catalog.sqlite", std::span(reinterpret_cast<const uint8_t*>(garbage.data()), garbage.size())));
+  ASSERT_TRUE(write_file_atomic(directory_ / "catalog.sqlite",
+                                std::span(reinterpret_cast<const uint8_t*>(garbage.data()), garbage.size())));
   Result<Store> opened = Store::open(directory_);
   ASSERT_FALSE(opened);
   EXPECT_EQ(opened.error().code, ErrorCode::kCorruption);
@@ -223,8 +224,9 @@ TEST_F(StoreTest, ChangedFlatFileIsRebuiltNotHandedOut) {
   ASSERT_TRUE(a);
   Result<std::filesystem::path> path = store_->flat_file(*a);
   ASSERT_TRUE(path) << path.error().message;
-  EXPECT_EQ(std::filesystem::status(*path).permissions() & std::filesystem::perms::all,
-            std::filesystem::perms::owner_read | std::filesystem::perms::group_read | std::filesystem::perms::others_read);
+  EXPECT_EQ(
+      std::filesystem::status(*path).permissions() & std::filesystem::perms::all,
+      std::filesystem::perms::owner_read | std::filesystem::perms::group_read | std::filesystem::perms::others_read);
   {
     Fd fd = std::move(*open_file(*path, O_WRONLY));
     const uint8_t bytes[4] = {0xde, 0xad, 0xbe, 0xef};

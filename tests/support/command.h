@@ -14,8 +14,8 @@ namespace deltavm::testing {
 
 struct CommandOptions {
   std::vector<std::string> environment;  // "NAME=value" added to (or replacing in) ours.
-  std::optional<uid_t> uid;               // Run as this user (and its group: gid = uid).
-  std::optional<mode_t> umask;             // The program's umask, else ours.
+  std::optional<uid_t> uid;              // Run as this user (and its group: gid = uid).
+  std::optional<mode_t> umask;           // The program's umask, else ours.
   std::string stdin_bytes;
   std::chrono::milliseconds timeout{std::chrono::minutes(5)};  // Then SIGKILL.
 };

@@ -11,11 +11,11 @@
 
 #include "backends/agent_client.h"
 #include "backends/qemu/qemu_backend.h"
+#include "base/file.h"
+#include "support/guest_templates.h"
 #include "templates/initramfs.h"
 #include "templates/kernel_image.h"
 #include "templates/templates.h"
-#include "base/file.h"
-#include "support/guest_templates.h"
 
 namespace deltavm {
 namespace {
@@ -98,8 +98,8 @@ TEST_F(TemplateVms, FilesProcessesAndCounterSurviveTheLoad) {
 }
 
 TEST_F(TemplateVms, CommandLineRunsExecsAndStopsAVm) {
-  std::string deltavm = std::string(DELTAVM_BINARY) + " --store " + (test_root() / "store").string() + " --runtime " +
-                        runtime().string();
+  std::string deltavm =
+      std::string(DELTAVM_BINARY) + " --store " + (test_root() / "store").string() + " --runtime " + runtime().string();
   auto run = [](const std::string& command) {
     std::string output;
     FILE* pipe = ::popen(command.c_str(), "r");
@@ -173,9 +173,9 @@ size_t vm_count() {
 TEST_F(TemplateVms, GuestThatNeverBecomesReadyIsAClearErrorAndStoresNothing) {
   size_t before = store_->list()->size();
   size_t vms_before = vm_count();
-  Result<TemplateBuild> build = build_template(
-      parse(R"({"name": "stuck", "memory_mib": 128, "ready_timeout_s": 8, "setup": ["sleep 1000"]})"), *store_,
-      *backend_, runtime());
+  Result<TemplateBuild> build =
+      build_template(parse(R"({"name": "stuck", "memory_mib": 128, "ready_timeout_s": 8, "setup": ["sleep 1000"]})"),
+                     *store_, *backend_, runtime());
   ASSERT_FALSE(build);
   EXPECT_NE(build.error().message.find("not ready after 8 s"), std::string::npos) << build.error().message;
   expect_store_unchanged(*store_, before);
@@ -195,7 +195,8 @@ TEST_F(TemplateVms, FailingSetupCommandIsAClearErrorAndStoresNothing) {
 
 TEST_F(TemplateVms, MissingParentIsRefusedBeforeBooting) {
   size_t before = store_->list()->size();
-  Result<TemplateBuild> build = build_template(parse(R"({"name": "orphan", "parent": "nope"})"), *store_, *backend_, runtime());
+  Result<TemplateBuild> build =
+      build_template(parse(R"({"name": "orphan", "parent": "nope"})"), *store_, *backend_, runtime());
   ASSERT_FALSE(build);
   EXPECT_NE(build.error().message.find("parent template nope"), std::string::npos);
   expect_store_unchanged(*store_, before);

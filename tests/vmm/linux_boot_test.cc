@@ -6,11 +6,11 @@
 #include <cstring>
 #include <map>
 
-#include "vmm/acpi.h"
-#include "vmm/x86_boot.h"
 #include "base/coding.h"
 #include "base/file.h"
 #include "templates/initramfs.h"
+#include "vmm/acpi.h"
+#include "vmm/x86_boot.h"
 
 namespace deltavm::vmm {
 namespace {
@@ -40,8 +40,8 @@ TEST_F(LinuxBoot, PlacesKernelInitramfsAndBootParams) {
 
   const uint8_t* params = ram.data() + kBootParamsAddress;
   EXPECT_EQ(get_u32_le(params + 0x202), 0x53726448u);  // The setup header was copied.
-  EXPECT_EQ(params[0x1ef], 0);                          // The sentinel was not.
-  EXPECT_EQ(params[0x210], 0xff);                       // type_of_loader
+  EXPECT_EQ(params[0x1ef], 0);                         // The sentinel was not.
+  EXPECT_EQ(params[0x210], 0xff);                      // type_of_loader
   EXPECT_EQ(get_u32_le(params + 0x228), kCommandLineAddress);
   EXPECT_EQ(get_u32_le(params + 0x218), info->initrd_address);
   EXPECT_EQ(get_u32_le(params + 0x21c), initrd.size());

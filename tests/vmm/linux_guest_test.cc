@@ -9,12 +9,11 @@
 #include <cstdlib>
 #include <thread>
 
-#include "vmm/kvm.h"
 #include "backends/kvm/vmm_client.h"
+#include "vmm/kvm.h"
 
 namespace deltavm::vmm {
 namespace {
-
 
 std::filesystem::path vmm_binary() {
   std::filesystem::path binary = default_vmm_binary();

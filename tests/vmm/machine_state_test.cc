@@ -105,9 +105,9 @@ TEST(MachineStateFormat, NamesTheFieldAtEveryCut) {
     ASSERT_NE(at, std::string::npos) << message;
     fields.insert(message.substr(at + 19, message.find(' ', at + 19) - at - 19));
   }
-  for (const char* field : {"cpu_vendor", "tsc_khz", "memory_bytes", "kind", "vcpu_count", "mp_state", "regs", "sregs",
-                            "xsave", "xcrs", "debugregs", "lapic", "cpuid", "msrs", "events", "pit", "clock", "irqchip",
-                            "devices"}) {
+  for (const char* field :
+       {"cpu_vendor", "tsc_khz", "memory_bytes", "kind", "vcpu_count", "mp_state", "regs", "sregs", "xsave", "xcrs",
+        "debugregs", "lapic", "cpuid", "msrs", "events", "pit", "clock", "irqchip", "devices"}) {
     EXPECT_TRUE(fields.count(field)) << "no cut was reported in field " << field;
   }
 }
@@ -134,8 +134,7 @@ TEST(MachineStateFormat, RefusesTrailingBytes) {
   payload.push_back(0);
   Result<MachineState> decoded = decode_machine_state(with_payload(encoded, payload), "state");
   ASSERT_FALSE(decoded);
-  EXPECT_NE(decoded.error().message.find("1 bytes after the last field"), std::string::npos)
-      << decoded.error().message;
+  EXPECT_NE(decoded.error().message.find("1 bytes after the last field"), std::string::npos) << decoded.error().message;
 }
 
 }  // namespace

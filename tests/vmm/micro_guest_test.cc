@@ -15,19 +15,18 @@
 #include <filesystem>
 #include <fstream>
 
-#include "vmm/guest_memory.h"
-#include "vmm/kvm.h"
-#include "vmm/machine_state.h"
-#include "vmm/ram_overlay.h"
 #include "backends/kvm/overlay_memory_writer.h"
 #include "backends/kvm/vmm_client.h"
 #include "base/page.h"
 #include "loader/loader.h"
 #include "store/store.h"
+#include "vmm/guest_memory.h"
+#include "vmm/kvm.h"
+#include "vmm/machine_state.h"
+#include "vmm/ram_overlay.h"
 
 namespace deltavm::vmm {
 namespace {
-
 
 constexpr uint64_t kMemoryBytes = 64ull << 20;
 constexpr uint64_t kWorkBytes = 48ull << 20;
@@ -308,7 +307,8 @@ TEST_P(KvmMicroGuestStrategy, RestoredFromDeltaChainEndsWithUninterruptedChecksu
 }
 
 INSTANTIATE_TEST_SUITE_P(Strategies, KvmMicroGuestStrategy,
-                         ::testing::Values(MemoryStrategy::kEager, MemoryStrategy::kPrivate, MemoryStrategy::kUserfault),
+                         ::testing::Values(MemoryStrategy::kEager, MemoryStrategy::kPrivate,
+                                           MemoryStrategy::kUserfault),
                          [](const auto& info) { return std::string(memory_strategy_name(info.param)); });
 
 TEST_F(KvmMicroGuest, DirtyLogCaptureOfRestoredVmStoresOnlyWhatChanged) {
@@ -392,7 +392,8 @@ TEST_F(KvmMicroGuest, RefusesStateFromAnotherCpuVendor) {
 }
 
 TEST_F(KvmMicroGuest, RefusesStateWithAnotherTscFrequency) {
-  Result<RestoreFiles> files = files_with_state("tsc", [](MachineState& state) { state.tsc_khz += state.tsc_khz / 100; });
+  Result<RestoreFiles> files =
+      files_with_state("tsc", [](MachineState& state) { state.tsc_khz += state.tsc_khz / 100; });
   ASSERT_TRUE(files) << files.error().message;
   expect_refused(*files, chain->root / "tsc", "TSC");
 }

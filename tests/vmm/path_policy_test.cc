@@ -32,11 +32,12 @@ TEST_F(Paths, ReadsOnlyInsideItsDirectoryAndItsReadOnlyEntries) {
   EXPECT_TRUE(policy_->readable(root_ / "kernel"));
   std::ofstream(root_ / "vm" / "state") << "x";
   EXPECT_TRUE(policy_->readable(root_ / "vm" / "state"));
-  for (const std::filesystem::path& path : {root_ / "secret", std::filesystem::path("/etc/passwd"),
-                                            root_ / "vm" / ".." / "secret", root_ / "vm-other"}) {
+  for (const std::filesystem::path& path :
+       {root_ / "secret", std::filesystem::path("/etc/passwd"), root_ / "vm" / ".." / "secret", root_ / "vm-other"}) {
     Result<std::filesystem::path> allowed = policy_->readable(path);
     ASSERT_FALSE(allowed) << path;
-    EXPECT_NE(allowed.error().message.find("outside this VM's directory"), std::string::npos) << allowed.error().message;
+    EXPECT_NE(allowed.error().message.find("outside this VM's directory"), std::string::npos)
+        << allowed.error().message;
   }
 }
 

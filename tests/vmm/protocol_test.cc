@@ -28,8 +28,10 @@ std::vector<Request> sample_requests() {
   restore.step_first_instruction = true;
   restore.wait_first_report = true;
   SaveRequest save{"/s", std::nullopt, "/r"};
-  return {micro, linux_boot, restore, StatusRequest{}, PauseRequest{}, ResumeRequest{4}, WaitRequest{5},
-          save, SerialOutputRequest{1}, FloorRequest{}, QuitRequest{}};
+  return {micro,           linux_boot,     restore,
+          StatusRequest{}, PauseRequest{}, ResumeRequest{4},
+          WaitRequest{5},  save,           SerialOutputRequest{1},
+          FloorRequest{},  QuitRequest{}};
 }
 
 TEST(VmmProtocol, EveryRequestRoundTrips) {
@@ -48,8 +50,8 @@ TEST(VmmProtocol, EveryReplyRoundTrips) {
   status.micro = MicroGuestReport{3, 9, true, 0, 0xfedcba9876543210ull};
   status.userfault = UserfaultCounts{1, 2, 3};
   status.timings = RestoreTimings{1.5, 2.5, 3.5, -1};
-  for (const Reply& reply : std::vector<Reply>{status, SaveReply{10, 20}, SerialOutputReply{"a\nb\x01"},
-                                               FloorReply{12.5}, QuitReply{}}) {
+  for (const Reply& reply :
+       std::vector<Reply>{status, SaveReply{10, 20}, SerialOutputReply{"a\nb\x01"}, FloorReply{12.5}, QuitReply{}}) {
     std::string line = encode_reply(reply);
     Result<Reply> decoded = decode_reply(line);
     ASSERT_TRUE(decoded) << line << ": " << decoded.error().message;
@@ -77,25 +79,42 @@ struct Malformed {
 
 TEST(VmmProtocol, EveryMalformedFieldIsRefusedByName) {
   std::vector<Malformed> cases = {
-      {"boot_micro", "program", 5},          {"boot_micro", "program", nullptr},
-      {"boot_micro", "memory_bytes", "big"}, {"boot_micro", "memory_bytes", -1},
-      {"boot_micro", "memory_bytes", 1ull << 40}, {"boot_micro", "memory_bytes", nullptr},
-      {"boot_micro", "work_bytes", 1.5},     {"boot_micro", "passes", true},
-      {"boot_micro", "passes", 1ull << 30},  {"boot_micro", "seed", "x"},
-      {"boot_micro", "heartbeat_bytes", json::array()}, {"boot_micro", "ram_file", 1},
-      {"boot_micro", "paused", "yes"},       {"boot_micro", "log_dirty", 0},
+      {"boot_micro", "program", 5},
+      {"boot_micro", "program", nullptr},
+      {"boot_micro", "memory_bytes", "big"},
+      {"boot_micro", "memory_bytes", -1},
+      {"boot_micro", "memory_bytes", 1ull << 40},
+      {"boot_micro", "memory_bytes", nullptr},
+      {"boot_micro", "work_bytes", 1.5},
+      {"boot_micro", "passes", true},
+      {"boot_micro", "passes", 1ull << 30},
+      {"boot_micro", "seed", "x"},
+      {"boot_micro", "heartbeat_bytes", json::array()},
+      {"boot_micro", "ram_file", 1},
+      {"boot_micro", "paused", "yes"},
+      {"boot_micro", "log_dirty", 0},
       {"boot_micro", "pause_at_checkpoint", -3},
-      {"boot_linux", "kernel", json::object()}, {"boot_linux", "initrd", nullptr},
-      {"boot_linux", "command_line", 7},     {"boot_linux", "vcpus", 0},
-      {"boot_linux", "vcpus", 65},           {"boot_linux", "vcpus", "two"},
-      {"restore", "state", false},           {"restore", "base", nullptr},
-      {"restore", "overlay", 3},             {"restore", "strategy", "lazy"},
-      {"restore", "strategy", 2},            {"restore", "step_first_instruction", "no"},
+      {"boot_linux", "kernel", json::object()},
+      {"boot_linux", "initrd", nullptr},
+      {"boot_linux", "command_line", 7},
+      {"boot_linux", "vcpus", 0},
+      {"boot_linux", "vcpus", 65},
+      {"boot_linux", "vcpus", "two"},
+      {"restore", "state", false},
+      {"restore", "base", nullptr},
+      {"restore", "overlay", 3},
+      {"restore", "strategy", "lazy"},
+      {"restore", "strategy", 2},
+      {"restore", "step_first_instruction", "no"},
       {"restore", "wait_first_report", 1},
-      {"resume", "pause_at_checkpoint", "4"}, {"wait", "timeout_ms", -1},
-      {"wait", "timeout_ms", "soon"},        {"save", "state", 1},
-      {"save", "dirty", json::array()},      {"save", "ram", true},
-      {"serial_output", "port", 2},          {"serial_output", "port", "0"},
+      {"resume", "pause_at_checkpoint", "4"},
+      {"wait", "timeout_ms", -1},
+      {"wait", "timeout_ms", "soon"},
+      {"save", "state", 1},
+      {"save", "dirty", json::array()},
+      {"save", "ram", true},
+      {"serial_output", "port", 2},
+      {"serial_output", "port", "0"},
   };
   std::map<std::string, json> valid;
   for (const Request& request : sample_requests()) {
@@ -104,8 +123,10 @@ TEST(VmmProtocol, EveryMalformedFieldIsRefusedByName) {
   }
   for (const Malformed& test : cases) {
     json document = valid.at(test.op);
-    if (test.value.is_null()) document.erase(test.field);
-    else document[test.field] = test.value;
+    if (test.value.is_null())
+      document.erase(test.field);
+    else
+      document[test.field] = test.value;
     std::string line = document.dump();
     Result<Request> decoded = decode_request(line);
     ASSERT_FALSE(decoded) << line;

@@ -22,7 +22,7 @@ Uart make_uart(Wires& wires) {
 TEST(Uart, TransmitsBytesAndReportsFifoOnIir) {
   Wires wires;
   Uart uart = make_uart(wires);
-  uart.write(2, 0x01);  // FCR: FIFO on.
+  uart.write(2, 0x01);                   // FCR: FIFO on.
   EXPECT_EQ(uart.read(2) & 0xc0, 0xc0);  // 16550A detection.
   EXPECT_EQ(uart.read(5) & 0x60, 0x60);  // THRE and TEMT.
   uart.write(0, 'h');

@@ -26,8 +26,7 @@ double elapsed_ms(Clock::time_point start) {
 
 // What the kvm backend's Linux boot needs on the kernel command line besides the template's:
 // i8042 reset for reboot, no PCI probing, the i8042 probe kept short, both UARTs.
-constexpr std::string_view kBootArguments =
-    " reboot=k pci=off i8042.noaux i8042.nomux i8042.dumbkbd 8250.nr_uarts=2";
+constexpr std::string_view kBootArguments = " reboot=k pci=off i8042.noaux i8042.nomux i8042.dumbkbd 8250.nr_uarts=2";
 
 // One request to VM `vm`'s VMM; errors carry the VM and the tail of its log.
 template <typename ReplyType>
@@ -140,10 +139,11 @@ class KvmBackend : public Backend {
   Status launch(const VmDirectory& vm, const std::filesystem::path& ram_file,
                 const std::vector<std::filesystem::path>& read_only, bool die_with_parent) {
     SpawnOptions options;
-    options.argv = {default_vmm_binary().string(), "--directory", vm.path().string(), "--control",
-                    vm.control_socket().string(), "--console", vm.console_socket().string(), "--agent",
+    options.argv = {default_vmm_binary().string(), "--directory", vm.path().string(),           "--control",
+                    vm.control_socket().string(),  "--console",   vm.console_socket().string(), "--agent",
                     vm.agent_socket().string()};
-    for (const std::filesystem::path& path : read_only) options.argv.insert(options.argv.end(), {"--read-only", path.string()});
+    for (const std::filesystem::path& path : read_only)
+      options.argv.insert(options.argv.end(), {"--read-only", path.string()});
     options.log = vm.log_file();
     options.umask = kVmProcessUmask;
     options.die_with_parent = die_with_parent;
@@ -174,7 +174,9 @@ std::unique_ptr<Backend> make_kvm_backend() {
   return make_kvm_backend(strategy);
 }
 
-std::unique_ptr<Backend> make_kvm_backend(vmm::MemoryStrategy strategy) { return std::make_unique<KvmBackend>(strategy); }
+std::unique_ptr<Backend> make_kvm_backend(vmm::MemoryStrategy strategy) {
+  return std::make_unique<KvmBackend>(strategy);
+}
 
 std::string describe_kvm_device() {
   // Only the VMM knows KVM: it says whether /dev/kvm can run its guests here.

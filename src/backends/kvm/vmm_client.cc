@@ -35,14 +35,16 @@ Result<VmmProcess> VmmProcess::launch(const std::filesystem::path& binary, const
   if (error) return make_error(ErrorCode::kIo, "create {}: {}", directory.string(), error.message());
   SpawnOptions options;
   options.argv = {binary.string(), "--directory", directory.string(), "--control", socket.string()};
-  for (const std::filesystem::path& path : read_only) options.argv.insert(options.argv.end(), {"--read-only", path.string()});
+  for (const std::filesystem::path& path : read_only)
+    options.argv.insert(options.argv.end(), {"--read-only", path.string()});
   options.log = log;
   options.die_with_parent = true;
   DELTAVM_ASSIGN_OR_RETURN(Subprocess process, Subprocess::spawn(options));
   process.kill_on_destroy();
   Deadline deadline = deadline_after(timeout);
   for (;;) {
-    Result<VmmClient> client = VmmClient::connect(socket, std::min(deadline, deadline_after(std::chrono::milliseconds(50))));
+    Result<VmmClient> client =
+        VmmClient::connect(socket, std::min(deadline, deadline_after(std::chrono::milliseconds(50))));
     if (client) return VmmProcess(std::move(process), std::move(client).value(), log);
     DELTAVM_ASSIGN_OR_RETURN(std::optional<int> status, process.poll_exit());
     if (status) {

@@ -21,8 +21,7 @@ class VmmClient {
   // Sends `request` and returns the reply; an error reply is an Error of the VMM's code and
   // message, and a reply that is not the one `request` answers with is an error too.
   template <typename ReplyType>
-  Result<ReplyType> call(const vmm::Request& request,
-                         std::chrono::milliseconds timeout = std::chrono::seconds(60)) {
+  Result<ReplyType> call(const vmm::Request& request, std::chrono::milliseconds timeout = std::chrono::seconds(60)) {
     DELTAVM_ASSIGN_OR_RETURN(vmm::Reply reply, exchange(request, timeout));
     if (ReplyType* typed = std::get_if<ReplyType>(&reply)) return std::move(*typed);
     return make_error(ErrorCode::kIo, "{}: the VMM answered with another kind of reply", channel_.what());

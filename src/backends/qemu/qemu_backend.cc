@@ -15,10 +15,9 @@
 
 #include <sys/mman.h>
 
-
 #include "backends/process.h"
-#include "backends/vm_processes.h"
 #include "backends/qemu/qmp.h"
+#include "backends/vm_processes.h"
 #include "base/file.h"
 #include "base/page.h"
 #include "base/subprocess.h"
@@ -38,7 +37,6 @@ std::string qemu_binary() {
   const char* binary = std::getenv("DELTAVM_QEMU");
   return binary != nullptr && *binary ? binary : "qemu-system-x86_64";
 }
-
 
 // QEMU parses -object, -chardev and -mon values as comma-separated options, where a comma
 // inside a value is written twice. Paths reach QEMU only through argv (never a shell), so no
@@ -79,20 +77,42 @@ Result<std::vector<std::string>> machine_arguments(const MachineSpec& machine, c
   for (const auto& [path, what] : {std::pair{&machine.kernel, "kernel"}, {&machine.initramfs, "initramfs"}}) {
     if (Result<std::string> checked = option_value(*path, what); !checked) return checked.error();
   }
-  std::vector<std::string> argv = {
-      qemu_binary(), "-accel", accelerator.name, "-cpu", accelerator.name == "kvm" ? "host" : "max",
-      "-m", fmt::format("{}M", memory_mib), "-smp", std::to_string(machine.vcpus),
-      "-nodefaults", "-display", "none", "-no-user-config", "-no-reboot",
-      "-object", memory_object,
-      "-machine", "pc,memory-backend=ram",
-      "-kernel", machine.kernel.string(), "-initrd", machine.initramfs.string(),
-      "-append", machine.command_line,
-      "-chardev", fmt::format("socket,id=console,path={},server=on,wait=off", console),
-      "-serial", "chardev:console",
-      "-chardev", fmt::format("socket,id=agent,path={},server=on,wait=off", agent),
-      "-serial", "chardev:agent",
-      "-chardev", fmt::format("socket,id=qmp,path={},server=on,wait=off", control),
-      "-mon", "chardev=qmp,mode=control"};
+  std::vector<std::string> argv = {qemu_binary(),
+                                   "-accel",
+                                   accelerator.name,
+                                   "-cpu",
+                                   accelerator.name == "kvm" ? "host" : "max",
+                                   "-m",
+                                   fmt::format("{}M", memory_mib),
+                                   "-smp",
+                                   std::to_string(machine.vcpus),
+                                   "-nodefaults",
+                                   "-display",
+                                   "none",
+                                   "-no-user-config",
+                                   "-no-reboot",
+                                   "-object",
+                                   memory_object,
+                                   "-machine",
+                                   "pc,memory-backend=ram",
+                                   "-kernel",
+                                   machine.kernel.string(),
+                                   "-initrd",
+                                   machine.initramfs.string(),
+                                   "-append",
+                                   machine.command_line,
+                                   "-chardev",
+                                   fmt::format("socket,id=console,path={},server=on,wait=off", console),
+                                   "-serial",
+                                   "chardev:console",
+                                   "-chardev",
+                                   fmt::format("socket,id=agent,path={},server=on,wait=off", agent),
+                                   "-serial",
+                                   "chardev:agent",
+                                   "-chardev",
+                                   fmt::format("socket,id=qmp,path={},server=on,wait=off", control),
+                                   "-mon",
+                                   "chardev=qmp,mode=control"};
   if (machine.deterministic) {
     argv.insert(argv.end(), {"-rtc", "base=2024-01-01T00:00:00,clock=vm"});
   }
@@ -192,8 +212,8 @@ Result<uint64_t> find_ram_mapping(int pid, const std::filesystem::path& ram_file
     unsigned long long start = 0, end = 0, offset = 0, inode = 0;
     unsigned major = 0, minor = 0;
     char permissions[8] = {};
-    if (std::sscanf(line.c_str(), "%llx-%llx %7s %llx %x:%x %llu", &start, &end, permissions, &offset, &major,
-                    &minor, &inode) != 7) {
+    if (std::sscanf(line.c_str(), "%llx-%llx %7s %llx %x:%x %llu", &start, &end, permissions, &offset, &major, &minor,
+                    &inode) != 7) {
       continue;
     }
     // QEMU may map the file before making it writable; only the final read-write mapping counts.
@@ -265,8 +285,8 @@ class QemuBackend : public Backend {
   }
 
   Result<RestoreTimings> restore(const MachineSpec& machine, const std::filesystem::path& base_ram_file,
-                                 const FillMemory& fill, std::span<const uint8_t> machine_state,
-                                 const VmDirectory& vm, bool leave_paused) override {
+                                 const FillMemory& fill, std::span<const uint8_t> machine_state, const VmDirectory& vm,
+                                 bool leave_paused) override {
     RestoreTimings timings;
     auto start = Clock::now();
     // QEMU reads the state from an in-memory file it inherits as fd 3: no path, no shell.
@@ -346,7 +366,8 @@ class QemuBackend : public Backend {
 
  private:
   // Starts QEMU, keeps it as this backend's child and records it in the VM's record.
-  Result<ProcessIdentity> launch(const VmDirectory& vm, const SpawnOptions& options, const std::filesystem::path& ram_file) {
+  Result<ProcessIdentity> launch(const VmDirectory& vm, const SpawnOptions& options,
+                                 const std::filesystem::path& ram_file) {
     return processes_.launch(vm, options, "qemu", ram_file);
   }
 
@@ -420,6 +441,5 @@ Accelerator choose_accelerator() {
 }
 
 std::unique_ptr<Backend> make_qemu_backend() { return std::make_unique<QemuBackend>(); }
-
 
 }  // namespace deltavm
