@@ -8,6 +8,7 @@ packages=(
   libzstd-dev liblz4-dev libxxhash-dev libcli11-dev nlohmann-json3-dev libsqlite3-dev libfmt-dev
   libgtest-dev libgmock-dev libbenchmark-dev
   zstd xdelta3 qemu-system-x86 busybox-static cpio
+  clang-format clang-tidy
 )
 
 missing=()

@@ -111,19 +111,22 @@ Status Result<T>::status() const {
 
 }  // namespace deltavm
 
-// Early return of an Error from a Status or Result expression.
+// Early return of an Error from a Status or Result expression (bound, not copied).
 #define DELTAVM_TRY(expression)                                   \
   do {                                                            \
-    auto deltavm_try_result_ = (expression);                      \
+    auto&& deltavm_try_result_ = (expression);                    \
     if (!deltavm_try_result_) return deltavm_try_result_.error(); \
   } while (false)
 
 #define DELTAVM_CONCAT_INNER(a, b) a##b
 #define DELTAVM_CONCAT(a, b) DELTAVM_CONCAT_INNER(a, b)
+// `result` is a name and `target` a declaration: neither can be put in parentheses.
+// NOLINTBEGIN(bugprone-macro-parentheses)
 #define DELTAVM_ASSIGN_OR_RETURN_IMPL(result, target, expression) \
   auto result = (expression);                                     \
   if (!result) return result.error();                             \
   target = std::move(result).value()
+// NOLINTEND(bugprone-macro-parentheses)
 
 // DELTAVM_ASSIGN_OR_RETURN(auto x, f()); declares x from f()'s value or returns its Error.
 #define DELTAVM_ASSIGN_OR_RETURN(target, expression) \

@@ -1,9 +1,14 @@
 // deltavm: loads virtual machines from delta-chained memory images.
 #include <CLI/CLI.hpp>
 
+#include <cstdio>
+#include <exception>
+
 #include "cli/commands.h"
 
-int main(int argc, char** argv) {
+namespace {
+
+int run(int argc, char** argv) {
   CLI::App app{"deltavm: store guest RAM images as delta chains and load VMs from them"};
   app.require_subcommand(1);
   app.fallthrough();
@@ -25,4 +30,17 @@ int main(int argc, char** argv) {
     return app.exit(error) == 0 ? 0 : 2;
   }
   return exit_status;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  // Library code returns errors as values; what can still throw here is the standard library
+  // out of memory, or the command-line parser's setup. Either ends with one line, not abort().
+  try {
+    return run(argc, argv);
+  } catch (const std::exception& error) {
+    std::fprintf(stderr, "deltavm: internal error: %s\n", error.what());
+    return 70;
+  }
 }

@@ -55,7 +55,10 @@ std::vector<uint8_t> sample_pages(std::span<const uint8_t> image) {
 
 std::string reference_spec(const std::vector<std::pair<std::string, std::string>>& reference) {
   std::string spec;
-  for (const auto& [role, kind] : reference) spec += (spec.empty() ? "" : ",") + role + ":" + kind;
+  for (const auto& [role, kind] : reference) {
+    if (!spec.empty()) spec += ',';
+    spec.append(role).append(":").append(kind);
+  }
   return spec;
 }
 
@@ -384,7 +387,8 @@ Result<std::optional<Similarity>> Store::most_similar(std::span<const uint8_t> i
     for (size_t i = 0; i < sample.size(); i += 8) {
       if (std::memcmp(&sample[i], &record.page_sample[i], 8) == 0) ++equal;
     }
-    double fraction = static_cast<double>(equal) / static_cast<double>(sample.size() / 8);
+    uint64_t sampled = sample.size() / 8;
+    double fraction = static_cast<double>(equal) / static_cast<double>(sampled);
     if (!best || fraction > best->fraction_equal) best = Similarity{record.name, fraction};
   }
   return best;

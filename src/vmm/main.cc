@@ -10,6 +10,7 @@
 
 #include <cstdio>
 #include <cstring>
+#include <exception>
 #include <memory>
 
 #include "base/socket.h"
@@ -43,7 +44,9 @@ int fail(const Error& error) {
 }  // namespace
 }  // namespace deltavm::vmm
 
-int main(int argc, char** argv) {
+namespace {
+
+int run(int argc, char** argv) {
   using namespace deltavm;
   using namespace deltavm::vmm;
   CLI::App app{"deltavm-vmm: runs one VM on /dev/kvm, controlled over a Unix socket"};
@@ -100,4 +103,17 @@ int main(int argc, char** argv) {
   }
   ::unlink(control.c_str());
   return 0;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  // Errors are values below; only the standard library (out of memory) or the parser's setup
+  // can still throw, and then the VMM ends with one line instead of abort().
+  try {
+    return run(argc, argv);
+  } catch (const std::exception& error) {
+    std::fprintf(stderr, "deltavm-vmm: internal error: %s\n", error.what());
+    return 70;
+  }
 }

@@ -183,7 +183,10 @@ class ProcessMemoryWriter : public GuestMemoryWriter {
                             page.guest_physical_address, ram_bytes_);
         }
         local[i] = {const_cast<uint8_t*>(page.bytes), kPageSize};
-        remote[i] = {reinterpret_cast<void*>(ram_address_ + page.guest_physical_address), kPageSize};
+        // An address in QEMU's address space, never dereferenced here.
+        remote[i] = {
+            reinterpret_cast<void*>(ram_address_ + page.guest_physical_address),  // NOLINT(performance-no-int-to-ptr)
+            kPageSize};
       }
       ssize_t written = ::process_vm_writev(pid_, local.data(), count, remote.data(), count, 0);
       if (written < 0) return errno_error(fmt::format("process_vm_writev into qemu {}", pid_), errno);
@@ -348,7 +351,7 @@ class QemuBackend : public Backend {
     for (size_t offset = 0; offset < out.size(); offset += kChunk) {
       size_t length = std::min(kChunk, out.size() - offset);
       iovec local{out.data() + offset, length};
-      iovec remote{reinterpret_cast<void*>(ram_address + offset), length};
+      iovec remote{reinterpret_cast<void*>(ram_address + offset), length};  // NOLINT(performance-no-int-to-ptr)
       ssize_t n = ::process_vm_readv(pid, &local, 1, &remote, 1, 0);
       if (n != static_cast<ssize_t>(length)) {
         return errno_error(fmt::format("process_vm_readv from qemu {}", pid), n < 0 ? errno : EIO);
