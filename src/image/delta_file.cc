@@ -349,7 +349,7 @@ Status decode_edits(std::span<const uint8_t> raw, uint64_t edit_count, Delta& de
       case PageEncoding::kRuns: {
         std::optional<uint64_t> run_count = reader.varint();
         if (!run_count || *run_count == 0 || *run_count > kPageSize) {
-          return corrupt("run count missing or outside 1..4096");
+          return corrupt(fmt::format("run count missing or outside 1..{}", kPageSize));
         }
         runs.clear();
         uint64_t previous_end = 0, total = 0;

@@ -23,13 +23,6 @@ namespace {
 
 constexpr uint64_t kPage = kPageSize;
 
-bool is_zero(const uint8_t* page) {
-  const auto* words = reinterpret_cast<const uint64_t*>(page);
-  uint64_t any = 0;
-  for (size_t i = 0; i < kPage / 8; ++i) any |= words[i];
-  return any == 0;
-}
-
 Result<Fd> open_base(const std::filesystem::path& base, uint64_t size_bytes) {
   DELTAVM_ASSIGN_OR_RETURN(Fd fd, open_file(base, O_RDONLY | O_CLOEXEC));
   struct stat st {};
@@ -131,7 +124,7 @@ class UserfaultServer {
     const uint8_t* source = overlay_.find(page);
     if (source != nullptr) {
       stats_.overlay_pages.fetch_add(1, std::memory_order_relaxed);
-    } else if (!is_zero(base_ + page * kPage)) {
+    } else if (!is_zero_page(base_ + page * kPage)) {
       source = base_ + page * kPage;
       stats_.base_pages.fetch_add(1, std::memory_order_relaxed);
     }
@@ -225,7 +218,7 @@ Result<GuestMemory> GuestMemory::load(MemoryStrategy strategy, const std::filesy
           return errno_error(fmt::format("read {} at {}", base.string(), offset), got < 0 ? errno : EIO);
         }
         for (size_t page = 0; page < want; page += kPage) {
-          if (!is_zero(chunk.data() + page))
+          if (!is_zero_page(chunk.data() + page))
             std::memcpy(memory.ram_.data() + offset + page, chunk.data() + page, kPage);
         }
       }

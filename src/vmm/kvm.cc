@@ -121,7 +121,7 @@ int KvmSystem::check_extension(long capability) const {
 }
 
 Result<std::vector<kvm_cpuid_entry2>> KvmSystem::supported_cpuid() const {
-  for (size_t count = 128; count <= 4096; count *= 2) {
+  for (size_t count = 128; count <= kMaxCpuidEntries; count *= 2) {
     FlexibleArray<kvm_cpuid_entry2> cpuid(kCpuidHeaderBytes, count);
     cpuid.set_count(static_cast<uint32_t>(count));
     if (::ioctl(fd_.get(), kIoctlGetSupportedCpuid, cpuid.get()) == 0) {
@@ -129,7 +129,7 @@ Result<std::vector<kvm_cpuid_entry2>> KvmSystem::supported_cpuid() const {
     }
     if (errno != E2BIG) return errno_error("KVM_GET_SUPPORTED_CPUID", errno);
   }
-  return make_error(ErrorCode::kUnsupported, "KVM_GET_SUPPORTED_CPUID: more than 4096 entries");
+  return make_error(ErrorCode::kUnsupported, "KVM_GET_SUPPORTED_CPUID: more than {} entries", kMaxCpuidEntries);
 }
 
 Result<std::vector<uint32_t>> KvmSystem::msr_index_list() const {
@@ -309,7 +309,7 @@ Result<VcpuState> Vcpu::save_state(std::span<const uint32_t> msr_indices) const 
   DELTAVM_TRY(ioctl_struct(fd_.get(), KVM_GET_LAPIC, "KVM_GET_LAPIC", &state.lapic));
   DELTAVM_ASSIGN_OR_RETURN(state.tsc_khz, tsc_khz());
 
-  for (size_t count = 64; count <= 4096; count *= 2) {
+  for (size_t count = 64; count <= kMaxMsrEntries; count *= 2) {
     FlexibleArray<kvm_cpuid_entry2> cpuid(kCpuidHeaderBytes, count);
     cpuid.set_count(static_cast<uint32_t>(count));
     if (::ioctl(fd_.get(), kIoctlGetCpuid2, cpuid.get()) == 0) {

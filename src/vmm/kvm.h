@@ -27,10 +27,14 @@ inline constexpr uint64_t kTssAddress = 0xfffbd000;
 // sizes of kvm_msr_list, kvm_msrs, kvm_cpuid2 and kvm_xsave, the offsets of their arrays and
 // the ioctl numbers computed from the sizes are all wrong (KVM answers EINVAL or ENOTTY).
 // These are the C layouts the kernel uses; the code below never touches those arrays by name.
-inline constexpr size_t kMsrListHeaderBytes = 4;  // u32 nmsrs, then u32 indices.
-inline constexpr size_t kMsrsHeaderBytes = 8;     // u32 nmsrs, u32 pad, then kvm_msr_entry.
-inline constexpr size_t kCpuidHeaderBytes = 8;    // u32 nent, u32 padding, then kvm_cpuid_entry2.
-inline constexpr size_t kXsaveBytes = 4096;       // u32 region[1024].
+inline constexpr size_t kMsrListHeaderBytes = 4;                // u32 nmsrs, then u32 indices.
+inline constexpr size_t kMsrsHeaderBytes = 8;                   // u32 nmsrs, u32 pad, then kvm_msr_entry.
+inline constexpr size_t kCpuidHeaderBytes = 8;                  // u32 nent, u32 padding, then kvm_cpuid_entry2.
+inline constexpr size_t kXsaveBytes = 1024 * sizeof(uint32_t);  // u32 region[1024].
+// The most CPUID leaves and MSRs KVM lists (it answers E2BIG below; real lists hold a few
+// dozen to a few hundred), and so the most a saved vCPU state may hold.
+inline constexpr size_t kMaxCpuidEntries = 4096;
+inline constexpr size_t kMaxMsrEntries = 4096;
 inline constexpr unsigned long kIoctlGetMsrIndexList = _IOC(_IOC_READ | _IOC_WRITE, KVMIO, 0x02, kMsrListHeaderBytes);
 inline constexpr unsigned long kIoctlGetSupportedCpuid = _IOC(_IOC_READ | _IOC_WRITE, KVMIO, 0x05, kCpuidHeaderBytes);
 inline constexpr unsigned long kIoctlGetMsrs = _IOC(_IOC_READ | _IOC_WRITE, KVMIO, 0x88, kMsrsHeaderBytes);

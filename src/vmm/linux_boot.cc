@@ -11,6 +11,8 @@ namespace deltavm::vmm {
 namespace {
 
 // Setup header offsets in the bzImage and in boot_params (zero-page.rst).
+// struct boot_params, the "zero page" (Documentation/x86/zero-page.rst): 4 KiB.
+constexpr size_t kBootParamsBytes = 0x1000;
 constexpr size_t kSetupSects = 0x1f1;
 constexpr size_t kJumpEnd = 0x201;  // The header ends at 0x202 + this byte.
 constexpr size_t kHeaderMagic = 0x202;
@@ -96,7 +98,7 @@ Result<LinuxBootInfo> load_linux(std::span<uint8_t> ram, std::span<const uint8_t
   // boot_params: zeroed, then only the setup header copied in (not the whole first sector,
   // whose sentinel byte would make the kernel discard fields).
   uint8_t* params = ram.data() + kBootParamsAddress;
-  std::memset(params, 0, 4096);
+  std::memset(params, 0, kBootParamsBytes);
   size_t header_end = 0x202 + kernel[kJumpEnd];
   std::memcpy(params + kSetupSects, kernel.data() + kSetupSects, header_end - kSetupSects);
   params[kTypeOfLoader] = 0xff;

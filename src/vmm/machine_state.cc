@@ -187,8 +187,8 @@ Result<MachineState> decode_machine_state(std::span<const uint8_t> bytes, std::s
     DELTAVM_TRY(reader.read_struct("debugregs", &vcpu.debugregs));
     DELTAVM_TRY(reader.read_struct("lapic", &vcpu.lapic));
     DELTAVM_ASSIGN_OR_RETURN(vcpu.tsc_khz, reader.u32("vcpu tsc_khz"));
-    DELTAVM_TRY(reader.read_array("cpuid", 4096, &vcpu.cpuid));
-    DELTAVM_TRY(reader.read_array("msrs", 4096, &vcpu.msrs));
+    DELTAVM_TRY(reader.read_array("cpuid", kMaxCpuidEntries, &vcpu.cpuid));
+    DELTAVM_TRY(reader.read_array("msrs", kMaxMsrEntries, &vcpu.msrs));
     DELTAVM_TRY(reader.read_struct("events", &vcpu.events));
   }
   DELTAVM_TRY(reader.read_struct("pit", &state.vm.pit));
