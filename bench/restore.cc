@@ -87,7 +87,7 @@ int main(int argc, char** argv) {
   // ...and a stock snapshot, RAM in the stream, of a VM loaded from the template.
   std::filesystem::path stream = runtime / "stock.stream";
   {
-    StartedVm vm = check(start_vm(template_name, store, *backend, runtime, RamStrategy::kBasePlusDeltas), "load");
+    StartedVm vm = check(start_vm(template_name, store, *backend, runtime), "load");
     VmDirectory directory = check(VmDirectory::open(runtime, vm.id), "vm");
     answer(directory);
     check(save_stock_snapshot(directory, stream), "stock snapshot");
@@ -105,7 +105,7 @@ int main(int argc, char** argv) {
       std::string id;
       if (way.starts_with("deltavm")) {
         RamStrategy strategy = way == "deltavm (flat)" ? RamStrategy::kFlatTarget : RamStrategy::kBasePlusDeltas;
-        StartedVm vm = check(start_vm(template_name, store, *backend, runtime, strategy), way);
+        StartedVm vm = check(start_vm(template_name, store, *backend, runtime, {.strategy = strategy}), way);
         id = vm.id;
         if (strategy == RamStrategy::kBasePlusDeltas) {
           phases["prepare"].push_back(vm.prepare_ms);

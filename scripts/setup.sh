@@ -6,9 +6,10 @@ set -euo pipefail
 packages=(
   build-essential cmake ninja-build pkg-config
   libzstd-dev liblz4-dev libxxhash-dev libcli11-dev nlohmann-json3-dev libsqlite3-dev libfmt-dev
+  libcpp-httplib-dev libssl-dev
   libgtest-dev libgmock-dev libbenchmark-dev
   zstd xdelta3 qemu-system-x86 busybox-static cpio
-  clang-format clang-tidy
+  clang-format clang-tidy python3-jsonschema python3-yaml
 )
 
 missing=()

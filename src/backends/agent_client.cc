@@ -93,6 +93,7 @@ Result<uint64_t> AgentConnection::start(const ExecRequest& request, Deadline dea
   std::string payload(reinterpret_cast<const char*>(prefix), sizeof prefix);
   payload += request.command;
   pending_[id].started = Clock::now();
+  pending_[id].max_output_bytes = std::min(request.max_output_bytes, kMaxOutputBytes);
   DELTAVM_TRY(send_frame('X', id, payload, deadline));
   if (request.stdin_bytes) {
     std::string_view input = *request.stdin_bytes;
@@ -161,7 +162,7 @@ Status AgentConnection::receive(Deadline deadline) {
         case 'E': {
           std::string& out = kind == 'O' ? result.stdout_bytes : result.stderr_bytes;
           bool& truncated = kind == 'O' ? result.stdout_truncated : result.stderr_truncated;
-          size_t room = kMaxOutputBytes - std::min(kMaxOutputBytes, out.size());
+          size_t room = pending.max_output_bytes - std::min(pending.max_output_bytes, out.size());
           if (payload.size() > room) truncated = true;
           out.append(payload.substr(0, room));
           break;

@@ -21,12 +21,17 @@
 
 namespace deltavm {
 
+inline constexpr size_t kMaxCommandBytes = 131071;
+inline constexpr size_t kMaxStdinBytes = 16 << 20;
+inline constexpr size_t kMaxOutputBytes = 16 << 20;  // Per stream, per command.
+
 struct ExecRequest {
   std::string command;                     // Run as /bin/sh -c COMMAND; at most kMaxCommandBytes.
   std::optional<std::string> stdin_bytes;  // Else stdin is /dev/null. At most kMaxStdinBytes.
   // The guest kills the command's process group after this long (0: never); the host then
   // waits a little more for the guest's answer and, without one, cancels and reports a timeout.
   std::chrono::milliseconds timeout{std::chrono::seconds(60)};
+  size_t max_output_bytes = kMaxOutputBytes;  // Kept of each stream (at most kMaxOutputBytes); the rest is cut.
 };
 
 struct ExecResult {
@@ -40,10 +45,6 @@ struct ExecResult {
   std::string stderr_bytes;
   double duration_ms = 0;
 };
-
-inline constexpr size_t kMaxCommandBytes = 131071;
-inline constexpr size_t kMaxStdinBytes = 16 << 20;
-inline constexpr size_t kMaxOutputBytes = 16 << 20;  // Per stream, per command.
 
 // One connection to a VM's agent. Several commands may run over it at once: start() sends
 // one and returns its id, wait() collects the answer of one (keeping what arrives for the
@@ -68,6 +69,7 @@ class AgentConnection {
   struct Pending {
     ExecResult result;
     std::chrono::steady_clock::time_point started;
+    size_t max_output_bytes = kMaxOutputBytes;
     bool done = false;
     std::optional<Error> failure;  // An F frame: the command did not run (or stopped).
   };

@@ -10,6 +10,7 @@
 #include <filesystem>
 #include <functional>
 #include <memory>
+#include <optional>
 #include <span>
 #include <string>
 #include <vector>
@@ -79,6 +80,9 @@ class Backend {
   // Copies the VM's RAM from guest-physical address 0 into `out` (whose size must not exceed
   // the VM's memory). The VM should be paused for a consistent copy.
   virtual Status read_memory(const VmDirectory& vm, std::span<uint8_t> out) = 0;
+  // How the VM's process ended ("exited with status 0"), if it has; std::nullopt while it runs.
+  // A process this backend started is reaped here.
+  virtual std::optional<std::string> ended(const VmDirectory& vm) = 0;
   // Ends the VM's process. Safe on a VM that has already exited.
   virtual Status stop(const VmDirectory& vm) = 0;
 };

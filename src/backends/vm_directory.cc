@@ -203,7 +203,12 @@ Result<VmRecord> VmDirectory::read_record() const {
   DELTAVM_TRY(reader.identity("owner", record.owner));
   DELTAVM_TRY(reader.text("ram_file", record.ram_file));
   DELTAVM_TRY(reader.text("strategy", record.strategy));
+  int64_t memory_bytes = 0;
+  DELTAVM_TRY(reader.integer("memory_bytes", memory_bytes));
+  if (memory_bytes < 0) return make_error(ErrorCode::kCorruption, "{}: field memory_bytes is negative", path.string());
+  record.memory_bytes = static_cast<uint64_t>(memory_bytes);
   DELTAVM_TRY(reader.integer("created_at_unix", record.created_at_unix));
+  DELTAVM_TRY(reader.integer("expires_at_unix", record.expires_at_unix));
   if (record.id != id_) {
     return make_error(ErrorCode::kCorruption, "{}: records VM {:?}, but the directory is VM {}", path.string(),
                       record.id, id_);
@@ -220,7 +225,9 @@ Status VmDirectory::write_record(const VmRecord& record) const {
                    {"owner", identity_json(record.owner)},
                    {"ram_file", record.ram_file},
                    {"strategy", record.strategy},
-                   {"created_at_unix", record.created_at_unix}};
+                   {"memory_bytes", record.memory_bytes},
+                   {"created_at_unix", record.created_at_unix},
+                   {"expires_at_unix", record.expires_at_unix}};
   std::string text = document.dump(2, ' ', false, json::error_handler_t::replace) + "\n";
   // Readers see the old record or the new one (rename), never a partial one. No fsync: the
   // runtime directory describes processes, which do not survive a crash either.
@@ -261,13 +268,15 @@ Status VmDirectory::remove() const {
   return {};
 }
 
-Result<size_t> remove_abandoned_builds(const std::filesystem::path& runtime) {
+bool abandoned(const VmRecord& record) { return record.owner && !process_running(*record.owner); }
+
+Result<size_t> remove_abandoned_vms(const std::filesystem::path& runtime) {
   DELTAVM_ASSIGN_OR_RETURN(std::vector<VmDirectory> vms, VmDirectory::list(runtime));
   size_t removed = 0;
   for (const VmDirectory& vm : vms) {
     Result<VmRecord> record = vm.read_record();
-    // Only a record that proves the build's owner gone lets its directory go.
-    if (!record || record->purpose != "template build" || !record->owner || process_running(*record->owner)) continue;
+    // Only a record that proves the owner gone lets its directory go.
+    if (!record || !abandoned(*record)) continue;
     if (record->process) DELTAVM_TRY(terminate_process(*record->process, std::chrono::seconds(2)));
     DELTAVM_TRY(vm.remove());
     ++removed;

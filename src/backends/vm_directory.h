@@ -4,6 +4,7 @@
 //   RUNTIME/vms/ID/vm.json        VmRecord: id, backend, template, the VM process, ...
 //   RUNTIME/vms/ID/control.sock   the backend's control channel (QMP for qemu)
 //   RUNTIME/vms/ID/console.sock   serial console (ttyS0)
+//   RUNTIME/vms/ID/console.log    everything the guest wrote to its console (appended)
 //   RUNTIME/vms/ID/agent.sock     command agent (ttyS1)
 //   RUNTIME/vms/ID/vm.log         the VM process's own output
 //
@@ -36,16 +37,23 @@ std::filesystem::path default_runtime_directory();
 Status prepare_runtime_directory(const std::filesystem::path& runtime);
 
 // What vm.json records. Parsed field by field: a damaged record is an error, never a crash.
+//
+// A VM whose record names an owner belongs to that deltavm process alone: one being started or
+// built, or one a service holds in a warm pool. If the owner dies, the VM is abandoned and
+// whoever finds it (ps, stop --all, a build, a service) ends it and removes its directory. A
+// VM without an owner belongs to the runtime: any deltavm command or service may use it.
 struct VmRecord {
   std::string id;
   std::string backend;  // "qemu" or "kvm"; empty until the VM process is started.
   std::string template_name;
-  std::string purpose;                     // "template build" while a build owns the VM; else empty.
+  std::string purpose;                     // "template build", "pool" while its owner holds it; else empty.
   std::optional<ProcessIdentity> process;  // The VM process (QEMU, deltavm-vmm).
-  std::optional<ProcessIdentity> owner;    // The deltavm process creating the VM, until done.
+  std::optional<ProcessIdentity> owner;    // See above.
   std::string ram_file;
   std::string strategy;
+  uint64_t memory_bytes = 0;  // Guest RAM, for a service's memory limit.
   int64_t created_at_unix = 0;
+  int64_t expires_at_unix = 0;  // When a service stops the VM (its ttl); 0: never.
 };
 
 class VmDirectory {
@@ -59,6 +67,7 @@ class VmDirectory {
   const std::filesystem::path& path() const { return path_; }
   std::filesystem::path control_socket() const { return path_ / "control.sock"; }
   std::filesystem::path console_socket() const { return path_ / "console.sock"; }
+  std::filesystem::path console_log() const { return path_ / "console.log"; }
   std::filesystem::path agent_socket() const { return path_ / "agent.sock"; }
   std::filesystem::path log_file() const { return path_ / "vm.log"; }
 
@@ -76,8 +85,12 @@ class VmDirectory {
   std::filesystem::path path_;
 };
 
-// Directories of template builds whose owner has died (killed mid-build): their VM process is
-// ended if it still runs and the directory, with its RAM file, is removed. Returns how many.
-Result<size_t> remove_abandoned_builds(const std::filesystem::path& runtime);
+// Whether `record` names an owner that has died (killed mid-build, mid-start, or a service
+// killed while holding a warm pool).
+bool abandoned(const VmRecord& record);
+
+// Ends the VMs whose owner has died (their VM process, if it still runs) and removes their
+// directories. Returns how many.
+Result<size_t> remove_abandoned_vms(const std::filesystem::path& runtime);
 
 }  // namespace deltavm

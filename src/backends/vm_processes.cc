@@ -28,6 +28,19 @@ std::optional<std::string> VmProcesses::exit_of(const std::string& id) {
   return describe_wait_status(**status);
 }
 
+std::optional<std::string> VmProcesses::ended(const VmDirectory& vm) {
+  if (std::optional<std::string> exit = exit_of(vm.id())) return exit;
+  {
+    std::lock_guard lock(mutex_);
+    if (children_.contains(vm.id())) return std::nullopt;
+  }
+  Result<VmRecord> record = vm.read_record();
+  if (!record) return fmt::format("unknown ({})", record.error().message);
+  if (!record->process) return "never started";
+  if (!process_running(*record->process)) return "exited";
+  return std::nullopt;
+}
+
 Status VmProcesses::stop(const VmDirectory& vm, const std::function<void()>& ask_to_quit) {
   std::optional<Subprocess> child;
   {

@@ -22,6 +22,9 @@ class VmProcesses {
                                  const std::filesystem::path& ram_file);
   // How the VM's process ended ("exited with status 1"), if this table started it and it has.
   std::optional<std::string> exit_of(const std::string& id);
+  // How the VM's process ended, if it has; std::nullopt while it runs. This table's own child
+  // is reaped here; any other VM is checked by the identity in its record.
+  std::optional<std::string> ended(const VmDirectory& vm);
   // Ends the VM's process: `ask_to_quit` first (the VM's own control channel), then SIGTERM and
   // SIGKILL through a pidfd, and reaps it if it is this table's child. A VM whose process has
   // already exited is fine; one whose record names no process is left as it is.

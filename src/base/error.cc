@@ -13,6 +13,9 @@ const char* error_code_name(ErrorCode code) {
     case ErrorCode::kIo: return "I/O error";
     case ErrorCode::kUnsupported: return "unsupported";
     case ErrorCode::kBusy: return "busy";
+    case ErrorCode::kConflict: return "conflict";
+    case ErrorCode::kLimit: return "limit exceeded";
+    case ErrorCode::kUnavailable: return "unavailable";
   }
   return "unknown";
 }
@@ -24,7 +27,10 @@ constexpr ErrorCode kAllCodes[] = {ErrorCode::kInvalidArgument,
                                    ErrorCode::kAlreadyExists,
                                    ErrorCode::kIo,
                                    ErrorCode::kUnsupported,
-                                   ErrorCode::kBusy};
+                                   ErrorCode::kBusy,
+                                   ErrorCode::kConflict,
+                                   ErrorCode::kLimit,
+                                   ErrorCode::kUnavailable};
 }  // namespace
 
 const char* error_code_id(ErrorCode code) {
@@ -36,6 +42,9 @@ const char* error_code_id(ErrorCode code) {
     case ErrorCode::kIo: return "io";
     case ErrorCode::kUnsupported: return "unsupported";
     case ErrorCode::kBusy: return "busy";
+    case ErrorCode::kConflict: return "conflict";
+    case ErrorCode::kLimit: return "limit";
+    case ErrorCode::kUnavailable: return "unavailable";
   }
   return "unknown";
 }

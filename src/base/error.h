@@ -21,6 +21,9 @@ enum class ErrorCode {
   kIo,           // A system call failed; the message carries errno's text.
   kUnsupported,  // A valid input this version cannot handle (a newer format version).
   kBusy,         // A lock is held by someone else.
+  kConflict,     // The request conflicts with what exists (an image others depend on).
+  kLimit,        // A configured limit (VMs, memory) would be exceeded; nothing was started.
+  kUnavailable,  // The service is shutting down and takes no new work.
 };
 
 const char* error_code_name(ErrorCode code);

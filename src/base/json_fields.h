@@ -33,6 +33,8 @@ class JsonFields {
   Status number(std::string_view field, double& out);
   // The field's value if it is an object (for nested readers), else an error; nullptr if absent.
   Result<const nlohmann::json*> object(std::string_view field, bool required = false);
+  // The field's value of whatever type, for the caller to check; nullptr if absent.
+  const nlohmann::json* value(std::string_view field) { return find(field); }
   // Refuses any field no call above looked at: a misspelt field is an error, not ignored.
   Status no_other_fields() const;
 

@@ -3,7 +3,10 @@
 
 #include <CLI/CLI.hpp>
 
+#include <optional>
+
 #include "cli/output.h"
+#include "service/client.h"
 #include "store/store.h"
 
 namespace deltavm::cli {
@@ -13,9 +16,17 @@ namespace deltavm::cli {
 enum class StoreAccess { kExisting, kCreate };
 Result<Store> open_store(const GlobalOptions& options, StoreAccess access = StoreAccess::kExisting);
 
+// The runtime directory named by --runtime, $DELTAVM_RUNTIME or the default.
+std::filesystem::path runtime_directory(const GlobalOptions& options);
+
+// A client of the service that serves this runtime, if one runs: run, exec, ps and stop go
+// through it. kConflict if it serves another store than the one named.
+Result<std::optional<ServiceClient>> connect_service(const GlobalOptions& options);
+
 // Each adds its subcommands to `app`; a subcommand sets `exit_status` when it runs.
 void add_image_commands(CLI::App& app, const GlobalOptions& options, int& exit_status);
 void add_store_commands(CLI::App& app, const GlobalOptions& options, int& exit_status);
 void add_vm_commands(CLI::App& app, const GlobalOptions& options, int& exit_status);
+void add_service_commands(CLI::App& app, const GlobalOptions& options, int& exit_status);
 
 }  // namespace deltavm::cli

@@ -23,6 +23,7 @@ int run(int argc, char** argv) {
   deltavm::cli::add_image_commands(app, options, exit_status);
   deltavm::cli::add_store_commands(app, options, exit_status);
   deltavm::cli::add_vm_commands(app, options, exit_status);
+  deltavm::cli::add_service_commands(app, options, exit_status);
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& error) {

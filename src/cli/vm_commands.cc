@@ -10,16 +10,13 @@
 #include "backends/qemu/qemu_backend.h"
 #include "base/socket.h"
 #include "cli/commands.h"
+#include "service/encoding.h"
+#include "service/http_api.h"
 #include "templates/initramfs.h"
 #include "templates/templates.h"
 
 namespace deltavm::cli {
 namespace {
-
-std::filesystem::path runtime_directory(const GlobalOptions& options) {
-  return options.runtime_directory.empty() ? default_runtime_directory()
-                                           : std::filesystem::path(options.runtime_directory);
-}
 
 // The backend that runs VM `vm`, as its record says.
 Result<std::unique_ptr<Backend>> backend_of(const VmDirectory& vm) {
@@ -90,9 +87,45 @@ Status run_template_ls(const GlobalOptions& options) {
   return {};
 }
 
+// `deltavm run` through the service: a pooled VM when its pool has one.
+Status run_through_service(ServiceClient& service, const GlobalOptions& options, const std::string& name,
+                           const std::string& backend_name, const std::string& strategy_name,
+                           const std::string& kvm_memory) {
+  nlohmann::json body = {{"template", name}};
+  if (!backend_name.empty()) body["backend"] = backend_name;
+  if (!kvm_memory.empty()) body["memory"] = kvm_memory;
+  if (strategy_name != "base+deltas") body["ram"] = strategy_name;
+  DELTAVM_ASSIGN_OR_RETURN(nlohmann::json vm, service.call("POST", "/v1/vms", body));
+  if (!vm.is_object() || !vm.contains("id") || !vm["id"].is_string() || !vm.contains("timings") ||
+      !vm["timings"].is_object()) {
+    return make_error(ErrorCode::kIo, "the service answered POST /v1/vms without an id and timings");
+  }
+  if (options.json) {
+    const nlohmann::json& timings = vm["timings"];
+    print_json({{"id", vm["id"]},
+                {"template", vm.value("template", name)},
+                {"strategy", strategy_name},
+                {"pooled", vm.value("pooled", false)},
+                {"prepare_ms", timings.value("prepare_ms", 0.0)},
+                {"launch_ms", timings.value("launch_ms", 0.0)},
+                {"fill_ms", timings.value("fill_ms", 0.0)},
+                {"state_ms", timings.value("state_ms", 0.0)},
+                {"resume_ms", timings.value("resume_ms", 0.0)},
+                {"total_ms", timings.value("total_ms", 0.0)}});
+  } else {
+    fmt::print("{}\n", vm["id"].get<std::string>());
+  }
+  return {};
+}
+
 Status run_run(const GlobalOptions& options, const std::string& name, const std::string& backend_name,
                const std::string& strategy_name, const std::string& kvm_memory, bool paused) {
   DELTAVM_ASSIGN_OR_RETURN(RamStrategy strategy, parse_ram_strategy(strategy_name));
+  // A VM left paused is started here, not by the service (which adopts it once it runs).
+  if (!paused) {
+    DELTAVM_ASSIGN_OR_RETURN(std::optional<ServiceClient> service, connect_service(options));
+    if (service) return run_through_service(*service, options, name, backend_name, strategy_name, kvm_memory);
+  }
   DELTAVM_ASSIGN_OR_RETURN(Store store, open_store(options));
   DELTAVM_ASSIGN_OR_RETURN(Template loaded, load_template(store, name));
   // By default, the backend that captured the template.
@@ -108,7 +141,7 @@ Status run_run(const GlobalOptions& options, const std::string& name, const std:
     DELTAVM_ASSIGN_OR_RETURN(backend, make_backend(chosen));
   }
   DELTAVM_ASSIGN_OR_RETURN(StartedVm vm,
-                           start_vm(loaded, store, *backend, runtime_directory(options), strategy, paused));
+                           start_vm(loaded, store, *backend, runtime_directory(options), {.strategy = strategy, .leave_paused = paused}));
   if (options.json) {
     print_json({{"id", vm.id},
                 {"template", vm.template_name},
@@ -146,10 +179,49 @@ std::string command_line(const std::vector<std::string>& arguments) {
 // timeout(1) does.
 constexpr int kTimedOutExitStatus = 124;
 
+// What the guest sends back, through the service (which speaks base64 for exact bytes).
+Result<ExecResult> exec_through_service(ServiceClient& service, const std::string& id,
+                                        const std::vector<std::string>& arguments, const ExecRequest& request,
+                                        int timeout_s) {
+  // One argument is a shell command line, as agent_exec takes it; several are the argv.
+  nlohmann::json command = arguments.size() == 1 ? nlohmann::json{"/bin/sh", "-c", arguments[0]} : nlohmann::json(arguments);
+  nlohmann::json body = {{"command", command},
+                         {"encoding", "base64"},
+                         {"timeout_seconds", timeout_s == 0 ? kMaxExecTimeoutSeconds : uint64_t(timeout_s)},
+                         {"max_output_bytes", kMaxOutputBytes}};
+  if (request.stdin_bytes) body["stdin"] = base64_encode(*request.stdin_bytes);
+  // The answer comes when the command ends or the guest kills it, and the service adds little.
+  auto wait = std::chrono::seconds((timeout_s == 0 ? kMaxExecTimeoutSeconds : timeout_s) + 60);
+  std::string path = fmt::format("/v1/vms/{}/exec", id);
+  DELTAVM_ASSIGN_OR_RETURN(nlohmann::json reply, service.call("POST", path, body, wait));
+  auto text = [&](const char* field) -> Result<std::string> {
+    if (!reply.is_object() || !reply.contains(field) || !reply[field].is_string()) {
+      return make_error(ErrorCode::kIo, "the service's exec reply has no {}", field);
+    }
+    return base64_decode(reply[field].get<std::string>(), fmt::format("the service's exec reply field {}", field));
+  };
+  ExecResult result;
+  DELTAVM_ASSIGN_OR_RETURN(result.stdout_bytes, text("stdout"));
+  DELTAVM_ASSIGN_OR_RETURN(result.stderr_bytes, text("stderr"));
+  auto number = [&](const char* field) { return reply.contains(field) && reply[field].is_number_integer() ? reply[field].get<int>() : 0; };
+  auto flag = [&](const char* field) { return reply.contains(field) && reply[field].is_boolean() && reply[field].get<bool>(); };
+  result.exit_status = number("exit_code");
+  result.signal = number("signal");
+  result.timed_out = flag("timed_out");
+  result.stdout_truncated = flag("stdout_truncated");
+  result.stderr_truncated = flag("stderr_truncated");
+  result.duration_ms = reply.contains("duration_ms") && reply["duration_ms"].is_number() ? reply["duration_ms"].get<double>() : 0;
+  return result;
+}
+
 Result<int> run_exec(const GlobalOptions& options, const std::string& id, const std::vector<std::string>& arguments,
                      int timeout_s, bool pass_stdin) {
-  DELTAVM_ASSIGN_OR_RETURN(VmDirectory vm, VmDirectory::open(runtime_directory(options), id));
-  if (!vm.running()) return make_error(ErrorCode::kNotFound, "VM {} is not running", id);
+  DELTAVM_ASSIGN_OR_RETURN(std::optional<ServiceClient> service, connect_service(options));
+  std::optional<VmDirectory> vm;
+  if (!service) {
+    DELTAVM_ASSIGN_OR_RETURN(vm, VmDirectory::open(runtime_directory(options), id));
+    if (!vm->running()) return make_error(ErrorCode::kNotFound, "VM {} is not running", id);
+  }
   ExecRequest request;
   request.command = command_line(arguments);
   request.timeout = std::chrono::seconds(timeout_s);
@@ -168,7 +240,8 @@ Result<int> run_exec(const GlobalOptions& options, const std::string& id, const 
     }
     request.stdin_bytes = std::move(input);
   }
-  DELTAVM_ASSIGN_OR_RETURN(ExecResult result, agent_exec(vm.agent_socket(), request));
+  DELTAVM_ASSIGN_OR_RETURN(ExecResult result, service ? exec_through_service(*service, id, arguments, request, timeout_s)
+                                                       : agent_exec(vm->agent_socket(), request));
   if (options.json) {
     print_json({{"exit_status", result.exit_status},
                 {"signal", result.signal},
@@ -241,9 +314,33 @@ Status run_console(const GlobalOptions& options, const std::string& id) {
   return status;
 }
 
+// `deltavm ps` through the service: the VMs it hands out (its pools are in `template ls`).
+Status ps_through_service(ServiceClient& service, const GlobalOptions& options) {
+  DELTAVM_ASSIGN_OR_RETURN(nlohmann::json reply, service.call("GET", "/v1/vms"));
+  if (!reply.is_object() || !reply.contains("vms") || !reply["vms"].is_array()) {
+    return make_error(ErrorCode::kIo, "the service answered GET /v1/vms without a list of VMs");
+  }
+  nlohmann::json rows = nlohmann::json::array();
+  Table table({"id", "template", "backend", "pid", "state"});
+  for (const nlohmann::json& vm : reply["vms"]) {
+    if (!vm.is_object()) continue;
+    std::string id = vm.value("id", "?"), template_name = vm.value("template", "?"), backend = vm.value("backend", "?");
+    int pid = vm.contains("pid") && vm["pid"].is_number_integer() ? vm["pid"].get<int>() : 0;
+    rows.push_back({{"id", id}, {"template", template_name}, {"backend", backend}, {"pid", pid}, {"state", "running"}});
+    table.add_row({id, template_name, backend, pid > 0 ? std::to_string(pid) : "-", "running"});
+  }
+  if (options.json)
+    print_json({{"vms", rows}});
+  else
+    table.print();
+  return {};
+}
+
 Status run_ps(const GlobalOptions& options) {
+  DELTAVM_ASSIGN_OR_RETURN(std::optional<ServiceClient> service, connect_service(options));
+  if (service) return ps_through_service(*service, options);
   std::filesystem::path runtime = runtime_directory(options);
-  DELTAVM_TRY(remove_abandoned_builds(runtime));
+  DELTAVM_TRY(remove_abandoned_vms(runtime));
   DELTAVM_ASSIGN_OR_RETURN(std::vector<VmDirectory> vms, VmDirectory::list(runtime));
   nlohmann::json rows = nlohmann::json::array();
   Table table({"id", "template", "backend", "pid", "state"});
@@ -277,9 +374,17 @@ Status run_ps(const GlobalOptions& options) {
 // reported and the others are still stopped. Its directory is left for a person to look at.
 Status run_stop(const GlobalOptions& options, const std::vector<std::string>& ids, bool all) {
   std::filesystem::path runtime = runtime_directory(options);
+  DELTAVM_ASSIGN_OR_RETURN(std::optional<ServiceClient> service, connect_service(options));
   std::vector<std::string> targets = ids;
-  if (all) {
-    DELTAVM_TRY(remove_abandoned_builds(runtime));
+  if (all && service) {
+    DELTAVM_ASSIGN_OR_RETURN(nlohmann::json reply, service->call("GET", "/v1/vms"));
+    if (reply.is_object() && reply.contains("vms") && reply["vms"].is_array()) {
+      for (const nlohmann::json& vm : reply["vms"]) {
+        if (vm.is_object() && vm.contains("id") && vm["id"].is_string()) targets.push_back(vm["id"].get<std::string>());
+      }
+    }
+  } else if (all) {
+    DELTAVM_TRY(remove_abandoned_vms(runtime));
     DELTAVM_ASSIGN_OR_RETURN(std::vector<VmDirectory> vms, VmDirectory::list(runtime));
     for (const VmDirectory& vm : vms) targets.push_back(vm.id());
   }
@@ -287,6 +392,7 @@ Status run_stop(const GlobalOptions& options, const std::vector<std::string>& id
   std::optional<Error> first_failure;
   for (const std::string& id : targets) {
     Status status = [&]() -> Status {
+      if (service) return service->call("DELETE", fmt::format("/v1/vms/{}", id)).status();
       DELTAVM_ASSIGN_OR_RETURN(VmDirectory vm, VmDirectory::open(runtime, id));
       DELTAVM_ASSIGN_OR_RETURN(std::unique_ptr<Backend> backend, backend_of(vm));
       return stop_vm(id, *backend, runtime);

@@ -558,7 +558,7 @@ Status Store::remove_image(const std::string& name) {
   DELTAVM_ASSIGN_OR_RETURN(ImageRecord record, find(name));
   DELTAVM_ASSIGN_OR_RETURN(std::vector<std::string> children, catalog_.children(name));
   if (!children.empty()) {
-    return make_error(ErrorCode::kInvalidArgument, "image {} is the parent of {} other image(s), first {}", name,
+    return make_error(ErrorCode::kConflict, "image {} is the parent of {} other image(s), first {}", name,
                       children.size(), children.front());
   }
   return catalog_.remove(name);

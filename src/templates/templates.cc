@@ -160,7 +160,7 @@ Result<TemplateBuild> build_template(const TemplateSpec& spec, Store& store, Bac
   DELTAVM_ASSIGN_OR_RETURN(std::vector<uint8_t> kernel, read_file(kernel_path));
   DELTAVM_ASSIGN_OR_RETURN(std::vector<uint8_t> initramfs, build_initramfs(effective, kit));
 
-  (void)remove_abandoned_builds(runtime);
+  (void)remove_abandoned_vms(runtime);
   DELTAVM_ASSIGN_OR_RETURN(VmDirectory vm, VmDirectory::create(runtime));
   VmGuard guard(backend, vm);
   std::filesystem::path initramfs_path = vm.path() / "initramfs.cpio";
@@ -239,7 +239,7 @@ Status add_boot_files(Store& store, const Template& loaded, MachineSpec& machine
 }
 
 Result<StartedVm> start_vm(const Template& loaded, Store& store, Backend& backend, const std::filesystem::path& runtime,
-                           RamStrategy strategy, bool leave_paused) {
+                           const StartOptions& options) {
   auto start = Clock::now();
   const std::string& name = loaded.name();
   if (loaded.backend != backend.name()) {
@@ -252,32 +252,37 @@ Result<StartedVm> start_vm(const Template& loaded, Store& store, Backend& backen
   if (backend.restore_needs_boot_files()) DELTAVM_TRY(add_boot_files(store, loaded, machine));
   DELTAVM_ASSIGN_OR_RETURN(std::vector<uint8_t> state, store.read_attachment(loaded.record(), kMachineStateRole));
   Loader loader(store);
-  DELTAVM_ASSIGN_OR_RETURN(PreparedRam ram, loader.prepare(loaded.chain, strategy));
+  DELTAVM_ASSIGN_OR_RETURN(PreparedRam ram, loader.prepare(loaded.chain, options.strategy));
 
   DELTAVM_ASSIGN_OR_RETURN(VmDirectory vm, VmDirectory::create(runtime));
   VmGuard guard(backend, vm);
+  // Owned while it starts: if this process dies half-way, whoever finds the VM ends it.
   DELTAVM_TRY(vm.update_record([&](VmRecord& vm_record) {
     vm_record.template_name = name;
-    vm_record.strategy = ram_strategy_name(strategy);
+    vm_record.strategy = ram_strategy_name(options.strategy);
+    vm_record.memory_bytes = machine.memory_bytes;
+    vm_record.purpose = options.purpose;
+    vm_record.owner = ProcessIdentity::self();
   }));
   StartedVm started;
   started.id = vm.id();
   started.template_name = name;
-  started.strategy = strategy;
+  started.strategy = options.strategy;
   started.prepare_ms = ram.prepare_ms();
   DELTAVM_ASSIGN_OR_RETURN(started.restore,
                            backend.restore(
                                machine, ram.flat_file(), [&ram](GuestMemoryWriter& writer) { return ram.fill(writer); },
-                               state, vm, leave_paused));
+                               state, vm, options.leave_paused));
+  if (!options.stay_owner) DELTAVM_TRY(vm.update_record([](VmRecord& vm_record) { vm_record.owner.reset(); }));
   started.total_ms = elapsed_ms(start);
   guard.release();
   return started;
 }
 
 Result<StartedVm> start_vm(const std::string& name, Store& store, Backend& backend,
-                           const std::filesystem::path& runtime, RamStrategy strategy, bool leave_paused) {
+                           const std::filesystem::path& runtime, const StartOptions& options) {
   DELTAVM_ASSIGN_OR_RETURN(Template loaded, load_template(store, name));
-  return start_vm(loaded, store, backend, runtime, strategy, leave_paused);
+  return start_vm(loaded, store, backend, runtime, options);
 }
 
 Status stop_vm(const std::string& id, Backend& backend, const std::filesystem::path& runtime) {

@@ -60,14 +60,25 @@ Result<Template> load_template(Store& store, const std::string& name);
 // so only a backend that boots from them asks for them.
 Status add_boot_files(Store& store, const Template& loaded, MachineSpec& machine);
 
+struct StartOptions {
+  RamStrategy strategy = RamStrategy::kBasePlusDeltas;
+  // Load RAM and machine state but run no vCPU until Backend::resume.
+  bool leave_paused = false;
+  // This process stays the VM's recorded owner once it runs (a warm pool's VM, with purpose
+  // "pool"): if it dies, the VM is abandoned (vm_directory.h). Otherwise it is the owner only
+  // while the VM starts, and the running VM belongs to the runtime.
+  bool stay_owner = false;
+  std::string purpose;
+};
+
 // The patent's request: a new VM equivalent to template `loaded`, its RAM built from the base
-// and the chain, its machine state loaded, running when this returns. With `leave_paused` the
-// VM's RAM and state are in place but no vCPU has run yet.
+// and the chain, its machine state loaded, running when this returns (or paused, as `options`
+// say). On any failure nothing is left running and the VM's directory is removed.
 Result<StartedVm> start_vm(const Template& loaded, Store& store, Backend& backend, const std::filesystem::path& runtime,
-                           RamStrategy strategy, bool leave_paused = false);
+                           const StartOptions& options = {});
 // load_template, then start_vm.
 Result<StartedVm> start_vm(const std::string& name, Store& store, Backend& backend,
-                           const std::filesystem::path& runtime, RamStrategy strategy, bool leave_paused = false);
+                           const std::filesystem::path& runtime, const StartOptions& options = {});
 
 // Stops a VM and removes its directory.
 Status stop_vm(const std::string& id, Backend& backend, const std::filesystem::path& runtime);

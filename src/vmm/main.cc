@@ -2,6 +2,7 @@
 // socket and runs one machine: booted, or restored from a machine state and RAM layers. The
 // protocol (vmm/protocol.h, docs/kvm.md) is one JSON object per line each way; a malformed
 // request gets an error reply and the VMM serves on.
+#include <fcntl.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <unistd.h>
@@ -50,13 +51,14 @@ int run(int argc, char** argv) {
   using namespace deltavm;
   using namespace deltavm::vmm;
   CLI::App app{"deltavm-vmm: runs one VM on /dev/kvm, controlled over a Unix socket"};
-  std::string control, device = "/dev/kvm", console, agent, directory;
+  std::string control, device = "/dev/kvm", console, console_log, agent, directory;
   std::vector<std::string> read_only;
   bool check = false;
   app.add_flag("--check", check, "say whether KVM can run this VMM's guests here, and exit (0: yes, 1: no)");
   app.add_option("--control", control, "control socket to create");
   app.add_option("--device", device, "KVM device");
   app.add_option("--console", console, "socket to serve ttyS0 on");
+  app.add_option("--console-log", console_log, "file to append everything the guest writes to ttyS0 to");
   app.add_option("--agent", agent, "socket to serve ttyS1 on");
   app.add_option("--directory", directory, "the VM's directory: the only place this VMM writes");
   app.add_option("--read-only", read_only, "a file or directory this VMM may also read (repeatable)");
@@ -86,9 +88,18 @@ int run(int argc, char** argv) {
   if (!listener) return fail(listener.error());
   std::unique_ptr<SerialSocket> sockets[2];
   const std::string* paths[2] = {&console, &agent};
+  Fd log;
+  if (!console_log.empty()) {
+    Result<std::filesystem::path> writable = policy->writable(console_log);
+    if (!writable) return fail(writable.error().with_context("--console-log"));
+    Result<Fd> opened = open_file(*writable, O_WRONLY | O_CREAT | O_APPEND | O_NOFOLLOW, 0600);
+    if (!opened) return fail(opened.error());
+    log = std::move(opened).value();
+  }
   for (int port = 0; port < 2; ++port) {
     if (paths[port]->empty()) continue;
-    Result<std::unique_ptr<SerialSocket>> socket = SerialSocket::listen(*paths[port], port == 0 ? 64 << 10 : 0);
+    Result<std::unique_ptr<SerialSocket>> socket =
+        SerialSocket::listen(*paths[port], port == 0 ? 64 << 10 : 0, port == 0 ? std::move(log) : Fd());
     if (!socket) return fail(socket.error());
     sockets[port] = std::move(socket).value();
   }

@@ -11,11 +11,12 @@
 
 namespace deltavm::vmm {
 
-Result<std::unique_ptr<SerialSocket>> SerialSocket::listen(const std::filesystem::path& path, size_t history_bytes) {
+Result<std::unique_ptr<SerialSocket>> SerialSocket::listen(const std::filesystem::path& path, size_t history_bytes,
+                                                           Fd log) {
   DELTAVM_ASSIGN_OR_RETURN(Fd listener, listen_unix(path));
   Fd stop(::eventfd(0, EFD_CLOEXEC));
   if (!stop.valid()) return errno_error("eventfd", errno);
-  std::unique_ptr<SerialSocket> socket(new SerialSocket(std::move(listener), std::move(stop), history_bytes));
+  std::unique_ptr<SerialSocket> socket(new SerialSocket(std::move(listener), std::move(stop), history_bytes, std::move(log)));
   socket->thread_ = std::thread([raw = socket.get()] { raw->serve(); });
   return socket;
 }
@@ -37,6 +38,7 @@ void SerialSocket::output(uint8_t byte) {
     history_.push_back(static_cast<char>(byte));
     if (history_.size() > 2 * history_bytes_) history_.erase(0, history_.size() - history_bytes_);
   }
+  if (log_.valid() && ::write(log_.get(), &byte, 1) != 1) log_ = Fd();  // A full disk ends the log, not the VM.
   if (client_.valid() && ::send(client_.get(), &byte, 1, MSG_NOSIGNAL) != 1) client_ = Fd();
 }
 

@@ -3,7 +3,7 @@
 // agent client work the same on both backends). Guest output goes to the connected client;
 // the console also keeps a short history that each new client gets first, so a client that
 // connects late still sees the boot's last lines. Client bytes go to the guest as fast as its
-// receive FIFO takes them.
+// receive FIFO takes them. The console may also append all guest output to a log file.
 #pragma once
 
 #include <cstdint>
@@ -25,7 +25,10 @@ class SerialSocket {
   // Bytes for the guest; returns how many it took (its FIFO may be full).
   using Input = std::function<size_t(std::span<const uint8_t>)>;
 
-  static Result<std::unique_ptr<SerialSocket>> listen(const std::filesystem::path& path, size_t history_bytes);
+  // `log`, if valid, gets every byte the guest writes (opened O_APPEND by the caller, so that
+  // whoever reads it may also truncate it).
+  static Result<std::unique_ptr<SerialSocket>> listen(const std::filesystem::path& path, size_t history_bytes,
+                                                      Fd log = Fd());
   ~SerialSocket();
 
   void set_input(Input input);
@@ -33,13 +36,14 @@ class SerialSocket {
   void output(uint8_t byte);
 
  private:
-  SerialSocket(Fd listener, Fd stop, size_t history_bytes)
-      : listener_(std::move(listener)), stop_(std::move(stop)), history_bytes_(history_bytes) {}
+  SerialSocket(Fd listener, Fd stop, size_t history_bytes, Fd log)
+      : listener_(std::move(listener)), stop_(std::move(stop)), history_bytes_(history_bytes), log_(std::move(log)) {}
   void serve();
 
   Fd listener_;
   Fd stop_;  // eventfd: ends serve().
   size_t history_bytes_;
+  Fd log_;
   std::mutex mutex_;
   Fd client_;
   std::string history_;

@@ -33,7 +33,7 @@ class AgentChannel : public ::testing::Test {
     templates_ = *templates;
     runtime_ = templates_.root / "agent-runtime";
     Result<StartedVm> vm =
-        start_vm("base", *templates_.store, *templates_.backend, runtime_, RamStrategy::kBasePlusDeltas);
+        start_vm("base", *templates_.store, *templates_.backend, runtime_);
     ASSERT_TRUE(vm) << vm.error().message;
     id_ = vm->id;
     Result<VmDirectory> directory = VmDirectory::open(runtime_, id_);

@@ -257,8 +257,7 @@ TEST_F(VmProcesses, DamagedFlatFileNeverReachesAClone) {
   Result<FsckReport> fsck = store.fsck();
   ASSERT_TRUE(fsck);
   EXPECT_FALSE(fsck->clean());
-  Result<StartedVm> vm = start_vm("counter", store, *templates_.backend, runtime_, RamStrategy::kBasePlusDeltas,
-                                  /*leave_paused=*/true);
+  Result<StartedVm> vm = start_vm("counter", store, *templates_.backend, runtime_, {.leave_paused = true});
   ASSERT_TRUE(vm) << vm.error().message;
   Result<VmDirectory> directory = VmDirectory::open(runtime_, vm->id);
   ASSERT_TRUE(directory);

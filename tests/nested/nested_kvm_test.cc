@@ -2,10 +2,13 @@
 // AMD-V) and the kit kernel's own KVM modules runs KVM guests itself. Built as an ordinary
 // deltavm template, it is captured and loaded like any other, and /dev/kvm keeps working in
 // the loaded clone. This is where the kvm backend is tested on hosts without /dev/kvm: the
-// harness carries the static deltavm-vmm, the micro guest and the kvm test binary, and runs it.
+// harness carries the static deltavm-vmm, the micro guest, the kvm test binary and the deltavm
+// command (with the shared libraries it links), and runs them.
 #include <gtest/gtest.h>
 
+#include <cstdio>
 #include <fstream>
+#include <memory>
 #include <regex>
 
 #include "backends/agent_client.h"
@@ -19,6 +22,22 @@ namespace {
 
 std::filesystem::path test_root() { return std::filesystem::path(::testing::TempDir()) / "deltavm_nested_test"; }
 std::filesystem::path runtime() { return test_root() / "runtime"; }
+
+// The shared libraries a dynamically linked binary loads, the dynamic loader included, as ldd
+// resolves them on this host: the harness gets each at the same path.
+std::vector<std::filesystem::path> shared_libraries(const std::filesystem::path& binary) {
+  std::vector<std::filesystem::path> libraries;
+  std::unique_ptr<FILE, int (*)(FILE*)> ldd(::popen(("ldd " + binary.string()).c_str(), "r"), ::pclose);
+  if (!ldd) return libraries;
+  std::string output;
+  char buffer[4096];
+  for (size_t count; (count = std::fread(buffer, 1, sizeof buffer, ldd.get())) > 0;) output.append(buffer, count);
+  std::regex library(R"((?:=> )?(/\S+) \(0x)");
+  for (std::sregex_iterator match(output.begin(), output.end(), library), end; match != end; ++match) {
+    libraries.emplace_back((*match)[1].str());
+  }
+  return libraries;
+}
 
 class NestedKvm : public ::testing::Test {
  protected:
@@ -58,11 +77,21 @@ class NestedKvm : public ::testing::Test {
                 "insmod /lib/modules/kvm-amd.ko", "test -c /dev/kvm"]}})",
                                         modules.string(), files.string(), kit->kernel.string(),
                                         guest_initramfs_file.string(), kit->busybox.string(), kit->agent.string());
+    std::vector<std::filesystem::path> libraries = shared_libraries(files / "deltavm");
+    ASSERT_FALSE(libraries.empty()) << "ldd found no libraries for " << (files / "deltavm").string();
+    std::string library_entries;
+    for (const std::filesystem::path& library : libraries) {
+      library_entries += fmt::format(R"(, {{"source": "{0}", "destination": "{0}", "mode": "0755"}})", library.string());
+    }
+    spec_json.insert(spec_json.find("],\n      \"setup\""), library_entries);
     std::string stamp = spec_json;
     for (const char* name : {"kvm-probe", "deltavm-vmm", "deltavm_kvm_tests", "micro-guest.bin", "deltavm"}) {
       std::filesystem::path path = files / name;
       stamp += fmt::format("{} {} {}\n", name, std::filesystem::file_size(path),
                            std::filesystem::last_write_time(path).time_since_epoch().count());
+    }
+    for (const std::filesystem::path& library : libraries) {
+      stamp += fmt::format("{} {}\n", library.string(), std::filesystem::file_size(library));
     }
     stamp += fmt::format("initramfs {}\n", guest_initramfs->size());
     std::filesystem::path stamp_file = test_root() / "stamp";
@@ -90,7 +119,7 @@ class NestedKvm : public ::testing::Test {
 
   // A clone of the harness, loaded from the store.
   VmDirectory start() {
-    Result<StartedVm> vm = start_vm("nested-kvm", *store_, *backend_, runtime(), RamStrategy::kBasePlusDeltas);
+    Result<StartedVm> vm = start_vm("nested-kvm", *store_, *backend_, runtime());
     EXPECT_TRUE(vm) << vm.error().message;
     started_.push_back(vm->id);
     return *VmDirectory::open(runtime(), vm->id);
@@ -140,7 +169,8 @@ TEST_F(NestedKvm, KvmBackendSuitePassesInsideHarness) {
 // command line: a base template and a child with setup are booted by deltavm-vmm, captured and
 // stored as a chain; VMs loaded from the child (base + delta, userfault memory) and from the
 // base alone (eager) answer commands, the child's with the child's state. Then a two-vCPU
-// template, loaded (private memory) with both CPUs.
+// template, loaded (private memory) with both CPUs. Last, deltavm serve with a warm pool of the
+// child on the kvm backend, used through the command line and the token-guarded TCP API.
 TEST_F(NestedKvm, KvmBackendBuildsChainedLinuxTemplatesAndLoadsOneThatAnswers) {
   VmDirectory directory = start();
   const char* script = R"(set -e
@@ -164,6 +194,25 @@ deltavm template build --backend kvm /tmp/pair.json
 id=$(deltavm run pair --kvm-memory private)
 deltavm exec --timeout 300 "$id" -- 'echo cpus $(grep -c ^processor /proc/cpuinfo)'
 deltavm stop "$id"
+# The service on the kvm backend: a warm pool of web, filled before the request; the command
+# line goes through the service; TCP needs the token.
+ip link set lo up
+echo '{"pools": {"web": 1}}' > /tmp/serve.json
+echo nested-harness-token-0123456789 > /tmp/token && chmod 600 /tmp/token
+deltavm serve --config /tmp/serve.json --listen 127.0.0.1:8123 --token-file /tmp/token &
+serve=$!
+api() { wget -q -O - --header "Authorization: Bearer $(cat /tmp/token)" "http://127.0.0.1:8123$1"; }
+for i in $(seq 1200); do api /v1/templates/web 2>/dev/null | grep -q '"ready":1' && break; sleep 0.5; done
+api /v1/templates/web
+wget -q -O - http://127.0.0.1:8123/v1/vms || echo no-token-refused
+deltavm --json run web
+id=$(deltavm ps | awk '$2 == "web" {print $1}')
+deltavm exec --timeout 300 "$id" -- cat /tmp/page
+api /metrics | grep '^deltavm_loads_total'
+deltavm stop "$id"
+kill -TERM $serve
+wait $serve
+echo service-stopped
 )";
   Result<ExecResult> flow = agent_exec(directory.agent_socket(), script, std::chrono::minutes(20));
   ASSERT_TRUE(flow) << flow.error().message;
@@ -173,6 +222,16 @@ deltavm stop "$id"
   EXPECT_NE(flow->stdout_bytes.find("base-answers\n"), std::string::npos) << flow->stdout_bytes << flow->stderr_bytes;
   // Two vCPUs (ACPI tables), captured with both online and loaded with both running.
   EXPECT_NE(flow->stdout_bytes.find("cpus 2\n"), std::string::npos) << flow->stdout_bytes << flow->stderr_bytes;
+  // The service handed out its warm kvm VM, which answered with the child's state.
+  EXPECT_NE(flow->stdout_bytes.find("no-token-refused"), std::string::npos) << flow->stdout_bytes << flow->stderr_bytes;
+  EXPECT_TRUE(std::regex_search(flow->stdout_bytes, std::regex(R"("pooled": true)")))
+      << flow->stdout_bytes << flow->stderr_bytes;
+  EXPECT_NE(flow->stdout_bytes.find("served-by-kvm\ndeltavm_loads_total"), std::string::npos)
+      << flow->stdout_bytes << flow->stderr_bytes;
+  EXPECT_TRUE(std::regex_search(flow->stdout_bytes,
+                                std::regex(R"(deltavm_loads_total\{[^}]*backend="kvm"[^}]*pooled="true"[^}]*\} 1)")))
+      << flow->stdout_bytes << flow->stderr_bytes;
+  EXPECT_NE(flow->stdout_bytes.find("service-stopped"), std::string::npos) << flow->stdout_bytes << flow->stderr_bytes;
 }
 
 }  // namespace

@@ -44,7 +44,7 @@ class TemplateVms : public ::testing::Test {
   static std::filesystem::path runtime() { return test_root() / "runtime"; }
 
   VmDirectory start(const std::string& name, bool paused = false) {
-    Result<StartedVm> vm = start_vm(name, *store_, *backend_, runtime(), RamStrategy::kBasePlusDeltas, paused);
+    Result<StartedVm> vm = start_vm(name, *store_, *backend_, runtime(), {.leave_paused = paused});
     EXPECT_TRUE(vm) << vm.error().message;
     started_.push_back(vm->id);
     return *VmDirectory::open(runtime(), vm->id);

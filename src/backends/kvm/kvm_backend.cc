@@ -126,6 +126,8 @@ class KvmBackend : public Backend {
     return {};
   }
 
+  std::optional<std::string> ended(const VmDirectory& vm) override { return processes_.ended(vm); }
+
   Status stop(const VmDirectory& vm) override {
     return processes_.stop(vm, [&] {
       Result<VmmClient> client = VmmClient::connect(vm.control_socket(), deadline_after(std::chrono::seconds(2)));
@@ -140,8 +142,8 @@ class KvmBackend : public Backend {
                 const std::vector<std::filesystem::path>& read_only, bool die_with_parent) {
     SpawnOptions options;
     options.argv = {default_vmm_binary().string(), "--directory", vm.path().string(),           "--control",
-                    vm.control_socket().string(),  "--console",   vm.console_socket().string(), "--agent",
-                    vm.agent_socket().string()};
+                    vm.control_socket().string(),  "--console",   vm.console_socket().string(), "--console-log",
+                    vm.console_log().string(),     "--agent",     vm.agent_socket().string()};
     for (const std::filesystem::path& path : read_only)
       options.argv.insert(options.argv.end(), {"--read-only", path.string()});
     options.log = vm.log_file();
@@ -153,8 +155,8 @@ class KvmBackend : public Backend {
       Result<VmmClient> client =
           VmmClient::connect(vm.control_socket(), std::min(deadline, deadline_after(std::chrono::milliseconds(50))));
       if (client) return {};
-      if (std::optional<std::string> ended = processes_.exit_of(vm.id())) {
-        return make_error(ErrorCode::kIo, "deltavm-vmm {} at start: {}", *ended, tail_of_log(vm.log_file()));
+      if (std::optional<std::string> exit = processes_.exit_of(vm.id())) {
+        return make_error(ErrorCode::kIo, "deltavm-vmm {} at start: {}", *exit, tail_of_log(vm.log_file()));
       }
       if (Clock::now() >= deadline) return client.error().with_context("deltavm-vmm");
     }

@@ -71,6 +71,7 @@ Result<std::vector<std::string>> machine_arguments(const MachineSpec& machine, c
                                 shared ? "on" : "off");
   }
   DELTAVM_ASSIGN_OR_RETURN(std::string console, option_value(vm.console_socket(), "console socket"));
+  DELTAVM_ASSIGN_OR_RETURN(std::string console_log, option_value(vm.console_log(), "console log"));
   DELTAVM_ASSIGN_OR_RETURN(std::string agent, option_value(vm.agent_socket(), "agent socket"));
   DELTAVM_ASSIGN_OR_RETURN(std::string control, option_value(vm.control_socket(), "control socket"));
   // -kernel, -initrd and -append take their argument whole; only control characters are refused.
@@ -102,7 +103,8 @@ Result<std::vector<std::string>> machine_arguments(const MachineSpec& machine, c
                                    "-append",
                                    machine.command_line,
                                    "-chardev",
-                                   fmt::format("socket,id=console,path={},server=on,wait=off", console),
+                                   fmt::format("socket,id=console,path={},server=on,wait=off,logfile={},logappend=on", console,
+                                               console_log),
                                    "-serial",
                                    "chardev:console",
                                    "-chardev",
@@ -360,6 +362,8 @@ class QemuBackend : public Backend {
     return {};
   }
 
+  std::optional<std::string> ended(const VmDirectory& vm) override { return processes_.ended(vm); }
+
   Status stop(const VmDirectory& vm) override {
     return processes_.stop(vm, [&] {
       Result<QmpClient> qmp = QmpClient::connect(vm.control_socket(), deadline_after(std::chrono::seconds(2)));
@@ -381,8 +385,8 @@ class QemuBackend : public Backend {
       Result<QmpClient> client =
           QmpClient::connect(vm.control_socket(), std::min(deadline, deadline_after(std::chrono::milliseconds(50))));
       if (client) return client;
-      std::optional<std::string> ended = processes_.exit_of(vm.id());
-      if (ended) return make_error(ErrorCode::kIo, "qemu {} at start: {}", *ended, tail_of_log(vm.log_file()));
+      std::optional<std::string> exit = processes_.exit_of(vm.id());
+      if (exit) return make_error(ErrorCode::kIo, "qemu {} at start: {}", *exit, tail_of_log(vm.log_file()));
       if (Clock::now() >= deadline) return client.error();
     }
   }

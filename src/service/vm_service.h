@@ -1,0 +1,222 @@
+// The service's core: one owner of the VM table of a store and a runtime. It answers typed
+// actions (create, list, exec, delete, build, pool sizes) and knows no HTTP (http_api.h turns
+// requests into these calls). Around the actions it keeps:
+//
+//  - warm pools: per template, VMs loaded in full (RAM from base and chain, machine state) and
+//    left paused, so that a request only resumes one; a thread refills them;
+//  - lifetimes: a VM's ttl, after which it is stopped and reaped; VMs whose process died are
+//    reaped too;
+//  - limits: how many VMs and how much guest RAM, pools and builds included. A request over a
+//    limit first takes room from the pools; if there is none it is refused (kLimit) with
+//    nothing started;
+//  - restart safety: every VM it starts is recorded in its directory (vm_directory.h); a new
+//    service adopts the running VMs it finds, with their ttl, and ends the pool VMs and
+//    half-started VMs of a service that died (they name it as their owner);
+//  - metrics.
+//
+// Every action may be called from any thread.
+#pragma once
+
+#include <condition_variable>
+#include <deque>
+#include <filesystem>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <optional>
+#include <set>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "backends/agent_client.h"
+#include "backends/backend.h"
+#include "service/config.h"
+#include "service/metrics.h"
+#include "store/store.h"
+#include "templates/spec.h"
+
+namespace deltavm {
+
+struct CreateVmRequest {
+  std::string template_name;
+  std::optional<uint64_t> ttl_seconds;  // Else the configured default.
+  std::string backend;                  // Empty: the backend that captured the template.
+  std::string memory;                   // kvm backend: eager, private or userfault; empty: its default.
+  std::string ram;                      // "base+deltas" (default) or "flat".
+};
+
+struct VmTimings {
+  double total_ms = 0;  // Request to running VM.
+  // How the VM was loaded. For a pooled VM this happened before the request, when the pool
+  // loaded it; the request paid only resume_ms.
+  double prepare_ms = 0;
+  double launch_ms = 0;
+  double fill_ms = 0;
+  double state_ms = 0;
+  double resume_ms = 0;  // Pooled VMs: starting the paused vCPUs.
+};
+
+struct VmView {
+  std::string id;
+  std::string template_name;
+  std::string backend;
+  bool pooled = false;  // Taken from a warm pool.
+  int pid = 0;
+  uint64_t memory_bytes = 0;
+  int64_t created_at_unix = 0;
+  int64_t expires_at_unix = 0;  // 0: no ttl.
+  VmTimings timings;
+};
+
+struct PoolView {
+  uint64_t size = 0;   // Wanted.
+  uint64_t ready = 0;  // Loaded and paused.
+  uint64_t loading = 0;
+  std::string last_error;  // Why the last refill failed, if it did.
+};
+
+struct TemplateView {
+  std::string name;
+  std::optional<std::string> parent;
+  std::vector<std::string> chain;  // Base first.
+  uint64_t chain_depth = 0;
+  uint64_t image_size_bytes = 0;
+  uint64_t stored_size_bytes = 0;
+  uint64_t chain_stored_bytes = 0;
+  std::string backend;
+  uint64_t memory_bytes = 0;
+  uint32_t vcpus = 1;
+  PoolView pool;
+};
+
+struct BuildView {
+  std::string id;
+  std::string template_name;
+  std::string state;  // "building", "succeeded" or "failed".
+  std::vector<std::string> log;
+  std::string error;
+  int64_t started_at_unix = 0;
+  double duration_ms = 0;
+};
+
+struct ConsoleOutput {
+  std::string bytes;
+  uint64_t dropped_bytes = 0;  // Output older than the bytes kept (kMaxConsoleBytes).
+};
+
+// The console output kept per VM; beyond it the oldest output is dropped.
+inline constexpr uint64_t kMaxConsoleBytes = 1 << 20;
+
+class VmService {
+ public:
+  // Adopts what the runtime holds (ending what a dead owner left), then starts the pool and
+  // lifetime threads.
+  static Result<std::unique_ptr<VmService>> start(Store& store, std::filesystem::path runtime, ServiceConfig config);
+  // Stops the threads. VMs keep running (a later service adopts them) except those in pools,
+  // which drain() has ended.
+  ~VmService();
+  VmService(const VmService&) = delete;
+  VmService& operator=(const VmService&) = delete;
+
+  Result<VmView> create_vm(const CreateVmRequest& request);
+  std::vector<VmView> list_vms();
+  Result<VmView> get_vm(const std::string& id);
+  Status delete_vm(const std::string& id);
+  Result<ExecResult> exec(const std::string& id, const ExecRequest& request);
+  Result<ConsoleOutput> console(const std::string& id);
+
+  Result<std::vector<TemplateView>> list_templates();
+  Result<TemplateView> get_template(const std::string& name);
+  // Refused (kConflict) while a VM, a pool or a child template depends on it.
+  Status delete_template(const std::string& name);
+  Status set_pool_size(const std::string& name, uint64_t size);
+  // Starts building `spec` in the background; returns the build's id.
+  Result<std::string> start_build(const TemplateSpec& spec, const std::string& backend);
+  Result<BuildView> get_build(const std::string& id);
+
+  // The metrics in the Prometheus text format, gauges brought up to date.
+  std::string metrics_text();
+  // For the HTTP layer's own counters.
+  Metrics& metrics();
+
+  // Takes no new work from now on: creates, builds and pool changes fail with kUnavailable.
+  void stop_taking_work();
+  // stop_taking_work, then waits for builds, stops refilling and ends the pool VMs. Running
+  // VMs are left running for the next service to adopt.
+  void drain();
+  bool draining() const;
+
+ private:
+  enum class VmState { kStarting, kPooled, kRunning, kStopping };
+  struct Vm {
+    std::string id;
+    std::string template_name;
+    std::string backend_key;  // Which of backends_ started it.
+    std::string backend;
+    VmState state = VmState::kStarting;
+    bool pooled = false;
+    int pid = 0;
+    uint64_t memory_bytes = 0;
+    int64_t created_at_unix = 0;
+    int64_t expires_at_unix = 0;
+    VmTimings timings;
+    uint64_t console_dropped_bytes = 0;
+  };
+  struct Pool {
+    uint64_t size = 0;
+    std::deque<std::string> ready;  // Ids, oldest first.
+    uint64_t loading = 0;
+    std::string last_error;
+    std::chrono::steady_clock::time_point retry_after{};
+  };
+  struct Build;
+  // Room for one VM of `memory_bytes` (counted until released or handed to a VM).
+  struct Reservation {
+    uint64_t memory_bytes = 0;
+  };
+
+  VmService(Store& store, std::filesystem::path runtime, ServiceConfig config);
+
+  Result<Backend*> backend(const std::string& key);
+  // Reserves room, taking it from pools if `may_evict`; kLimit if there is none.
+  Result<Reservation> reserve(uint64_t memory_bytes, bool may_evict);
+  void release(const Reservation& reservation);
+  // A pooled VM of `name`, resumed and now the caller's, or nullopt if the pool has none.
+  std::optional<VmView> take_from_pool(const CreateVmRequest& request, int64_t expires_at_unix,
+                                       std::chrono::steady_clock::time_point start);
+  Result<VmView> start_cold(const CreateVmRequest& request, int64_t expires_at_unix,
+                            std::chrono::steady_clock::time_point start);
+  // Stops a VM the caller has marked kStopping (or never listed) and forgets it.
+  void stop_and_forget(const std::shared_ptr<Vm>& vm, const std::string& reason);
+  VmView view_of(const Vm& vm) const;
+
+  void refill_pools();
+  void watch_vms();
+  // Finds VMs in the runtime this service does not know: adopts the running ones that belong
+  // to the runtime and ends the abandoned ones.
+  void adopt_unknown_vms();
+  void update_gauges();
+
+  Store& store_;
+  const std::filesystem::path runtime_;
+  const ServiceConfig config_;
+  Metrics metrics_;
+
+  mutable std::mutex mutex_;
+  std::condition_variable changed_;  // VMs, pools or draining_ changed.
+  bool draining_ = false;
+  bool stopping_threads_ = false;
+  std::map<std::string, std::unique_ptr<Backend>> backends_;
+  std::map<std::string, std::shared_ptr<Vm>> vms_;
+  std::map<std::string, Pool> pools_;
+  uint64_t reserved_vms_ = 0;
+  uint64_t reserved_bytes_ = 0;
+  std::map<std::string, std::unique_ptr<Build>> builds_;
+  uint64_t next_build_ = 1;
+
+  std::thread refill_thread_;
+  std::thread watch_thread_;
+};
+
+}  // namespace deltavm
