@@ -5,9 +5,13 @@
 #  2. shows the chain and the stored sizes next to the full images and to three
 #     zstd-compressed full images;
 #  3. loads a new VM equivalent to the third template, runs commands in it, prints timings;
-#  4. runs the benchmarks: bench-delta (deltavm vs xdelta3 vs zstd --patch-from) and
-#     bench-restore (deltavm load vs QEMU flat-file restore vs QEMU stock restore).
-# DELTAVM_BENCH_RUNS (default 5) and DELTAVM_BENCH_LOADS (default 10) set the repetitions.
+#  4. starts the service (deltavm serve) with a warm pool of 'worker', creates a VM from the
+#     pool over the HTTP API, runs a command in it, shows an excerpt of the metrics, stops it;
+#  5. runs the benchmarks: bench-delta (deltavm vs xdelta3 vs zstd --patch-from),
+#     bench-restore (deltavm load vs QEMU flat-file restore vs QEMU stock restore) and
+#     bench-serve (concurrent clients on the service, cold and pooled).
+# DELTAVM_BENCH_RUNS (default 5), DELTAVM_BENCH_LOADS (default 10) and DELTAVM_BENCH_ROUNDS
+# (default 5) set the repetitions.
 set -euo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
 "$repo/scripts/setup.sh"
@@ -19,7 +23,9 @@ runtime=$cache/demo-runtime
 rm -rf "$store" "$runtime"
 deltavm=("$repo/build/deltavm" --store "$store" --runtime "$runtime")
 scratch=$(mktemp -d "${TMPDIR:-/tmp}/deltavm-demo.XXXXXX")
-trap '"${deltavm[@]}" stop --all >/dev/null 2>&1 || true; rm -rf "$scratch"' EXIT
+serve_pid=
+trap '[[ -z $serve_pid ]] || kill "$serve_pid" 2>/dev/null; wait 2>/dev/null;
+      "${deltavm[@]}" stop --all >/dev/null 2>&1 || true; rm -rf "$scratch"' EXIT
 
 echo "== 1. building templates (each boots Linux under QEMU, runs its setup, is captured and stored)"
 for name in base web worker; do
@@ -70,7 +76,36 @@ awk -v a="$answered" '
 "${deltavm[@]}" stop "$id"
 
 echo
-echo "== 4. benchmarks"
+echo "== 4. the service: deltavm serve with a warm pool of 2 'worker' VMs"
+echo '{"pools": {"worker": 2}, "max_vms": 16}' > "$scratch/serve.json"
+"${deltavm[@]}" serve --config "$scratch/serve.json" 2> "$scratch/serve.err" &
+serve_pid=$!
+socket=$runtime/service.sock
+api() { curl -sS --fail-with-body --unix-socket "$socket" "$@"; }
+for _ in $(seq 600); do
+  [[ -S $socket ]] && api http://localhost/v1/templates/worker 2>/dev/null | grep -q '"ready":2' && break
+  sleep 0.1
+done
+echo "\$ curl --unix-socket $socket http://localhost/v1/templates/worker"
+api http://localhost/v1/templates/worker | grep -o '"pool":{[^}]*}'
+echo "\$ curl --unix-socket $socket -d '{\"template\": \"worker\", \"ttl_seconds\": 300}' http://localhost/v1/vms"
+api -d '{"template": "worker", "ttl_seconds": 300}' http://localhost/v1/vms > "$scratch/vm.json"
+cat "$scratch/vm.json"; echo
+id=$(grep -o '"id":"[0-9a-f]*"' "$scratch/vm.json" | cut -d'"' -f4)
+echo "\$ curl --unix-socket $socket -d '{\"command\": [\"sh\", \"-c\", \"cat /etc/motd; uname -r\"]}' http://localhost/v1/vms/$id/exec"
+api -d '{"command": ["sh", "-c", "cat /etc/motd; uname -r"]}' "http://localhost/v1/vms/$id/exec"; echo
+echo "\$ deltavm exec $id -- cat /run/worker.ticks     # the command line goes through the service"
+"${deltavm[@]}" exec "$id" -- cat /run/worker.ticks
+api -X DELETE "http://localhost/v1/vms/$id"
+echo "\$ curl --unix-socket $socket http://localhost/metrics   (excerpt)"
+api http://localhost/metrics | grep -E '^(deltavm_loads_total|deltavm_load_seconds_(sum|count)|deltavm_pool_vms|deltavm_vms\{|process_resident)'
+kill -TERM "$serve_pid"
+wait "$serve_pid"
+serve_pid=
+cat "$scratch/serve.err"
+
+echo
+echo "== 5. benchmarks"
 images=$cache/images
 "$repo/scripts/make-guest-images.sh" "$images"
 "$repo/build/bench-delta" --base "$images/guest-0.ram" --target "$images/guest-1.ram" \
@@ -78,3 +113,6 @@ images=$cache/images
 echo
 "$repo/build/bench-restore" --store "$store" --template worker --loads "${DELTAVM_BENCH_LOADS:-10}" \
   --runtime "$scratch/bench-runtime"
+echo
+"$repo/build/bench-serve" --store "$store" --template worker --rounds "${DELTAVM_BENCH_ROUNDS:-5}" \
+  --runtime "$scratch/bench-serve"

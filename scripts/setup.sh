@@ -8,7 +8,7 @@ packages=(
   libzstd-dev liblz4-dev libxxhash-dev libcli11-dev nlohmann-json3-dev libsqlite3-dev libfmt-dev
   libcpp-httplib-dev libssl-dev
   libgtest-dev libgmock-dev libbenchmark-dev
-  zstd xdelta3 qemu-system-x86 busybox-static cpio
+  zstd xdelta3 qemu-system-x86 busybox-static cpio curl
   clang-format clang-tidy python3-jsonschema python3-yaml
 )
 

@@ -2,6 +2,7 @@
 
 #include <fcntl.h>
 #include <sys/stat.h>
+#include <sys/un.h>
 #include <unistd.h>
 
 #include <nlohmann/json.hpp>
@@ -53,6 +54,15 @@ Status check_private_directory(const std::filesystem::path& directory, bool crea
 }
 
 Status check_runtime(const std::filesystem::path& runtime, bool create) {
+  // Every VM's sockets live in RUNTIME/vms/ID/, and a Unix socket's path must fit sun_path.
+  constexpr size_t kLongestSocketSuffix = std::string_view("/vms/01234567/control.sock").size();
+  if (runtime.native().size() + kLongestSocketSuffix >= sizeof(sockaddr_un::sun_path)) {
+    return make_error(ErrorCode::kInvalidArgument,
+                      "runtime directory {} is {} bytes long: its VMs' socket paths would not fit a Unix socket "
+                      "address; use a runtime directory of at most {} bytes",
+                      runtime.string(), runtime.native().size(),
+                      sizeof(sockaddr_un::sun_path) - kLongestSocketSuffix - 1);
+  }
   if (create) {
     std::error_code error;
     if (runtime.has_parent_path()) std::filesystem::create_directories(runtime.parent_path(), error);

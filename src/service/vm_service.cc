@@ -131,15 +131,27 @@ Result<Backend*> VmService::backend(const std::string& key) {
 }
 
 Result<VmService::Reservation> VmService::reserve(uint64_t memory_bytes, bool may_evict) {
+  // The room each eviction frees is this call's: it is held as a reservation from the moment
+  // the victim is chosen, so a pool refill cannot take it before this call does.
+  uint64_t credit_vms = 0;
+  uint64_t credit_bytes = 0;
   for (;;) {
     std::shared_ptr<Vm> victim;
     {
       std::lock_guard lock(mutex_);
-      if (draining_) return make_error(ErrorCode::kUnavailable, "the service is shutting down");
-      uint64_t used_bytes = reserved_bytes_;
+      uint64_t used_bytes = reserved_bytes_ - credit_bytes;
       for (const auto& [id, vm] : vms_) used_bytes += vm->memory_bytes;
-      uint64_t used_vms = vms_.size() + reserved_vms_;
+      uint64_t used_vms = vms_.size() + reserved_vms_ - credit_vms;
+      auto give_back = [&] {
+        reserved_vms_ -= credit_vms;
+        reserved_bytes_ -= credit_bytes;
+      };
+      if (draining_) {
+        give_back();
+        return make_error(ErrorCode::kUnavailable, "the service is shutting down");
+      }
       if (used_vms + 1 <= config_.max_vms && used_bytes + memory_bytes <= config_.max_memory_bytes) {
+        give_back();
         ++reserved_vms_;
         reserved_bytes_ += memory_bytes;
         return Reservation{memory_bytes};
@@ -150,6 +162,7 @@ Result<VmService::Reservation> VmService::reserve(uint64_t memory_bytes, bool ma
         if (!pool.ready.empty() && (fullest == nullptr || pool.ready.size() > fullest->ready.size())) fullest = &pool;
       }
       if (!may_evict || fullest == nullptr) {
+        give_back();
         return make_error(ErrorCode::kLimit,
                           "the service's limits are reached: {} of at most {} VMs, {} of at most {} of guest RAM in "
                           "use, and {} more asked",
@@ -158,6 +171,10 @@ Result<VmService::Reservation> VmService::reserve(uint64_t memory_bytes, bool ma
       victim = vms_.at(fullest->ready.front());
       fullest->ready.pop_front();
       victim->state = VmState::kStopping;
+      ++credit_vms;
+      credit_bytes += victim->memory_bytes;
+      ++reserved_vms_;
+      reserved_bytes_ += victim->memory_bytes;
     }
     stop_and_forget(victim, "evicted");
   }
@@ -656,7 +673,10 @@ void VmService::refill_pools() {
       }
       refilled.last_error = filled.error().message;
       refilled.retry_after = Clock::now() + kRefillRetry;
-      metrics_.add("deltavm_errors_total", {{"code", error_code_id(filled.error().code)}});
+      // A pool that waits for room under the limits is not failing.
+      if (filled.error().code != ErrorCode::kLimit) {
+        metrics_.add("deltavm_errors_total", {{"code", error_code_id(filled.error().code)}});
+      }
     } else {
       refilled.last_error.clear();
     }

@@ -274,5 +274,16 @@ TEST_F(VmProcesses, DamagedFlatFileNeverReachesAClone) {
   EXPECT_TRUE(after->clean());
 }
 
+// A runtime whose VMs' socket paths would not fit a Unix socket address is refused by name,
+// before anything is made (QEMU would fail later with its own words).
+TEST(VmRuntime, RuntimeTooLongForSocketPathsIsRefusedByName) {
+  std::filesystem::path runtime = std::filesystem::path(::testing::TempDir()) / std::string(90, 'r');
+  Result<VmDirectory> vm = VmDirectory::create(runtime);
+  ASSERT_FALSE(vm);
+  EXPECT_NE(vm.error().message.find("Unix socket address"), std::string::npos) << vm.error().message;
+  EXPECT_NE(vm.error().message.find(runtime.string()), std::string::npos) << vm.error().message;
+  EXPECT_FALSE(std::filesystem::exists(runtime));
+}
+
 }  // namespace
 }  // namespace deltavm

@@ -173,7 +173,7 @@ TEST_F(NestedKvm, KvmBackendSuitePassesInsideHarness) {
 // child on the kvm backend, used through the command line and the token-guarded TCP API.
 TEST_F(NestedKvm, KvmBackendBuildsChainedLinuxTemplatesAndLoadsOneThatAnswers) {
   VmDirectory directory = start();
-  const char* script = R"(set -e
+  const char* script = R"sh(set -e
 export DELTAVM_KIT=/kit DELTAVM_AGENT=/kit/deltavm-agent DELTAVM_VMM=/bin/deltavm-vmm
 export DELTAVM_STORE=/tmp/kvm-store DELTAVM_RUNTIME=/tmp/kvm-run
 echo '{"name": "base", "memory_mib": 128, "ready_timeout_s": 600}' > /tmp/base.json
@@ -213,7 +213,7 @@ deltavm stop "$id"
 kill -TERM $serve
 wait $serve
 echo service-stopped
-)";
+)sh";
   Result<ExecResult> flow = agent_exec(directory.agent_socket(), script, std::chrono::minutes(20));
   ASSERT_TRUE(flow) << flow.error().message;
   EXPECT_EQ(flow->exit_status, 0) << flow->stdout_bytes << flow->stderr_bytes;

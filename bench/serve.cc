@@ -1,0 +1,264 @@
+// bench/serve: deltavm serve under a bounded load on its Unix socket. C concurrent clients
+// (1, 4, 8 by default) each run create -> exec -> delete for N rounds, first with no warm pool
+// (every create loads cold: base + deltas + machine state), then with the template's pool
+// sized to the level's cycles (up to --pool) and full before the level starts, so each create
+// can take a pooled VM (the fraction that did is reported). One service serves both.
+//
+//   bench-serve --store DIR --template NAME [--clients 1,4,8] [--rounds 5] [--pool 32]
+//               [--modes cold,pooled] [--deltavm PATH] [--json]
+//
+// Reported per level: cycles, failures, creates taken from the pool, p50/p99 of request ->
+// running (the create's reply) and of request -> first exec answered, cycles/s and requests/s;
+// and the service's peak resident memory (its own process: VMs are processes of their own).
+#include <fmt/format.h>
+#include <fmt/ranges.h>
+#include <signal.h>
+#include <unistd.h>
+#include <CLI/CLI.hpp>
+#include <nlohmann/json.hpp>
+
+#include <algorithm>
+#include <atomic>
+#include <chrono>
+#include <mutex>
+#include <thread>
+
+#include "base/file.h"
+#include "base/socket.h"
+#include "base/subprocess.h"
+#include "service/client.h"
+#include "service/service_record.h"
+
+namespace {
+
+using namespace deltavm;
+using nlohmann::json;
+using Clock = std::chrono::steady_clock;
+
+[[noreturn]] void fail(const std::string& message) {
+  fmt::print(stderr, "bench-serve: {}\n", message);
+  std::exit(1);
+}
+
+template <typename T>
+T check(Result<T> result, std::string_view what) {
+  if (!result) fail(fmt::format("{}: {}", what, result.error().message));
+  return std::move(result).value();
+}
+
+double ms_since(Clock::time_point start) {
+  return std::chrono::duration<double, std::milli>(Clock::now() - start).count();
+}
+
+double percentile(std::vector<double> values, double p) {
+  if (values.empty()) return 0;
+  std::sort(values.begin(), values.end());
+  size_t index = static_cast<size_t>(p * static_cast<double>(values.size() - 1) + 0.5);
+  return values[index];
+}
+
+// The resident memory of `pid` in bytes, from /proc.
+uint64_t resident_bytes(pid_t pid) {
+  Result<std::vector<uint8_t>> status = read_file(fmt::format("/proc/{}/status", pid), 1 << 16);
+  if (!status) return 0;
+  std::string text(status->begin(), status->end());
+  size_t at = text.find("VmRSS:");
+  return at == std::string::npos ? 0 : std::stoull(text.substr(at + 6)) << 10;
+}
+
+struct Level {
+  std::string mode;
+  int clients = 0;
+  int cycles = 0;
+  int failures = 0;
+  int pooled = 0;
+  double seconds = 0;
+  std::vector<double> create_ms, first_exec_ms;
+  std::vector<std::string> errors;  // The first few.
+};
+
+Level run_level(const std::filesystem::path& socket, const std::string& template_name, const std::string& mode,
+                int clients, int rounds) {
+  Level level{mode, clients, clients * rounds};
+  std::mutex mutex;
+  auto start = Clock::now();
+  std::vector<std::thread> threads;
+  for (int c = 0; c < clients; ++c) {
+    threads.emplace_back([&] {
+      ServiceClient client = ServiceClient::over_unix_socket(socket);
+      for (int round = 0; round < rounds; ++round) {
+        auto failed = [&](const std::string& what) {
+          std::lock_guard lock(mutex);
+          ++level.failures;
+          if (level.errors.size() < 5) level.errors.push_back(what);
+        };
+        auto request = Clock::now();
+        Result<json> vm = client.call("POST", "/v1/vms", {{"template", template_name}});
+        double create_ms = ms_since(request);
+        if (!vm) {
+          failed("create: " + vm.error().message);
+          continue;
+        }
+        std::string id = (*vm)["id"];
+        Result<json> answer = client.call("POST", "/v1/vms/" + id + "/exec", {{"command", {"true"}}});
+        double first_exec_ms = ms_since(request);
+        if (!answer || (*answer)["exit_code"] != 0) failed("exec: " + (answer ? answer->dump() : answer.error().message));
+        Result<json> deleted = client.call("DELETE", "/v1/vms/" + id);
+        if (!deleted) failed("delete: " + deleted.error().message);
+        std::lock_guard lock(mutex);
+        level.create_ms.push_back(create_ms);
+        if (answer) level.first_exec_ms.push_back(first_exec_ms);
+        if ((*vm)["pooled"] == true) ++level.pooled;
+      }
+    });
+  }
+  for (std::thread& thread : threads) thread.join();
+  level.seconds = ms_since(start) / 1000;
+  return level;
+}
+
+void set_pool(ServiceClient& client, const std::string& template_name, uint64_t size) {
+  check(client.call("PUT", fmt::format("/v1/templates/{}/pool", template_name), {{"size", size}}), "set pool");
+  auto deadline = Clock::now() + std::chrono::minutes(10);
+  for (;;) {
+    json pool = check(client.call("GET", "/v1/templates/" + template_name), "template")["pool"];
+    if (pool["ready"] == size && pool["loading"] == 0) return;
+    if (Clock::now() > deadline) fail(fmt::format("the pool never reached {}: {}", size, pool.dump()));
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  }
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  CLI::App app{"Service benchmark: concurrent create -> exec -> delete, cold and from a warm pool"};
+  std::string store_directory, template_name, runtime_directory, deltavm_binary = DELTAVM_BINARY;
+  std::vector<int> client_levels = {1, 4, 8};
+  std::vector<std::string> modes = {"cold", "pooled"};
+  int rounds = 5;
+  uint64_t max_pool = 32;
+  bool as_json = false;
+  app.add_option("--store", store_directory, "Store holding the template")->required();
+  app.add_option("--template", template_name, "Template the VMs are made from")->required();
+  app.add_option("--clients", client_levels, "Concurrent clients, one level each")
+      ->delimiter(',')
+      ->check(CLI::Range(1, 64));
+  app.add_option("--rounds", rounds, "create -> exec -> delete cycles per client")->check(CLI::Range(1, 1000));
+  app.add_option("--pool", max_pool, "Largest warm pool of the pooled mode")->check(CLI::Range(1, 256));
+  app.add_option("--modes", modes, "cold, pooled or both")->delimiter(',')->check(CLI::IsMember({"cold", "pooled"}));
+  app.add_option("--runtime", runtime_directory, "Runtime directory of the service (default: a fresh one)");
+  app.add_option("--deltavm", deltavm_binary, "The deltavm binary");
+  app.add_flag("--json", as_json, "Print JSON");
+  CLI11_PARSE(app, argc, argv);
+  std::filesystem::path runtime = runtime_directory.empty()
+                                      ? std::filesystem::path(fmt::format("/tmp/deltavm-bench-serve-{}", getpid()))
+                                      : std::filesystem::path(runtime_directory);
+  std::filesystem::create_directories(runtime);
+
+  Subprocess service = check(Subprocess::spawn({.argv = {deltavm_binary, "--store", store_directory, "--runtime",
+                                                         runtime.string(), "serve"},
+                                                .log = runtime / "serve.log"}),
+                             "start deltavm serve");
+  service.kill_on_destroy();
+  std::filesystem::path socket;
+  for (auto deadline = Clock::now() + std::chrono::seconds(30); socket.empty();) {
+    std::optional<ServiceRecord> record = check(find_service(runtime), "find the service");
+    if (record && record->process.pid == service.pid()) socket = record->socket;
+    if (check(service.poll_exit(), "service").has_value()) fail("deltavm serve exited; see " + (runtime / "serve.log").string());
+    if (Clock::now() > deadline) fail("deltavm serve did not start in 30 s");
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  }
+  ServiceClient control = ServiceClient::over_unix_socket(socket);
+  check(control.call("GET", "/v1/templates/" + template_name), "template");
+
+  std::vector<Level> levels;
+  uint64_t peak_rss = resident_bytes(service.pid());
+  for (const std::string& mode : modes) {
+    for (int clients : client_levels) {
+      uint64_t pool = mode == "pooled" ? std::min<uint64_t>(max_pool, uint64_t(clients) * uint64_t(rounds)) : 0;
+      set_pool(control, template_name, pool);
+      if (!as_json && isatty(STDERR_FILENO)) fmt::print(stderr, "{} x{} ...\n", mode, clients);
+      levels.push_back(run_level(socket, template_name, mode, clients, rounds));
+      peak_rss = std::max(peak_rss, resident_bytes(service.pid()));
+    }
+  }
+  set_pool(control, template_name, 0);
+  peak_rss = std::max(peak_rss, resident_bytes(service.pid()));
+  std::string metrics = check(control.request("GET", "/metrics"), "metrics").body;
+  (void)service.send_signal(SIGTERM);
+  (void)service.wait(deadline_after(std::chrono::seconds(60)));
+  if (runtime_directory.empty()) std::filesystem::remove_all(runtime);
+
+  // Pooled create p50 against the cold create p50 at the same concurrency.
+  auto find = [&](const std::string& mode, int clients) -> const Level* {
+    for (const Level& level : levels) {
+      if (level.mode == mode && level.clients == clients) return &level;
+    }
+    return nullptr;
+  };
+  json rows = json::array();
+  for (const Level& level : levels) {
+    rows.push_back({{"mode", level.mode},
+                    {"clients", level.clients},
+                    {"cycles", level.cycles},
+                    {"failures", level.failures},
+                    {"pooled_creates", level.pooled},
+                    {"create_p50_ms", percentile(level.create_ms, 0.5)},
+                    {"create_p99_ms", percentile(level.create_ms, 0.99)},
+                    {"first_exec_p50_ms", percentile(level.first_exec_ms, 0.5)},
+                    {"first_exec_p99_ms", percentile(level.first_exec_ms, 0.99)},
+                    {"cycles_per_second", level.cycles / level.seconds},
+                    {"requests_per_second", 3 * level.cycles / level.seconds},
+                    {"errors", level.errors}});
+  }
+  json ratios = json::object();
+  for (int clients : client_levels) {
+    const Level* cold = find("cold", clients);
+    const Level* pooled = find("pooled", clients);
+    if (cold != nullptr && pooled != nullptr) {
+      ratios[fmt::format("pooled_over_cold_create_p50_at_{}", clients)] =
+          percentile(pooled->create_ms, 0.5) / percentile(cold->create_ms, 0.5);
+    }
+    for (const Level* level : {cold, pooled}) {
+      if (level != nullptr) {
+        ratios[fmt::format("{}_create_p99_over_p50_at_{}", level->mode, clients)] =
+            percentile(level->create_ms, 0.99) / percentile(level->create_ms, 0.5);
+      }
+    }
+  }
+  int failures = 0;
+  for (const Level& level : levels) failures += level.failures;
+  json result = {{"template", template_name}, {"rounds", rounds},        {"levels", rows},
+                 {"ratios", ratios},          {"failures", failures},    {"service_peak_rss_bytes", peak_rss}};
+  if (as_json) {
+    fmt::print("{}\n", result.dump(2));
+    return failures == 0 ? 0 : 1;
+  }
+  fmt::print("template {}; each client: {} x (create -> exec true -> delete)\n\n", template_name, rounds);
+  fmt::print("{:<7} {:>7} {:>6} {:>8} {:>6}  {:>10} {:>10}  {:>10} {:>10}  {:>8} {:>7}\n", "mode", "clients",
+             "cycles", "failures", "pooled", "create p50", "p99", "1st exec", "p99", "cycles/s", "req/s");
+  for (const Level& level : levels) {
+    fmt::print("{:<7} {:>7} {:>6} {:>8} {:>6}  {:>7.1f} ms {:>7.1f} ms  {:>7.1f} ms {:>7.1f} ms  {:>8.1f} {:>7.1f}\n",
+               level.mode, level.clients, level.cycles, level.failures, level.pooled,
+               percentile(level.create_ms, 0.5), percentile(level.create_ms, 0.99),
+               percentile(level.first_exec_ms, 0.5), percentile(level.first_exec_ms, 0.99),
+               level.cycles / level.seconds, 3 * level.cycles / level.seconds);
+  }
+  fmt::print("\nratios (target):\n");
+  for (const auto& [name, value] : ratios.items()) {
+    fmt::print("  {:<40} {:6.3f}  {}\n", name, value.get<double>(),
+               name.starts_with("pooled_over") ? "(<= 0.1)" : (name.ends_with("_at_8") ? "(<= 3)" : ""));
+  }
+  fmt::print("service peak RSS, VMs excluded: {:.1f} MiB (<= 30)\n", peak_rss / 1048576.0);
+  for (const Level& level : levels) {
+    for (const std::string& error : level.errors) fmt::print(stderr, "{} x{}: {}\n", level.mode, level.clients, error);
+  }
+  std::string excerpt;
+  for (size_t at = 0; (at = metrics.find("deltavm_loads_total{", at)) != std::string::npos;) {
+    size_t end = metrics.find('\n', at);
+    excerpt += "  " + metrics.substr(at, end - at) + "\n";
+    at = end;
+  }
+  fmt::print("\nGET /metrics (loads):\n{}", excerpt);
+  return failures == 0 ? 0 : 1;
+}
