@@ -2,6 +2,9 @@
 
 #include <unistd.h>
 
+#include <algorithm>
+#include <thread>
+
 #include "base/file.h"
 #include "base/json_fields.h"
 
@@ -17,6 +20,7 @@ ServiceConfig default_service_config() {
   long page_size = ::sysconf(_SC_PAGESIZE);
   config.max_memory_bytes = pages > 0 && page_size > 0 ? static_cast<uint64_t>(pages) * static_cast<uint64_t>(page_size)
                                                        : uint64_t{4} << 30;
+  config.max_concurrent_loads = std::max<uint64_t>(2, std::thread::hardware_concurrency());
   return config;
 }
 
@@ -31,6 +35,11 @@ Result<ServiceConfig> parse_service_config(std::string_view json_text, const std
   std::optional<uint64_t> memory_mib;
   DELTAVM_TRY(fields.unsigned_integer("max_memory_mib", memory_mib, uint64_t{1} << 30));
   if (memory_mib) config.max_memory_bytes = *memory_mib << 20;
+  DELTAVM_TRY(fields.unsigned_integer("max_concurrent_loads", config.max_concurrent_loads, false, kMaxConcurrentLoads));
+  if (config.max_concurrent_loads == 0) {
+    return make_error(ErrorCode::kInvalidArgument, "{}: field max_concurrent_loads must be from 1 to {}, found 0",
+                      origin, kMaxConcurrentLoads);
+  }
   DELTAVM_TRY(fields.unsigned_integer("max_ttl_seconds", config.max_ttl_seconds, false, uint64_t{365} * 24 * 3600));
   DELTAVM_TRY(fields.unsigned_integer("default_ttl_seconds", config.default_ttl_seconds, false, config.max_ttl_seconds));
   DELTAVM_ASSIGN_OR_RETURN(const nlohmann::json* pools, fields.object("pools"));

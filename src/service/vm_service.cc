@@ -1,6 +1,8 @@
 #include "service/vm_service.h"
 
 #include <fcntl.h>
+#include <malloc.h>
+#include <sys/resource.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -34,6 +36,12 @@ constexpr auto kWatchInterval = std::chrono::milliseconds(500);
 constexpr int kAdoptEveryTicks = 4;
 // A pool whose refill failed waits this long before trying again.
 constexpr auto kRefillRetry = std::chrono::seconds(2);
+// Pool refills are background work: the refill thread, and the VM processes it starts (a
+// child takes the nice value of the thread that forked it), run at this nice value and yield
+// the CPU to requests. A pool VM handed out is set back to 0.
+constexpr int kRefillNice = 10;
+// A pool VM's first answer (its check before it waits in the pool).
+constexpr auto kPoolCheckTimeout = std::chrono::seconds(60);
 // Finished builds kept for GET /v1/builds/{id}.
 constexpr size_t kKeptBuilds = 64;
 
@@ -57,6 +65,20 @@ uint64_t resident_bytes() {
   return fields == 2 ? static_cast<uint64_t>(resident) * static_cast<uint64_t>(::sysconf(_SC_PAGESIZE)) : 0;
 }
 
+// Sets the nice value of every thread of process `pid` (nice is per thread on Linux).
+Status set_process_nice(pid_t pid, int nice) {
+  std::error_code error;
+  std::filesystem::directory_iterator tasks(fmt::format("/proc/{}/task", pid), error);
+  if (error) return make_error(ErrorCode::kNotFound, "process {}: {}", pid, error.message());
+  for (const auto& task : tasks) {
+    id_t tid = static_cast<id_t>(std::strtol(task.path().filename().c_str(), nullptr, 10));
+    if (::setpriority(PRIO_PROCESS, tid, nice) != 0 && errno != ESRCH) {
+      return errno_error(fmt::format("set the priority of process {} thread {}", pid, tid), errno);
+    }
+  }
+  return {};
+}
+
 bool is_template(const ImageRecord& record) {
   nlohmann::json metadata = nlohmann::json::parse(record.metadata, nullptr, false);
   return metadata.is_object() && metadata.contains("machine");
@@ -71,8 +93,25 @@ struct VmService::Build {
   std::thread thread;
 };
 
+void FifoTurns::acquire() {
+  std::unique_lock lock(mutex_);
+  uint64_t ticket = next_ticket_++;
+  released_.wait(lock, [&] { return ticket < releases_ + count_; });
+}
+
+void FifoTurns::release() {
+  {
+    std::lock_guard lock(mutex_);
+    ++releases_;
+  }
+  released_.notify_all();
+}
+
 VmService::VmService(Store& store, std::filesystem::path runtime, ServiceConfig config)
-    : store_(store), runtime_(std::move(runtime)), config_(std::move(config)) {
+    : store_(store),
+      runtime_(std::move(runtime)),
+      config_(std::move(config)),
+      load_turns_(config_.max_concurrent_loads) {
   metrics_.declare("deltavm_loads_total", "counter", "VMs handed to requesters, by template, backend and pooled");
   metrics_.declare_histogram("deltavm_load_seconds", "Request to running VM, by pooled", kLoadSecondsBuckets);
   metrics_.declare("deltavm_errors_total", "counter", "Failed actions and refills, by error code");
@@ -267,6 +306,9 @@ std::optional<VmView> VmService::take_from_pool(const CreateVmRequest& request, 
     DELTAVM_ASSIGN_OR_RETURN(Backend * runner, backend(vm->backend_key));
     DELTAVM_ASSIGN_OR_RETURN(VmDirectory directory, VmDirectory::open(runtime_, vm->id));
     Clock::time_point resume_start = Clock::now();
+    if (Status normal = set_process_nice(vm->pid, 0); !normal) {
+      log_event("VM {} keeps the pool's lower priority: {}", vm->id, normal.error().message);
+    }
     DELTAVM_TRY(runner->resume(directory));
     double resume_ms = elapsed_ms(resume_start);
     // Only now is the VM the requester's: until the record says so, a service that dies
@@ -328,8 +370,10 @@ Result<VmView> VmService::start_cold(const CreateVmRequest& request, int64_t exp
   DELTAVM_ASSIGN_OR_RETURN(Backend * runner, backend(key));
 
   DELTAVM_ASSIGN_OR_RETURN(Reservation reservation, reserve(loaded.machine.memory_bytes, /*may_evict=*/true));
+  load_turns_.acquire();
   Result<StartedVm> started =
       start_vm(loaded, store_, *runner, runtime_, {.strategy = *strategy, .stay_owner = true});
+  load_turns_.release();
   if (!started) {
     release(reservation);
     return started.error();
@@ -610,6 +654,7 @@ Result<BuildView> VmService::get_build(const std::string& id) {
 }
 
 void VmService::refill_pools() {
+  (void)::setpriority(PRIO_PROCESS, static_cast<id_t>(::gettid()), kRefillNice);
   std::unique_lock lock(mutex_);
   for (;;) {
     std::string name;
@@ -634,11 +679,31 @@ void VmService::refill_pools() {
       DELTAVM_ASSIGN_OR_RETURN(Template loaded, load_template(store_, name));
       DELTAVM_ASSIGN_OR_RETURN(Backend * runner, backend(loaded.backend));
       DELTAVM_ASSIGN_OR_RETURN(Reservation reservation, reserve(loaded.machine.memory_bytes, /*may_evict=*/false));
+      load_turns_.acquire();
       Result<StartedVm> started =
           start_vm(loaded, store_, *runner, runtime_, {.leave_paused = true, .stay_owner = true, .purpose = "pool"});
+      load_turns_.release();
       if (!started) {
         release(reservation);
         return started.error();
+      }
+      // Each pool VM answers once before it waits, so that a VM that would not is never handed
+      // out, and the guest's path to a first answer is warm (translated, under TCG) when a
+      // request comes: resumed, asked `true`, paused again.
+      Status checked = [&]() -> Status {
+        DELTAVM_ASSIGN_OR_RETURN(VmDirectory directory, VmDirectory::open(runtime_, started->id));
+        DELTAVM_TRY(runner->resume(directory));
+        DELTAVM_ASSIGN_OR_RETURN(ExecResult answer, agent_exec(directory.agent_socket(), "true", kPoolCheckTimeout));
+        if (answer.exit_status != 0) {
+          return make_error(ErrorCode::kIo, "pool VM {} answered its check with exit status {}", started->id,
+                            answer.exit_status);
+        }
+        return runner->pause(directory);
+      }();
+      if (!checked) {
+        (void)stop_vm(started->id, *runner, runtime_);
+        release(reservation);
+        return checked.error();
       }
       auto vm = std::make_shared<Vm>();
       vm->id = started->id;
@@ -738,7 +803,10 @@ void VmService::watch_vms() {
         vm->console_dropped_bytes += static_cast<uint64_t>(st.st_size);
       }
     }
-    if (tick % kAdoptEveryTicks == 0) adopt_unknown_vms();
+    if (tick % kAdoptEveryTicks == 0) {
+      adopt_unknown_vms();
+      ::malloc_trim(0);  // What loads and requests freed goes back to the system.
+    }
   }
 }
 

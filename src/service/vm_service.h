@@ -108,6 +108,22 @@ struct ConsoleOutput {
 // The console output kept per VM; beyond it the oldest output is dropped.
 inline constexpr uint64_t kMaxConsoleBytes = 1 << 20;
 
+// A bounded number of turns, given in the order they were asked for: no one waits forever
+// while later arrivals go first (as they may with std::counting_semaphore).
+class FifoTurns {
+ public:
+  explicit FifoTurns(uint64_t count) : count_(count) {}
+  void acquire();
+  void release();
+
+ private:
+  std::mutex mutex_;
+  std::condition_variable released_;
+  const uint64_t count_;
+  uint64_t next_ticket_ = 0;
+  uint64_t releases_ = 0;
+};
+
 class VmService {
  public:
   // Adopts what the runtime holds (ending what a dead owner left), then starts the pool and
@@ -212,6 +228,8 @@ class VmService {
   std::map<std::string, Pool> pools_;
   uint64_t reserved_vms_ = 0;
   uint64_t reserved_bytes_ = 0;
+  // Turns to load a VM (config_.max_concurrent_loads).
+  FifoTurns load_turns_;
   std::map<std::string, std::unique_ptr<Build>> builds_;
   uint64_t next_build_ = 1;
 

@@ -244,10 +244,12 @@ struct FileDigest {
 
 // XXH3-128 of a whole file, streamed through one small buffer: hashing a mapping would fault
 // in every page of it, which costs more than the copy on hosts where page faults are slow.
+// The buffer is the call's: one kept per thread would stay resident in every thread of a
+// service that ever verified a file.
 Result<FileDigest> digest_file(const std::filesystem::path& path) {
   DELTAVM_ASSIGN_OR_RETURN(Fd fd, open_file(path, O_RDONLY | O_NOFOLLOW));
   ImageDigester digester;
-  static thread_local std::vector<uint8_t> buffer(1 << 20);
+  std::vector<uint8_t> buffer(256 << 10);
   FileDigest result;
   for (;;) {
     ssize_t n = ::read(fd.get(), buffer.data(), buffer.size());
