@@ -4,7 +4,7 @@
 // sized to the level's cycles (up to --pool) and full before the level starts, so each create
 // can take a pooled VM (the fraction that did is reported). One service serves both.
 //
-//   bench-serve --store DIR --template NAME [--clients 1,4,8] [--rounds 5] [--pool 32]
+//   bench-serve --store DIR --template NAME [--clients 1,4,8] [--rounds 5] [--pool 64]
 //               [--modes cold,pooled] [--deltavm PATH] [--json]
 //
 // Reported per level: cycles, failures, creates taken from the pool, p50/p99 of request ->
@@ -157,7 +157,7 @@ int main(int argc, char** argv) {
   std::vector<int> client_levels = {1, 4, 8};
   std::vector<std::string> modes = {"cold", "pooled"};
   int rounds = 5;
-  uint64_t max_pool = 32;
+  uint64_t max_pool = 64;
   bool as_json = false;
   app.add_option("--store", store_directory, "Store holding the template")->required();
   app.add_option("--template", template_name, "Template the VMs are made from")->required();

@@ -805,7 +805,10 @@ void VmService::watch_vms() {
     }
     if (tick % kAdoptEveryTicks == 0) {
       adopt_unknown_vms();
-      ::malloc_trim(0);  // What loads and requests freed goes back to the system.
+      // What loads and requests freed goes back to the system, the store's compression
+      // reference (the kernel and initramfs, ~16 MiB) included.
+      store_.drop_reference_cache();
+      ::malloc_trim(0);
     }
   }
 }

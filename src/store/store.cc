@@ -296,6 +296,12 @@ Result<std::shared_ptr<const std::vector<uint8_t>>> Store::reference_of(const Im
   return reference;
 }
 
+void Store::drop_reference_cache() {
+  std::lock_guard lock(reference_cache_->mutex);
+  reference_cache_->key.clear();
+  reference_cache_->bytes.reset();
+}
+
 Result<Delta> Store::read_delta(const ImageRecord& record) {
   DELTAVM_ASSIGN_OR_RETURN(Mapping bytes, map_object(record.object_id, record.stored_size_bytes));
   std::string name = fmt::format("object {}", record.object_id);

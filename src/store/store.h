@@ -155,6 +155,10 @@ class Store {
 
   std::filesystem::path object_path(const ObjectId& object_id) const;
 
+  // Forgets the compression reference kept for the next read (readers holding it keep it):
+  // for long-lived processes, which would otherwise hold it between loads.
+  void drop_reference_cache();
+
  private:
   Store(std::filesystem::path directory, Catalog catalog, ReferenceKinds kinds)
       : directory_(std::move(directory)), catalog_(std::move(catalog)), kinds_(std::move(kinds)) {}
