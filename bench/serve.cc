@@ -123,7 +123,8 @@ Level run_level(const std::filesystem::path& socket, const std::string& template
         std::string id = (*vm)["id"];
         Result<json> answer = client.call("POST", "/v1/vms/" + id + "/exec", {{"command", {"true"}}});
         double first_exec_ms = ms_since(request);
-        if (!answer || (*answer)["exit_code"] != 0) failed("exec: " + (answer ? answer->dump() : answer.error().message));
+        if (!answer || (*answer)["exit_code"] != 0)
+          failed("exec: " + (answer ? answer->dump() : answer.error().message));
         Result<json> deleted = client.call("DELETE", "/v1/vms/" + id);
         if (!deleted) failed("delete: " + deleted.error().message);
         std::lock_guard lock(mutex);
@@ -176,16 +177,17 @@ int main(int argc, char** argv) {
                                       : std::filesystem::path(runtime_directory);
   std::filesystem::create_directories(runtime);
 
-  Subprocess service = check(Subprocess::spawn({.argv = {deltavm_binary, "--store", store_directory, "--runtime",
-                                                         runtime.string(), "serve"},
-                                                .log = runtime / "serve.log"}),
-                             "start deltavm serve");
+  Subprocess service = check(
+      Subprocess::spawn({.argv = {deltavm_binary, "--store", store_directory, "--runtime", runtime.string(), "serve"},
+                         .log = runtime / "serve.log"}),
+      "start deltavm serve");
   service.kill_on_destroy();
   std::filesystem::path socket;
   for (auto deadline = Clock::now() + std::chrono::seconds(30); socket.empty();) {
     std::optional<ServiceRecord> record = check(find_service(runtime), "find the service");
     if (record && record->process.pid == service.pid()) socket = record->socket;
-    if (check(service.poll_exit(), "service").has_value()) fail("deltavm serve exited; see " + (runtime / "serve.log").string());
+    if (check(service.poll_exit(), "service").has_value())
+      fail("deltavm serve exited; see " + (runtime / "serve.log").string());
     if (Clock::now() > deadline) fail("deltavm serve did not start in 30 s");
     std::this_thread::sleep_for(std::chrono::milliseconds(20));
   }
@@ -261,30 +263,34 @@ int main(int argc, char** argv) {
   }
   int failures = 0;
   for (const Level& level : levels) failures += level.failures;
-  json result = {{"template", template_name}, {"rounds", rounds},        {"levels", rows},
-                 {"ratios", ratios},          {"failures", failures},    {"service_peak_rss_bytes", peak.own},
+  json result = {{"template", template_name},
+                 {"rounds", rounds},
+                 {"levels", rows},
+                 {"ratios", ratios},
+                 {"failures", failures},
+                 {"service_peak_rss_bytes", peak.own},
                  {"service_peak_rss_with_vm_memory_bytes", peak.total}};
   if (as_json) {
     fmt::print("{}\n", result.dump(2));
     return failures == 0 ? 0 : 1;
   }
   fmt::print("template {}; each client: {} x (create -> exec true -> delete)\n\n", template_name, rounds);
-  fmt::print("{:<7} {:>7} {:>6} {:>8} {:>6}  {:>10} {:>10}  {:>10} {:>10}  {:>8} {:>7}\n", "mode", "clients",
-             "cycles", "failures", "pooled", "create p50", "p99", "1st exec", "p99", "cycles/s", "req/s");
+  fmt::print("{:<7} {:>7} {:>6} {:>8} {:>6}  {:>10} {:>10}  {:>10} {:>10}  {:>8} {:>7}\n", "mode", "clients", "cycles",
+             "failures", "pooled", "create p50", "p99", "1st exec", "p99", "cycles/s", "req/s");
   for (const Level& level : levels) {
     fmt::print("{:<7} {:>7} {:>6} {:>8} {:>6}  {:>7.1f} ms {:>7.1f} ms  {:>7.1f} ms {:>7.1f} ms  {:>8.1f} {:>7.1f}\n",
-               level.mode, level.clients, level.cycles, level.failures, level.pooled,
-               percentile(level.create_ms, 0.5), percentile(level.create_ms, 0.99),
-               percentile(level.first_exec_ms, 0.5), percentile(level.first_exec_ms, 0.99),
-               level.cycles / level.seconds, 3 * level.cycles / level.seconds);
+               level.mode, level.clients, level.cycles, level.failures, level.pooled, percentile(level.create_ms, 0.5),
+               percentile(level.create_ms, 0.99), percentile(level.first_exec_ms, 0.5),
+               percentile(level.first_exec_ms, 0.99), level.cycles / level.seconds, 3 * level.cycles / level.seconds);
   }
   fmt::print("\nratios (target):\n");
   for (const auto& [name, value] : ratios.items()) {
     fmt::print("  {:<40} {:6.3f}  {}\n", name, value.get<double>(),
                name.starts_with("pooled_over") ? "(<= 0.1)" : (name.ends_with("_at_8") ? "(<= 3)" : ""));
   }
-  fmt::print("service peak RSS, VMs excluded: {:.1f} MiB (<= 30); with the guest RAM it maps while loading: {:.1f} MiB\n",
-             peak.own / 1048576.0, peak.total / 1048576.0);
+  fmt::print(
+      "service peak RSS, VMs excluded: {:.1f} MiB (<= 30); with the guest RAM it maps while loading: {:.1f} MiB\n",
+      peak.own / 1048576.0, peak.total / 1048576.0);
   for (const Level& level : levels) {
     for (const std::string& error : level.errors) fmt::print(stderr, "{} x{}: {}\n", level.mode, level.clients, error);
   }

@@ -53,8 +53,8 @@ Result<std::string> read_token(const std::string& path) {
   std::string token(bytes.begin(), bytes.end());
   token = token.substr(0, token.find_first_of("\r\n"));
   if (token.size() < 16 || token.find_first_of(" \t") != std::string::npos) {
-    return make_error(ErrorCode::kInvalidArgument, "--token-file {}: the token must be at least 16 characters, no spaces",
-                      path);
+    return make_error(ErrorCode::kInvalidArgument,
+                      "--token-file {}: the token must be at least 16 characters, no spaces", path);
   }
   return token;
 }
@@ -97,7 +97,8 @@ Status run_serve(const GlobalOptions& options, const ServeArguments& arguments) 
   ::mallopt(M_ARENA_MAX, 2);
   DELTAVM_ASSIGN_OR_RETURN(std::unique_ptr<VmService> service, VmService::start(store, runtime, config));
   HttpApi api(*service);
-  std::filesystem::path socket = arguments.socket.empty() ? runtime / "service.sock" : std::filesystem::path(arguments.socket);
+  std::filesystem::path socket =
+      arguments.socket.empty() ? runtime / "service.sock" : std::filesystem::path(arguments.socket);
   DELTAVM_TRY(api.listen_unix(socket));
   ServiceRecord record{ProcessIdentity::self(), std::filesystem::absolute(socket),
                        std::filesystem::weakly_canonical(store.directory()), ""};

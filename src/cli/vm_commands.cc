@@ -140,8 +140,8 @@ Status run_run(const GlobalOptions& options, const std::string& name, const std:
   } else {
     DELTAVM_ASSIGN_OR_RETURN(backend, make_backend(chosen));
   }
-  DELTAVM_ASSIGN_OR_RETURN(StartedVm vm,
-                           start_vm(loaded, store, *backend, runtime_directory(options), {.strategy = strategy, .leave_paused = paused}));
+  DELTAVM_ASSIGN_OR_RETURN(StartedVm vm, start_vm(loaded, store, *backend, runtime_directory(options),
+                                                  {.strategy = strategy, .leave_paused = paused}));
   if (options.json) {
     print_json({{"id", vm.id},
                 {"template", vm.template_name},
@@ -184,7 +184,8 @@ Result<ExecResult> exec_through_service(ServiceClient& service, const std::strin
                                         const std::vector<std::string>& arguments, const ExecRequest& request,
                                         int timeout_s) {
   // One argument is a shell command line, as agent_exec takes it; several are the argv.
-  nlohmann::json command = arguments.size() == 1 ? nlohmann::json{"/bin/sh", "-c", arguments[0]} : nlohmann::json(arguments);
+  nlohmann::json command =
+      arguments.size() == 1 ? nlohmann::json{"/bin/sh", "-c", arguments[0]} : nlohmann::json(arguments);
   nlohmann::json body = {{"command", command},
                          {"encoding", "base64"},
                          {"timeout_seconds", timeout_s == 0 ? kMaxExecTimeoutSeconds : uint64_t(timeout_s)},
@@ -203,14 +204,19 @@ Result<ExecResult> exec_through_service(ServiceClient& service, const std::strin
   ExecResult result;
   DELTAVM_ASSIGN_OR_RETURN(result.stdout_bytes, text("stdout"));
   DELTAVM_ASSIGN_OR_RETURN(result.stderr_bytes, text("stderr"));
-  auto number = [&](const char* field) { return reply.contains(field) && reply[field].is_number_integer() ? reply[field].get<int>() : 0; };
-  auto flag = [&](const char* field) { return reply.contains(field) && reply[field].is_boolean() && reply[field].get<bool>(); };
+  auto number = [&](const char* field) {
+    return reply.contains(field) && reply[field].is_number_integer() ? reply[field].get<int>() : 0;
+  };
+  auto flag = [&](const char* field) {
+    return reply.contains(field) && reply[field].is_boolean() && reply[field].get<bool>();
+  };
   result.exit_status = number("exit_code");
   result.signal = number("signal");
   result.timed_out = flag("timed_out");
   result.stdout_truncated = flag("stdout_truncated");
   result.stderr_truncated = flag("stderr_truncated");
-  result.duration_ms = reply.contains("duration_ms") && reply["duration_ms"].is_number() ? reply["duration_ms"].get<double>() : 0;
+  result.duration_ms =
+      reply.contains("duration_ms") && reply["duration_ms"].is_number() ? reply["duration_ms"].get<double>() : 0;
   return result;
 }
 
@@ -240,8 +246,9 @@ Result<int> run_exec(const GlobalOptions& options, const std::string& id, const 
     }
     request.stdin_bytes = std::move(input);
   }
-  DELTAVM_ASSIGN_OR_RETURN(ExecResult result, service ? exec_through_service(*service, id, arguments, request, timeout_s)
-                                                       : agent_exec(vm->agent_socket(), request));
+  DELTAVM_ASSIGN_OR_RETURN(ExecResult result, service
+                                                  ? exec_through_service(*service, id, arguments, request, timeout_s)
+                                                  : agent_exec(vm->agent_socket(), request));
   if (options.json) {
     print_json({{"exit_status", result.exit_status},
                 {"signal", result.signal},

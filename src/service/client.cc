@@ -45,12 +45,6 @@ ServiceClient ServiceClient::over_unix_socket(const std::filesystem::path& socke
   return ServiceClient(std::make_unique<UnixSocketClient>(socket), "service at " + socket.string());
 }
 
-ServiceClient ServiceClient::over_tcp(const std::string& host, int port, std::string token) {
-  ServiceClient client(std::make_unique<httplib::ClientImpl>(host, port), fmt::format("service at {}:{}", host, port));
-  if (!token.empty()) client.client_->set_bearer_token_auth(token);
-  return client;
-}
-
 Result<HttpReply> ServiceClient::request(const std::string& method, const std::string& path, const std::string& body,
                                          std::chrono::seconds timeout) {
   client_->set_read_timeout(timeout.count(), 0);

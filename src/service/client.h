@@ -1,4 +1,4 @@
-// A client of the service's HTTP API: on its Unix socket, or on its TCP port with the token.
+// A client of the service's HTTP API on its Unix socket (the command line's and the tests').
 // One client is one connection (kept alive between requests) and is used by one thread.
 #pragma once
 
@@ -26,7 +26,6 @@ struct HttpReply {
 class ServiceClient {
  public:
   static ServiceClient over_unix_socket(const std::filesystem::path& socket);
-  static ServiceClient over_tcp(const std::string& host, int port, std::string token);
   ServiceClient(ServiceClient&&) noexcept;
   ServiceClient& operator=(ServiceClient&&) noexcept;
   ~ServiceClient();
@@ -36,8 +35,7 @@ class ServiceClient {
                             std::chrono::seconds timeout = std::chrono::seconds(120));
   // A JSON request whose reply should be 2xx: its body (null for 204), or the service's error
   // as an Error of the same code.
-  Result<nlohmann::json> call(const std::string& method, const std::string& path,
-                              const nlohmann::json& body = nullptr,
+  Result<nlohmann::json> call(const std::string& method, const std::string& path, const nlohmann::json& body = nullptr,
                               std::chrono::seconds timeout = std::chrono::seconds(120));
 
  private:

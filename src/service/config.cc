@@ -18,8 +18,8 @@ ServiceConfig default_service_config() {
   ServiceConfig config;
   long pages = ::sysconf(_SC_PHYS_PAGES);
   long page_size = ::sysconf(_SC_PAGESIZE);
-  config.max_memory_bytes = pages > 0 && page_size > 0 ? static_cast<uint64_t>(pages) * static_cast<uint64_t>(page_size)
-                                                       : uint64_t{4} << 30;
+  config.max_memory_bytes =
+      pages > 0 && page_size > 0 ? static_cast<uint64_t>(pages) * static_cast<uint64_t>(page_size) : uint64_t{4} << 30;
   config.max_concurrent_loads = std::max<uint64_t>(2, std::thread::hardware_concurrency());
   return config;
 }
@@ -41,7 +41,8 @@ Result<ServiceConfig> parse_service_config(std::string_view json_text, const std
                       origin, kMaxConcurrentLoads);
   }
   DELTAVM_TRY(fields.unsigned_integer("max_ttl_seconds", config.max_ttl_seconds, false, uint64_t{365} * 24 * 3600));
-  DELTAVM_TRY(fields.unsigned_integer("default_ttl_seconds", config.default_ttl_seconds, false, config.max_ttl_seconds));
+  DELTAVM_TRY(
+      fields.unsigned_integer("default_ttl_seconds", config.default_ttl_seconds, false, config.max_ttl_seconds));
   DELTAVM_ASSIGN_OR_RETURN(const nlohmann::json* pools, fields.object("pools"));
   if (pools != nullptr) {
     for (const auto& [name, size] : pools->items()) {

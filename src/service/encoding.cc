@@ -16,13 +16,15 @@ std::string base64_encode(std::string_view bytes) {
 }
 
 Result<std::string> base64_decode(std::string_view text, std::string_view what) {
-  if (text.size() % 4 != 0 || text.find_first_not_of("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/=") !=
-                                  std::string_view::npos) {
+  if (text.size() % 4 != 0 ||
+      text.find_first_not_of("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/=") !=
+          std::string_view::npos) {
     return make_error(ErrorCode::kInvalidArgument, "{} is not base64 (RFC 4648, padded)", what);
   }
   // Padding only at the end: at most two '=', the last characters.
-  if (size_t pad = text.find('='); pad != std::string_view::npos &&
-                                   (pad + 2 < text.size() || text.find_first_not_of('=', pad) != std::string_view::npos)) {
+  if (size_t pad = text.find('=');
+      pad != std::string_view::npos &&
+      (pad + 2 < text.size() || text.find_first_not_of('=', pad) != std::string_view::npos)) {
     return make_error(ErrorCode::kInvalidArgument, "{} is not base64 ('=' before its end)", what);
   }
   std::string out(3 * text.size() / 4, '\0');

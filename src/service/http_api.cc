@@ -20,7 +20,7 @@ using nlohmann::json;
 
 struct Reply {
   int status = 200;
-  json body;                 // Sent as JSON unless `text` is set.
+  json body;  // Sent as JSON unless `text` is set.
   std::optional<std::string> text;
   std::string content_type = "application/json";
 };
@@ -70,8 +70,8 @@ Result<std::string> parse_encoding(JsonFields& fields) {
   std::string encoding = "utf-8";
   DELTAVM_TRY(fields.text("encoding", encoding));
   if (encoding != "utf-8" && encoding != "base64") {
-    return make_error(ErrorCode::kInvalidArgument, "request body: field encoding must be \"utf-8\" or \"base64\", found {:?}",
-                      encoding);
+    return make_error(ErrorCode::kInvalidArgument,
+                      "request body: field encoding must be \"utf-8\" or \"base64\", found {:?}", encoding);
   }
   return encoding;
 }
@@ -298,17 +298,18 @@ void HttpApi::install_routes(Listener& server, std::optional<std::string> token)
     }
   };
   if (token) {
-    server.set_pre_routing_handler([token = *token, send](const httplib::Request& request, httplib::Response& response) {
-      std::string expected = "Bearer " + token;
-      std::string given = request.get_header_value("Authorization");
-      // Compared in time independent of where they differ.
-      unsigned difference = given.size() != expected.size();
-      for (size_t i = 0; i < given.size() && i < expected.size(); ++i) difference |= given[i] ^ expected[i];
-      if (difference == 0) return httplib::Server::HandlerResponse::Unhandled;
-      send(response, error_reply(401, "unauthorized", "this port needs the header Authorization: Bearer TOKEN"));
-      response.set_header("WWW-Authenticate", "Bearer");
-      return httplib::Server::HandlerResponse::Handled;
-    });
+    server.set_pre_routing_handler(
+        [token = *token, send](const httplib::Request& request, httplib::Response& response) {
+          std::string expected = "Bearer " + token;
+          std::string given = request.get_header_value("Authorization");
+          // Compared in time independent of where they differ.
+          unsigned difference = given.size() != expected.size();
+          for (size_t i = 0; i < given.size() && i < expected.size(); ++i) difference |= given[i] ^ expected[i];
+          if (difference == 0) return httplib::Server::HandlerResponse::Unhandled;
+          send(response, error_reply(401, "unauthorized", "this port needs the header Authorization: Bearer TOKEN"));
+          response.set_header("WWW-Authenticate", "Bearer");
+          return httplib::Server::HandlerResponse::Handled;
+        });
   }
   server.set_error_handler([send](const httplib::Request& request, httplib::Response& response) {
     if (!response.body.empty()) return;
@@ -325,7 +326,7 @@ void HttpApi::install_routes(Listener& server, std::optional<std::string> token)
       [send](const httplib::Request&, httplib::Response& response, std::exception_ptr exception) {
         std::string what = "unknown";
         try {
-          std::rethrow_exception(exception);
+          std::rethrow_exception(std::move(exception));
         } catch (const std::exception& error) {
           what = error.what();
         } catch (...) {
@@ -335,20 +336,21 @@ void HttpApi::install_routes(Listener& server, std::optional<std::string> token)
 
   using Action = std::function<Reply(const httplib::Request&)>;
   auto route = [this, send](const std::string& name, Action action) {
-    return [this, send, name, action = std::move(action)](const httplib::Request& request,
-                                                          httplib::Response& response) {
-      ++in_flight_;
-      struct Done {
-        std::atomic<int>& count;
-        ~Done() { --count; }
-      } done{in_flight_};
-      Reply reply = action(request);
-      if (reply.status >= 400 && !reply.text) {
-        service_.metrics().add("deltavm_errors_total", {{"code", reply.body["error"]["code"].get<std::string>()}});
-      }
-      service_.metrics().add("deltavm_http_requests_total", {{"route", name}, {"status", std::to_string(reply.status)}});
-      send(response, reply);
-    };
+    return
+        [this, send, name, action = std::move(action)](const httplib::Request& request, httplib::Response& response) {
+          ++in_flight_;
+          struct Done {
+            std::atomic<int>& count;
+            ~Done() { --count; }
+          } done{in_flight_};
+          Reply reply = action(request);
+          if (reply.status >= 400 && !reply.text) {
+            service_.metrics().add("deltavm_errors_total", {{"code", reply.body["error"]["code"].get<std::string>()}});
+          }
+          service_.metrics().add("deltavm_http_requests_total",
+                                 {{"route", name}, {"status", std::to_string(reply.status)}});
+          send(response, reply);
+        };
   };
   auto with_body = [](const httplib::Request& request, const std::function<Reply(const json&)>& action) {
     Result<json> body = parse_body(request);
@@ -360,111 +362,112 @@ void HttpApi::install_routes(Listener& server, std::optional<std::string> token)
   const std::string name = R"(/v1/templates/([A-Za-z0-9._-]{1,64}))";
 
   server.Get("/healthz", route("healthz", [&service](const httplib::Request&) {
-    if (service.draining()) return error_reply(503, "unavailable", "the service is shutting down");
-    return Reply{200, json{{"status", "ok"}}};
-  }));
+               if (service.draining()) return error_reply(503, "unavailable", "the service is shutting down");
+               return Reply{200, json{{"status", "ok"}}};
+             }));
   server.Get("/metrics", route("metrics", [&service](const httplib::Request&) {
-    return Reply{200, json(), service.metrics_text(), "text/plain; version=0.0.4"};
-  }));
+               return Reply{200, json(), service.metrics_text(), "text/plain; version=0.0.4"};
+             }));
 
   server.Get("/v1/templates", route("templates", [&service](const httplib::Request&) {
-    Result<std::vector<TemplateView>> templates = service.list_templates();
-    if (!templates) return error_reply(templates.error());
-    json list = json::array();
-    for (const TemplateView& view : *templates) list.push_back(template_json(view));
-    return Reply{200, json{{"templates", list}}};
-  }));
+               Result<std::vector<TemplateView>> templates = service.list_templates();
+               if (!templates) return error_reply(templates.error());
+               json list = json::array();
+               for (const TemplateView& view : *templates) list.push_back(template_json(view));
+               return Reply{200, json{{"templates", list}}};
+             }));
   server.Get(name, route("template", [&service](const httplib::Request& request) {
-    Result<TemplateView> view = service.get_template(request.matches[1]);
-    return view ? Reply{200, template_json(*view)} : error_reply(view.error());
-  }));
+               Result<TemplateView> view = service.get_template(request.matches[1]);
+               return view ? Reply{200, template_json(*view)} : error_reply(view.error());
+             }));
   server.Post("/v1/templates", route("templates", [&service, with_body](const httplib::Request& request) {
-    return with_body(request, [&](const json& body) {
-      Result<std::pair<TemplateSpec, std::string>> parsed = parse_build(body);
-      if (!parsed) return error_reply(parsed.error());
-      Result<std::string> id = service.start_build(parsed->first, parsed->second);
-      if (!id) return error_reply(id.error());
-      return Reply{202, json{{"build_id", *id}, {"template", parsed->first.name}, {"state", "building"}}};
-    });
-  }));
+                return with_body(request, [&](const json& body) {
+                  Result<std::pair<TemplateSpec, std::string>> parsed = parse_build(body);
+                  if (!parsed) return error_reply(parsed.error());
+                  Result<std::string> id = service.start_build(parsed->first, parsed->second);
+                  if (!id) return error_reply(id.error());
+                  return Reply{202, json{{"build_id", *id}, {"template", parsed->first.name}, {"state", "building"}}};
+                });
+              }));
   server.Delete(name, route("template", [&service](const httplib::Request& request) {
-    Status deleted = service.delete_template(request.matches[1]);
-    return deleted ? Reply{204} : error_reply(deleted.error());
-  }));
+                  Status deleted = service.delete_template(request.matches[1]);
+                  return deleted ? Reply{204} : error_reply(deleted.error());
+                }));
   server.Put(name + "/pool", route("pool", [&service, with_body](const httplib::Request& request) {
-    return with_body(request, [&](const json& body) {
-      JsonFields fields(body, "request body", ErrorCode::kInvalidArgument);
-      uint64_t size = 0;
-      Status parsed = fields.unsigned_integer("size", size, /*required=*/true, kMaxPoolSize);
-      if (parsed) parsed = fields.no_other_fields();
-      if (!parsed) return error_reply(parsed.error());
-      Status set = service.set_pool_size(request.matches[1], size);
-      if (!set) return error_reply(set.error());
-      Result<TemplateView> view = service.get_template(request.matches[1]);
-      return view ? Reply{200, pool_json(view->pool)} : error_reply(view.error());
-    });
-  }));
+               return with_body(request, [&](const json& body) {
+                 JsonFields fields(body, "request body", ErrorCode::kInvalidArgument);
+                 uint64_t size = 0;
+                 Status parsed = fields.unsigned_integer("size", size, /*required=*/true, kMaxPoolSize);
+                 if (parsed) parsed = fields.no_other_fields();
+                 if (!parsed) return error_reply(parsed.error());
+                 Status set = service.set_pool_size(request.matches[1], size);
+                 if (!set) return error_reply(set.error());
+                 Result<TemplateView> view = service.get_template(request.matches[1]);
+                 return view ? Reply{200, pool_json(view->pool)} : error_reply(view.error());
+               });
+             }));
   server.Get(R"(/v1/builds/([A-Za-z0-9]{1,32}))", route("build", [&service](const httplib::Request& request) {
-    Result<BuildView> build = service.get_build(request.matches[1]);
-    return build ? Reply{200, build_json(*build)} : error_reply(build.error());
-  }));
+               Result<BuildView> build = service.get_build(request.matches[1]);
+               return build ? Reply{200, build_json(*build)} : error_reply(build.error());
+             }));
 
   server.Post("/v1/vms", route("vms", [&service, with_body](const httplib::Request& request) {
-    return with_body(request, [&](const json& body) {
-      Result<CreateVmRequest> parsed = parse_create(body);
-      if (!parsed) return error_reply(parsed.error());
-      Result<VmView> created = service.create_vm(*parsed);
-      return created ? Reply{201, vm_json(*created)} : error_reply(created.error());
-    });
-  }));
+                return with_body(request, [&](const json& body) {
+                  Result<CreateVmRequest> parsed = parse_create(body);
+                  if (!parsed) return error_reply(parsed.error());
+                  Result<VmView> created = service.create_vm(*parsed);
+                  return created ? Reply{201, vm_json(*created)} : error_reply(created.error());
+                });
+              }));
   server.Get("/v1/vms", route("vms", [&service](const httplib::Request&) {
-    json list = json::array();
-    for (const VmView& view : service.list_vms()) list.push_back(vm_json(view));
-    return Reply{200, json{{"vms", list}}};
-  }));
+               json list = json::array();
+               for (const VmView& view : service.list_vms()) list.push_back(vm_json(view));
+               return Reply{200, json{{"vms", list}}};
+             }));
   server.Get(vm, route("vm", [&service](const httplib::Request& request) {
-    Result<VmView> view = service.get_vm(request.matches[1]);
-    return view ? Reply{200, vm_json(*view)} : error_reply(view.error());
-  }));
+               Result<VmView> view = service.get_vm(request.matches[1]);
+               return view ? Reply{200, vm_json(*view)} : error_reply(view.error());
+             }));
   server.Delete(vm, route("vm", [&service](const httplib::Request& request) {
-    Status deleted = service.delete_vm(request.matches[1]);
-    return deleted ? Reply{204} : error_reply(deleted.error());
-  }));
+                  Status deleted = service.delete_vm(request.matches[1]);
+                  return deleted ? Reply{204} : error_reply(deleted.error());
+                }));
   server.Post(vm + "/exec", route("exec", [&service, with_body](const httplib::Request& request) {
-    return with_body(request, [&](const json& body) {
-      Result<ParsedExec> parsed = parse_exec(body);
-      if (!parsed) return error_reply(parsed.error());
-      Result<ExecResult> result = service.exec(request.matches[1], parsed->request);
-      if (!result) return error_reply(result.error());
-      bool lossy = false;
-      json reply = {{"encoding", parsed->encoding},
-                    {"stdout", encode_bytes(result->stdout_bytes, parsed->encoding, lossy)},
-                    {"stderr", encode_bytes(result->stderr_bytes, parsed->encoding, lossy)},
-                    {"exit_code", result->exit_status},
-                    {"signal", result->signal},
-                    {"timed_out", result->timed_out},
-                    {"stdout_truncated", result->stdout_truncated},
-                    {"stderr_truncated", result->stderr_truncated},
-                    {"duration_ms", result->duration_ms}};
-      reply["lossy"] = lossy;
-      return Reply{200, reply};
-    });
-  }));
+                return with_body(request, [&](const json& body) {
+                  Result<ParsedExec> parsed = parse_exec(body);
+                  if (!parsed) return error_reply(parsed.error());
+                  Result<ExecResult> result = service.exec(request.matches[1], parsed->request);
+                  if (!result) return error_reply(result.error());
+                  bool lossy = false;
+                  json reply = {{"encoding", parsed->encoding},
+                                {"stdout", encode_bytes(result->stdout_bytes, parsed->encoding, lossy)},
+                                {"stderr", encode_bytes(result->stderr_bytes, parsed->encoding, lossy)},
+                                {"exit_code", result->exit_status},
+                                {"signal", result->signal},
+                                {"timed_out", result->timed_out},
+                                {"stdout_truncated", result->stdout_truncated},
+                                {"stderr_truncated", result->stderr_truncated},
+                                {"duration_ms", result->duration_ms}};
+                  reply["lossy"] = lossy;
+                  return Reply{200, reply};
+                });
+              }));
   server.Get(vm + "/console", route("console", [&service](const httplib::Request& request) {
-    std::string encoding = request.has_param("encoding") ? request.get_param_value("encoding") : "utf-8";
-    if (encoding != "utf-8" && encoding != "base64") {
-      return error_reply(400, "invalid_argument",
-                         fmt::format("query parameter encoding must be utf-8 or base64, found {:?}", encoding));
-    }
-    Result<ConsoleOutput> output = service.console(request.matches[1]);
-    if (!output) return error_reply(output.error());
-    bool lossy = false;
-    json reply = {{"encoding", encoding},
-                  {"output", encode_bytes(output->bytes, encoding, lossy)},
-                  {"dropped_bytes", output->dropped_bytes}};
-    reply["lossy"] = lossy;
-    return Reply{200, reply};
-  }));
+               std::string encoding = request.has_param("encoding") ? request.get_param_value("encoding") : "utf-8";
+               if (encoding != "utf-8" && encoding != "base64") {
+                 return error_reply(
+                     400, "invalid_argument",
+                     fmt::format("query parameter encoding must be utf-8 or base64, found {:?}", encoding));
+               }
+               Result<ConsoleOutput> output = service.console(request.matches[1]);
+               if (!output) return error_reply(output.error());
+               bool lossy = false;
+               json reply = {{"encoding", encoding},
+                             {"output", encode_bytes(output->bytes, encoding, lossy)},
+                             {"dropped_bytes", output->dropped_bytes}};
+               reply["lossy"] = lossy;
+               return Reply{200, reply};
+             }));
 }
 
 }  // namespace deltavm

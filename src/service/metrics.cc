@@ -12,10 +12,14 @@ namespace {
 std::string escape(const std::string& value) {
   std::string out;
   for (char c : value) {
-    if (c == '\\') out += "\\\\";
-    else if (c == '"') out += "\\\"";
-    else if (c == '\n') out += "\\n";
-    else out += c;
+    if (c == '\\')
+      out += "\\\\";
+    else if (c == '"')
+      out += "\\\"";
+    else if (c == '\n')
+      out += "\\n";
+    else
+      out += c;
   }
   return out;
 }
@@ -23,7 +27,8 @@ std::string escape(const std::string& value) {
 std::string label_text(const Metrics::Labels& labels, const std::string& extra_name = "",
                        const std::string& extra_value = "") {
   std::string text;
-  for (const auto& [name, value] : labels) text += fmt::format("{}{}=\"{}\"", text.empty() ? "" : ",", name, escape(value));
+  for (const auto& [name, value] : labels)
+    text += fmt::format("{}{}=\"{}\"", text.empty() ? "" : ",", name, escape(value));
   if (!extra_name.empty()) text += fmt::format("{}{}=\"{}\"", text.empty() ? "" : ",", extra_name, extra_value);
   return text.empty() ? "" : "{" + text + "}";
 }
@@ -87,7 +92,8 @@ std::string Metrics::render() const {
   std::string out;
   for (const auto& [name, family] : families_) {
     out += fmt::format("# HELP {} {}\n# TYPE {} {}\n", name, family.help, name, family.type);
-    for (const auto& [labels, value] : family.values) out += fmt::format("{}{} {}\n", name, label_text(labels), number(value));
+    for (const auto& [labels, value] : family.values)
+      out += fmt::format("{}{} {}\n", name, label_text(labels), number(value));
     for (const auto& [labels, histogram] : family.histograms) {
       uint64_t cumulative = 0;
       for (size_t i = 0; i < family.bounds.size(); ++i) {

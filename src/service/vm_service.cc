@@ -128,8 +128,7 @@ VmService::VmService(Store& store, std::filesystem::path runtime, ServiceConfig 
   metrics_.declare("process_resident_memory_bytes", "gauge", "The service process's resident memory, VMs excluded");
 }
 
-Result<std::unique_ptr<VmService>> VmService::start(Store& store, std::filesystem::path runtime,
-                                                    ServiceConfig config) {
+Result<std::unique_ptr<VmService>> VmService::start(Store& store, std::filesystem::path runtime, ServiceConfig config) {
   DELTAVM_TRY(prepare_runtime_directory(runtime));
   std::unique_ptr<VmService> service(new VmService(store, std::move(runtime), std::move(config)));
   for (const auto& [name, size] : service->config_.pools) service->pools_[name].size = size;
@@ -267,8 +266,9 @@ Result<VmView> VmService::create_vm(const CreateVmRequest& request) {
   if (draining()) return make_error(ErrorCode::kUnavailable, "the service is shutting down");
   uint64_t ttl = request.ttl_seconds.value_or(config_.default_ttl_seconds);
   if (ttl > config_.max_ttl_seconds) {
-    return make_error(ErrorCode::kInvalidArgument, "field ttl_seconds must be at most {} (the service's maximum), found {}",
-                      config_.max_ttl_seconds, ttl);
+    return make_error(ErrorCode::kInvalidArgument,
+                      "field ttl_seconds must be at most {} (the service's maximum), found {}", config_.max_ttl_seconds,
+                      ttl);
   }
   int64_t expires_at_unix = ttl > 0 ? now_unix() + static_cast<int64_t>(ttl) : 0;
   Result<VmView> created = [&]() -> Result<VmView> {
@@ -337,8 +337,7 @@ std::optional<VmView> VmService::take_from_pool(const CreateVmRequest& request, 
   return *view;
 }
 
-Result<VmView> VmService::start_cold(const CreateVmRequest& request, int64_t expires_at_unix,
-                                     Clock::time_point start) {
+Result<VmView> VmService::start_cold(const CreateVmRequest& request, int64_t expires_at_unix, Clock::time_point start) {
   Result<Template> found = load_template(store_, request.template_name);
   if (!found) {
     if (found.error().code == ErrorCode::kNotFound) {
@@ -371,8 +370,7 @@ Result<VmView> VmService::start_cold(const CreateVmRequest& request, int64_t exp
 
   DELTAVM_ASSIGN_OR_RETURN(Reservation reservation, reserve(loaded.machine.memory_bytes, /*may_evict=*/true));
   load_turns_.acquire();
-  Result<StartedVm> started =
-      start_vm(loaded, store_, *runner, runtime_, {.strategy = *strategy, .stay_owner = true});
+  Result<StartedVm> started = start_vm(loaded, store_, *runner, runtime_, {.strategy = *strategy, .stay_owner = true});
   load_turns_.release();
   if (!started) {
     release(reservation);
@@ -537,7 +535,8 @@ Status VmService::delete_template(const std::string& name) {
       return make_error(ErrorCode::kConflict, "template {} has a warm pool of {}; set its size to 0 first", name,
                         pool->second.size);
     }
-    if (auto pool = pools_.find(name); pool != pools_.end() && (pool->second.loading > 0 || !pool->second.ready.empty())) {
+    if (auto pool = pools_.find(name);
+        pool != pools_.end() && (pool->second.loading > 0 || !pool->second.ready.empty())) {
       return make_error(ErrorCode::kConflict, "template {}: its warm pool is still being emptied; try again", name);
     }
     for (const auto& [id, build] : builds_) {
@@ -551,8 +550,8 @@ Status VmService::delete_template(const std::string& name) {
 
 Status VmService::set_pool_size(const std::string& name, uint64_t size) {
   if (size > kMaxPoolSize) {
-    return make_error(ErrorCode::kInvalidArgument, "field size must be an integer from 0 to {}, found {}",
-                      kMaxPoolSize, size);
+    return make_error(ErrorCode::kInvalidArgument, "field size must be an integer from 0 to {}, found {}", kMaxPoolSize,
+                      size);
   }
   DELTAVM_TRY(get_template(name).status());
   std::vector<std::shared_ptr<Vm>> excess;
@@ -881,11 +880,13 @@ void VmService::update_gauges() {
     memory += reserved_bytes_;
     for (const auto& [name, pool] : pools_) {
       metrics_.set("deltavm_pool_size", {{"template", name}}, static_cast<double>(pool.size));
-      metrics_.set("deltavm_pool_vms", {{"template", name}, {"state", "ready"}}, static_cast<double>(pool.ready.size()));
+      metrics_.set("deltavm_pool_vms", {{"template", name}, {"state", "ready"}},
+                   static_cast<double>(pool.ready.size()));
       metrics_.set("deltavm_pool_vms", {{"template", name}, {"state", "loading"}}, static_cast<double>(pool.loading));
     }
   }
-  for (const auto& [state, count] : by_state) metrics_.set("deltavm_vms", {{"state", state}}, static_cast<double>(count));
+  for (const auto& [state, count] : by_state)
+    metrics_.set("deltavm_vms", {{"state", state}}, static_cast<double>(count));
   metrics_.set("deltavm_guest_memory_bytes", {}, static_cast<double>(memory));
   metrics_.set("deltavm_guest_memory_limit_bytes", {}, static_cast<double>(config_.max_memory_bytes));
   metrics_.set("deltavm_vms_limit", {}, static_cast<double>(config_.max_vms));

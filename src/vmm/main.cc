@@ -86,8 +86,6 @@ int run(int argc, char** argv) {
   if (!system) return fail(system.error());
   Result<Fd> listener = listen_unix(control);
   if (!listener) return fail(listener.error());
-  std::unique_ptr<SerialSocket> sockets[2];
-  const std::string* paths[2] = {&console, &agent};
   Fd log;
   if (!console_log.empty()) {
     Result<std::filesystem::path> writable = policy->writable(console_log);
@@ -96,14 +94,19 @@ int run(int argc, char** argv) {
     if (!opened) return fail(opened.error());
     log = std::move(opened).value();
   }
-  for (int port = 0; port < 2; ++port) {
-    if (paths[port]->empty()) continue;
-    Result<std::unique_ptr<SerialSocket>> socket =
-        SerialSocket::listen(*paths[port], port == 0 ? 64 << 10 : 0, port == 0 ? std::move(log) : Fd());
+  // ttyS0, the console (kept 64 KiB for a late reader, and logged); ttyS1, the agent.
+  std::unique_ptr<SerialSocket> console_socket, agent_socket;
+  if (!console.empty()) {
+    Result<std::unique_ptr<SerialSocket>> socket = SerialSocket::listen(console, 64 << 10, std::move(log));
     if (!socket) return fail(socket.error());
-    sockets[port] = std::move(socket).value();
+    console_socket = std::move(socket).value();
   }
-  Vmm vmm(std::move(system).value(), std::move(policy).value(), std::move(sockets[0]), std::move(sockets[1]));
+  if (!agent.empty()) {
+    Result<std::unique_ptr<SerialSocket>> socket = SerialSocket::listen(agent, 0, Fd());
+    if (!socket) return fail(socket.error());
+    agent_socket = std::move(socket).value();
+  }
+  Vmm vmm(std::move(system).value(), std::move(policy).value(), std::move(console_socket), std::move(agent_socket));
   for (;;) {
     Fd connection(::accept4(listener->get(), nullptr, nullptr, SOCK_CLOEXEC));
     if (!connection.valid()) {

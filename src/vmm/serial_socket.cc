@@ -16,7 +16,8 @@ Result<std::unique_ptr<SerialSocket>> SerialSocket::listen(const std::filesystem
   DELTAVM_ASSIGN_OR_RETURN(Fd listener, listen_unix(path));
   Fd stop(::eventfd(0, EFD_CLOEXEC));
   if (!stop.valid()) return errno_error("eventfd", errno);
-  std::unique_ptr<SerialSocket> socket(new SerialSocket(std::move(listener), std::move(stop), history_bytes, std::move(log)));
+  std::unique_ptr<SerialSocket> socket(
+      new SerialSocket(std::move(listener), std::move(stop), history_bytes, std::move(log)));
   socket->thread_ = std::thread([raw = socket.get()] { raw->serve(); });
   return socket;
 }

@@ -32,8 +32,7 @@ class AgentChannel : public ::testing::Test {
     ASSERT_TRUE(templates) << templates.error().message;
     templates_ = *templates;
     runtime_ = templates_.root / "agent-runtime";
-    Result<StartedVm> vm =
-        start_vm("base", *templates_.store, *templates_.backend, runtime_);
+    Result<StartedVm> vm = start_vm("base", *templates_.store, *templates_.backend, runtime_);
     ASSERT_TRUE(vm) << vm.error().message;
     id_ = vm->id;
     Result<VmDirectory> directory = VmDirectory::open(runtime_, id_);

@@ -81,7 +81,8 @@ class NestedKvm : public ::testing::Test {
     ASSERT_FALSE(libraries.empty()) << "ldd found no libraries for " << (files / "deltavm").string();
     std::string library_entries;
     for (const std::filesystem::path& library : libraries) {
-      library_entries += fmt::format(R"(, {{"source": "{0}", "destination": "{0}", "mode": "0755"}})", library.string());
+      library_entries +=
+          fmt::format(R"(, {{"source": "{0}", "destination": "{0}", "mode": "0755"}})", library.string());
     }
     spec_json.insert(spec_json.find("],\n      \"setup\""), library_entries);
     std::string stamp = spec_json;

@@ -53,10 +53,10 @@ class Service : public ::testing::Test {
     std::filesystem::path config_file = root_ / "serve.json";
     std::string text = config.dump();
     ASSERT_TRUE(write_file_atomic(config_file, {reinterpret_cast<const uint8_t*>(text.data()), text.size()}));
-    Result<Subprocess> spawned = Subprocess::spawn(
-        {.argv = {DELTAVM_BINARY, "--store", store_.string(), "--runtime", runtime_.string(), "serve", "--config",
-                  config_file.string()},
-         .log = root_ / "serve.log"});
+    Result<Subprocess> spawned =
+        Subprocess::spawn({.argv = {DELTAVM_BINARY, "--store", store_.string(), "--runtime", runtime_.string(), "serve",
+                                    "--config", config_file.string()},
+                           .log = root_ / "serve.log"});
     ASSERT_TRUE(spawned) << spawned.error().message;
     service_ = std::move(*spawned);
     for (auto deadline = std::chrono::steady_clock::now() + 30s; std::chrono::steady_clock::now() < deadline;) {
@@ -122,8 +122,8 @@ std::filesystem::path Service::store_;
 
 // 8 clients at once, each create -> exec -> delete twice: every cycle succeeds, every VM
 // answers as its own, and nothing is left. With a pool of 4, requests take pooled VMs.
-void run_clients(const std::filesystem::path& socket, int clients, int rounds,
-                 std::atomic<int>& pooled, std::vector<std::string>& failures, std::mutex& failures_mutex) {
+void run_clients(const std::filesystem::path& socket, int clients, int rounds, std::atomic<int>& pooled,
+                 std::vector<std::string>& failures, std::mutex& failures_mutex) {
   std::vector<std::thread> threads;
   for (int c = 0; c < clients; ++c) {
     threads.emplace_back([&, c] {
@@ -249,7 +249,8 @@ TEST_F(Service, KilledServiceIsReplacedAndTheNextAdoptsWhatRuns) {
   json listed_now = call(c, "GET", "/v1/vms");
   for (const json& vm : listed_now["vms"]) known.insert(vm["pid"].get<pid_t>());
   std::set<pid_t> running = vm_processes();
-  EXPECT_EQ(running.size(), known.size() + 1) << "VM processes running: " << running.size() << ", listed " << known.size();
+  EXPECT_EQ(running.size(), known.size() + 1)
+      << "VM processes running: " << running.size() << ", listed " << known.size();
   for (pid_t pid : known) EXPECT_TRUE(running.count(pid)) << pid;
   // The adopted ttl still holds.
   std::string expiring_id = expiring["id"];
@@ -287,8 +288,8 @@ TEST_F(Service, CommandLineGoesThroughTheService) {
   EXPECT_EQ(stop.status, 0) << stop.err;
   EXPECT_EQ(c.request("GET", "/v1/vms/" + id)->status, 404);
   // A service of another store is named, not used.
-  testing::CommandResult other = testing::run_deltavm({"--store", (root_ / "other").string(), "--runtime",
-                                                       runtime_.string(), "ps"});
+  testing::CommandResult other =
+      testing::run_deltavm({"--store", (root_ / "other").string(), "--runtime", runtime_.string(), "ps"});
   EXPECT_EQ(other.status, 1);
   EXPECT_NE(other.err.find("serves runtime"), std::string::npos) << other.err;
 }
