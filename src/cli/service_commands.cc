@@ -64,6 +64,9 @@ struct ServeArguments {
 };
 
 Status run_serve(const GlobalOptions& options, const ServeArguments& arguments) {
+  // Everything the service creates (its socket from the moment it is bound, records, logs) is
+  // its user's alone, whatever umask it was started with.
+  ::umask(077);
   std::filesystem::path runtime = runtime_directory(options);
   DELTAVM_TRY(prepare_runtime_directory(runtime));
   DELTAVM_ASSIGN_OR_RETURN(Fd runtime_lock, lock_service_runtime(runtime));

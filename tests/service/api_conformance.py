@@ -215,6 +215,22 @@ def run(arguments, root):
         wrong = Client(api, tcp=started["tcp"], token="x" * len(token))
         expect(oct(os.stat(started["socket"]).st_mode & 0o777) == "0o600", "the socket is not mode 0600")
 
+        # Bytes that are not HTTP, and a request line and header past any sane size, are
+        # answered or dropped; the service keeps serving.
+        for garbage in [bytes(range(256)) * 64 + b"\r\n\r\n", b"GET /" + b"a" * (1 << 20) + b" HTTP/1.1\r\n\r\n",
+                        b"POST /v1/vms HTTP/1.1\r\nContent-Length: 99999999999\r\n\r\n{}"]:
+            raw = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            raw.settimeout(30)
+            raw.connect(started["socket"])
+            try:
+                raw.sendall(garbage)
+                raw.shutdown(socket.SHUT_WR)
+                while raw.recv(65536):
+                    pass
+            except OSError:
+                pass  # The service may close on us mid-send: that is a fine answer to garbage.
+            raw.close()
+        expect(service.poll() is None, "deltavm serve died on garbage")
         expect_status(client.call("GET", "/healthz"), 200, "healthz")
         metrics = expect_status(client.call("GET", "/metrics"), 200, "metrics")
         expect(b"# TYPE deltavm_load_seconds histogram" in metrics, "metrics lack the load histogram")
