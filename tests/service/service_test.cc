@@ -201,9 +201,16 @@ TEST_F(Service, VmPastItsTtlIsStoppedAndReaped) {
     std::this_thread::sleep_for(200ms);
   }
   EXPECT_EQ(c.request("GET", "/v1/vms/" + id)->status, 404);
+  // The VM leaves the list when its stop begins; its process, directory and the count follow.
+  std::string metrics;
+  auto stopped = [&] {
+    metrics = c.request("GET", "/metrics")->body;
+    return !std::filesystem::exists(runtime_ / "vms" / id) && vm_processes().size() == 1 &&
+           metrics.find("deltavm_vm_ends_total{reason=\"expired\"} 1") != std::string::npos;
+  };
+  while (!stopped() && std::chrono::steady_clock::now() < deadline) std::this_thread::sleep_for(100ms);
   EXPECT_FALSE(std::filesystem::exists(runtime_ / "vms" / id));
   EXPECT_EQ(vm_processes().size(), 1u);
-  std::string metrics = c.request("GET", "/metrics")->body;
   EXPECT_NE(metrics.find("deltavm_vm_ends_total{reason=\"expired\"} 1"), std::string::npos) << metrics;
 }
 
