@@ -96,8 +96,11 @@ Status run_serve(const GlobalOptions& options, const ServeArguments& arguments) 
 
   // glibc gives each thread that allocates an arena of its own and keeps what is freed in it:
   // with dozens of request threads that alone would hold tens of MiB. Two arenas, trimmed by
-  // the service's watch thread, keep the service's memory near what it uses.
+  // the service's watch thread, keep the service's memory near what it uses. A fixed mmap
+  // threshold (glibc otherwise raises it to the largest block freed) gives every large buffer,
+  // decoded deltas and request bodies, back to the system as soon as it is freed.
   ::mallopt(M_ARENA_MAX, 2);
+  ::mallopt(M_MMAP_THRESHOLD, 128 * 1024);
   DELTAVM_ASSIGN_OR_RETURN(std::unique_ptr<VmService> service, VmService::start(store, runtime, config));
   HttpApi api(*service);
   std::filesystem::path socket =

@@ -4,6 +4,7 @@
 #include <chrono>
 #include <cstdint>
 #include <cstring>
+#include <memory>
 
 namespace deltavm {
 
@@ -41,13 +42,14 @@ Result<PreparedRam> Loader::prepare(std::span<const ImageRecord> chain, RamStrat
 
 Status PreparedRam::fill(GuestMemoryWriter& writer) const {
   if (layers_.empty()) return {};
-  std::vector<Delta> deltas;
+  // Shared: loads of one chain running at once hold its decoded deltas once.
+  std::vector<std::shared_ptr<const Delta>> deltas;
   ImageDigest previous = flat_digest_;
   for (const ImageRecord& layer : layers_) {
-    DELTAVM_ASSIGN_OR_RETURN(Delta delta, store_->read_delta(layer));
-    if (delta.base_digest && *delta.base_digest != previous) {
+    DELTAVM_ASSIGN_OR_RETURN(std::shared_ptr<const Delta> delta, store_->read_delta_shared(layer));
+    if (delta->base_digest && *delta->base_digest != previous) {
       return make_error(ErrorCode::kCorruption, "image {}: its delta applies to image {}, not to its parent ({})",
-                        layer.name, *delta.base_digest, previous);
+                        layer.name, *delta->base_digest, previous);
     }
     previous = layer.digest;
     deltas.push_back(std::move(delta));
@@ -62,7 +64,7 @@ Status PreparedRam::fill(GuestMemoryWriter& writer) const {
   for (;;) {
     uint64_t page_index = UINT64_MAX;
     for (size_t d = 0; d < deltas.size(); ++d) {
-      if (next[d] < deltas[d].edits.size()) page_index = std::min(page_index, deltas[d].edits[next[d]].page_index);
+      if (next[d] < deltas[d]->edits.size()) page_index = std::min(page_index, deltas[d]->edits[next[d]].page_index);
     }
     if (page_index == UINT64_MAX || batch.size() == kBatchPages) {
       DELTAVM_TRY(writer.write_pages(batch));
@@ -72,8 +74,9 @@ Status PreparedRam::fill(GuestMemoryWriter& writer) const {
     uint8_t* page = buffer.data() + batch.size() * kPageSize;
     std::memcpy(page, flat_mapping_.bytes().data() + page_index * kPageSize, kPageSize);
     for (size_t d = 0; d < deltas.size(); ++d) {
-      if (next[d] < deltas[d].edits.size() && deltas[d].edits[next[d]].page_index == page_index) {
-        apply_edit(deltas[d], deltas[d].edits[next[d]++], page);
+      const Delta& delta = *deltas[d];
+      if (next[d] < delta.edits.size() && delta.edits[next[d]].page_index == page_index) {
+        apply_edit(delta, delta.edits[next[d]++], page);
       }
     }
     batch.push_back(PageWrite{page_index * kPageSize, page});

@@ -323,6 +323,31 @@ Result<Delta> Store::read_delta(const ImageRecord& record) {
   return delta;
 }
 
+Result<std::shared_ptr<const Delta>> Store::read_delta_shared(const ImageRecord& record) {
+  std::string key = record.object_id.hex();
+  std::shared_ptr<std::mutex> decoding;
+  {
+    std::lock_guard lock(shared_deltas_->mutex);
+    SharedDeltas::Entry& entry = shared_deltas_->entries[key];
+    if (std::shared_ptr<const Delta> delta = entry.delta.lock()) return delta;
+    decoding = entry.decoding;
+  }
+  // One decode per object at a time; whoever waited here takes what the first one decoded.
+  std::lock_guard decode_lock(*decoding);
+  {
+    std::lock_guard lock(shared_deltas_->mutex);
+    if (std::shared_ptr<const Delta> delta = shared_deltas_->entries[key].delta.lock()) return delta;
+  }
+  DELTAVM_ASSIGN_OR_RETURN(Delta decoded, read_delta(record));
+  auto delta = std::make_shared<const Delta>(std::move(decoded));
+  std::lock_guard lock(shared_deltas_->mutex);
+  shared_deltas_->entries[key].delta = delta;
+  // Entries nobody holds or decodes are forgotten (this one's `decoding` is held here).
+  std::erase_if(shared_deltas_->entries,
+                [](const auto& item) { return item.second.delta.expired() && item.second.decoding.use_count() == 1; });
+  return delta;
+}
+
 Result<ImageRecord> Store::put_image(const std::string& name, std::span<const uint8_t> image,
                                      const std::optional<std::string>& parent, const PutOptions& options) {
   DELTAVM_TRY(check_name(name));

@@ -127,6 +127,10 @@ class Store {
 
   // Reads, verifies and decodes the delta object of one image (the delta from its parent).
   Result<Delta> read_delta(const ImageRecord& record);
+  // read_delta, shared: callers that want the same object while another holds it get that
+  // decoded copy (concurrent loads of one chain hold it once, decoded once). Nothing is kept
+  // once the last holder lets go.
+  Result<std::shared_ptr<const Delta>> read_delta_shared(const ImageRecord& record);
 
   Result<ImageRecord> find(const std::string& name);
   Result<std::vector<ImageRecord>> list();
@@ -188,6 +192,17 @@ class Store {
     std::shared_ptr<const std::vector<uint8_t>> bytes;
   };
   std::unique_ptr<ReferenceCache> reference_cache_ = std::make_unique<ReferenceCache>();
+  // The deltas read_delta_shared has handed out and someone still holds, by object id; a
+  // decode in progress holds its entry's lock, so a second caller waits for it.
+  struct SharedDeltas {
+    struct Entry {
+      std::weak_ptr<const Delta> delta;
+      std::shared_ptr<std::mutex> decoding = std::make_shared<std::mutex>();
+    };
+    std::mutex mutex;
+    std::map<std::string, Entry> entries;
+  };
+  std::unique_ptr<SharedDeltas> shared_deltas_ = std::make_unique<SharedDeltas>();
 };
 
 // An flock on DIR/lock held for the life of the object.

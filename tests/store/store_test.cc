@@ -6,6 +6,7 @@
 #include <unistd.h>
 
 #include <cstring>
+#include <thread>
 
 #include "image/test_images.h"
 
@@ -103,6 +104,36 @@ TEST_F(StoreTest, CorruptObjectIsRefusedWithItsName) {
   Result<FsckReport> report = store_->fsck();
   ASSERT_TRUE(report);
   EXPECT_FALSE(report->clean());
+}
+
+TEST_F(StoreTest, SharedDeltaIsOneCopyWhileHeldAndReadAgainOnceLetGo) {
+  ASSERT_TRUE(store_->put_image("a", a_, std::nullopt));
+  ASSERT_TRUE(store_->put_image("b", b_, std::string("a")));
+  ImageRecord record = *store_->find("b");
+  std::vector<std::shared_ptr<const Delta>> held(4);
+  std::vector<std::thread> readers;
+  for (auto& delta : held) {
+    readers.emplace_back([&] {
+      Result<std::shared_ptr<const Delta>> read = store_->read_delta_shared(record);
+      if (read) delta = *read;
+    });
+  }
+  for (std::thread& reader : readers) reader.join();
+  for (const auto& delta : held) {
+    ASSERT_NE(delta, nullptr);
+    EXPECT_EQ(delta.get(), held[0].get());
+  }
+  EXPECT_EQ(held[0]->target_digest, record.digest);
+
+  // Once nobody holds it, the next reader reads (and verifies) the object again.
+  std::filesystem::path path = store_->object_path(record.object_id);
+  std::vector<uint8_t> bytes = *read_file(path);
+  bytes[bytes.size() / 2] ^= 0x40;
+  ASSERT_TRUE(write_file_atomic(path, bytes));
+  held.clear();
+  Result<std::shared_ptr<const Delta>> again = store_->read_delta_shared(record);
+  ASSERT_FALSE(again);
+  EXPECT_EQ(again.error().code, ErrorCode::kCorruption);
 }
 
 TEST_F(StoreTest, TruncatedObjectIsRefused) {
