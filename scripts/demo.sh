@@ -78,7 +78,8 @@ awk -v a="$answered" '
 echo
 echo "== 4. the service: deltavm serve with a warm pool of 2 'worker' VMs"
 echo '{"pools": {"worker": 2}, "max_vms": 16}' > "$scratch/serve.json"
-"${deltavm[@]}" serve --config "$scratch/serve.json" 2> "$scratch/serve.err" &
+# In a session of its own, as systemd would start it: its CPU priority is then its own to set.
+setsid "${deltavm[@]}" serve --config "$scratch/serve.json" 2> "$scratch/serve.err" &
 serve_pid=$!
 socket=$runtime/service.sock
 api() { curl -sS --fail-with-body --unix-socket "$socket" "$@"; }

@@ -53,6 +53,15 @@ struct RestoreTimings {
   double state_ms = 0;   // Loading the machine state.
 };
 
+// A paused VM's control connection, opened ahead of time so that resuming the VM later is a
+// single exchange with its process (warm pools hold one per VM). While it is held, other
+// clients of the VM's control socket wait: drop it before anything else talks to the VM.
+class HeldControl {
+ public:
+  virtual ~HeldControl() = default;
+  virtual Status resume() = 0;
+};
+
 class Backend {
  public:
   virtual ~Backend() = default;
@@ -77,6 +86,9 @@ class Backend {
   // the kvm backend's VMM restores without them).
   virtual bool restore_needs_boot_files() const { return true; }
   virtual Status resume(const VmDirectory& vm) = 0;
+  // A connection to paused `vm` held for one later resume. The default holds nothing and
+  // connects at resume().
+  virtual Result<std::unique_ptr<HeldControl>> hold_control(const VmDirectory& vm);
   // Copies the VM's RAM from guest-physical address 0 into `out` (whose size must not exceed
   // the VM's memory). The VM should be paused for a consistent copy.
   virtual Status read_memory(const VmDirectory& vm, std::span<uint8_t> out) = 0;

@@ -4,6 +4,7 @@
 #include <poll.h>
 #include <signal.h>
 #include <sys/prctl.h>
+#include <sys/resource.h>
 #include <sys/stat.h>
 #include <sys/syscall.h>
 #include <sys/wait.h>
@@ -161,6 +162,9 @@ Result<Subprocess> Subprocess::spawn(const SpawnOptions& options) {
   int highest_target = 2;
   for (const auto& [from, to] : options.pass_fds) highest_target = std::max(highest_target, to);
   const pid_t parent = ::getpid();
+  errno = 0;
+  int nice = ::getpriority(PRIO_PROCESS, 0);  // The calling thread's.
+  std::string group_nice = options.new_session && errno == 0 && nice != 0 ? std::to_string(nice) : "";
 
   pid_t pid = ::fork();
   if (pid < 0) return errno_error(fmt::format("fork for {}", program), errno);
@@ -173,6 +177,14 @@ Result<Subprocess> Subprocess::spawn(const SpawnOptions& options) {
     int error_fd = ::fcntl(error_write.get(), F_DUPFD_CLOEXEC, highest_target + 1);
     if (error_fd < 0) child_fail(error_write.get(), 3);
     if (options.new_session && ::setsid() < 0) child_fail(error_fd, 0);
+    if (!group_nice.empty()) {
+      // Best effort: kernels without autogroup have no such file, and their thread nice holds.
+      int group = ::open("/proc/self/autogroup", O_WRONLY | O_CLOEXEC);
+      if (group >= 0) {
+        (void)!::write(group, group_nice.data(), group_nice.size());
+        ::close(group);
+      }
+    }
     if (options.die_with_parent) {
       if (::prctl(PR_SET_PDEATHSIG, SIGKILL) != 0) child_fail(error_fd, 1);
       if (::getppid() != parent) ::_exit(127);  // The owner is already gone.
@@ -287,6 +299,36 @@ std::string describe_wait_status(int status) {
   if (WIFSIGNALED(status))
     return fmt::format("killed by signal {} ({})", WTERMSIG(status), strsignal(WTERMSIG(status)));
   return fmt::format("ended with wait status {:#x}", status);
+}
+
+Status set_process_nice(pid_t pid, int nice) {
+  std::error_code error;
+  std::filesystem::directory_iterator tasks(fmt::format("/proc/{}/task", pid), error);
+  if (error) return make_error(ErrorCode::kNotFound, "process {}: {}", pid, error.message());
+  for (const auto& task : tasks) {
+    id_t tid = static_cast<id_t>(std::strtol(task.path().filename().c_str(), nullptr, 10));
+    if (::setpriority(PRIO_PROCESS, tid, nice) != 0 && errno != ESRCH) {
+      return errno_error(fmt::format("set the priority of process {} thread {}", pid, tid), errno);
+    }
+  }
+  if (::getsid(pid) == pid) return set_session_group_nice(pid, nice);
+  return {};
+}
+
+Status set_session_group_nice(pid_t pid, int nice) {
+  std::filesystem::path group = fmt::format("/proc/{}/autogroup", pid);
+  std::error_code error;
+  if (!std::filesystem::exists(group, error)) return {};  // No autogroup: thread nice is what counts.
+  if (::getsid(pid) != pid) {
+    return make_error(ErrorCode::kInvalidArgument,
+                      "process {} does not lead its session: its session's priority is not its own to set", pid);
+  }
+  DELTAVM_ASSIGN_OR_RETURN(Fd fd, open_file(group, O_WRONLY));
+  std::string value = std::to_string(nice);
+  if (::write(fd.get(), value.data(), value.size()) < 0) {
+    return errno_error(fmt::format("set the scheduling group priority of process {} to nice {}", pid, nice), errno);
+  }
+  return {};
 }
 
 }  // namespace deltavm

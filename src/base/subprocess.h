@@ -44,11 +44,23 @@ bool process_running(const ProcessIdentity& identity);
 // gone. A process that has already exited is fine.
 Status terminate_process(const ProcessIdentity& identity, std::chrono::milliseconds grace);
 
+// Sets the nice value of every thread of `pid` (nice is per thread on Linux) and, if `pid`
+// leads its session, of the session (set_session_group_nice). Lowering nice needs
+// CAP_SYS_NICE (or RLIMIT_NICE).
+Status set_process_nice(pid_t pid, int nice);
+// Where the kernel schedules each session as a group (autogroup), the group's nice is what
+// weighs against other sessions: against other VMs, each of which leads a session of its own.
+// Only for a process that leads its session, so that a command started from a shell never
+// changes the shell's priority. Nothing to do (and no error) without autogroup.
+Status set_session_group_nice(pid_t pid, int nice);
+
 struct SpawnOptions {
   std::vector<std::string> argv;  // argv[0] is looked up in PATH unless it holds a '/'.
   // stdout and stderr are appended here (created 0600); stdin is /dev/null. Empty: /dev/null.
   std::filesystem::path log;
   // In a session of its own: the caller's terminal and its signals (Ctrl-C) do not reach it.
+  // Where the kernel groups each session for scheduling (autogroup), the group takes the nice
+  // of the spawning thread, so a child started at low priority stays low next to other groups.
   bool new_session = true;
   // SIGKILLed by the kernel when the thread that spawned it exits (PR_SET_PDEATHSIG), so it
   // can never outlive its owner: for processes that exist only for the owner's operation.

@@ -9,6 +9,7 @@
 #include <thread>
 
 #include "base/file.h"
+#include "base/subprocess.h"
 #include "cli/commands.h"
 #include "service/http_api.h"
 #include "service/service_record.h"
@@ -101,6 +102,12 @@ Status run_serve(const GlobalOptions& options, const ServeArguments& arguments) 
   // decoded deltas and request bodies, back to the system as soon as it is freed.
   ::mallopt(M_ARENA_MAX, 2);
   ::mallopt(M_MMAP_THRESHOLD, 128 * 1024);
+  // Above the guests (each VM process leads a session of its own, scheduled as a group of its
+  // own where the kernel has autogroup). Needs CAP_SYS_NICE and a session of its own: systemd
+  // gives one; from a shell, `setsid deltavm serve`.
+  if (Status raised = set_session_group_nice(::getpid(), kServiceNice); !raised) {
+    fmt::print(stderr, "deltavm serve: runs at the priority of the guests: {}\n", raised.error().message);
+  }
   DELTAVM_ASSIGN_OR_RETURN(std::unique_ptr<VmService> service, VmService::start(store, runtime, config));
   HttpApi api(*service);
   std::filesystem::path socket =

@@ -37,8 +37,9 @@ constexpr int kAdoptEveryTicks = 4;
 // A pool whose refill failed waits this long before trying again.
 constexpr auto kRefillRetry = std::chrono::seconds(2);
 // Pool refills are background work: the refill thread, and the VM processes it starts (a
-// child takes the nice value of the thread that forked it), run at this nice value and yield
-// the CPU to requests. A pool VM handed out is set back to 0.
+// child, and the scheduling group of its session, take the nice value of the thread that
+// forked it), run at this nice value and yield the CPU to requests. A pool VM handed out is
+// set back to 0.
 constexpr int kRefillNice = 10;
 // A pool VM's first answer (its check before it waits in the pool).
 constexpr auto kPoolCheckTimeout = std::chrono::seconds(60);
@@ -63,20 +64,6 @@ uint64_t resident_bytes() {
   int fields = std::fscanf(statm, "%lu %lu", &size, &resident);
   std::fclose(statm);
   return fields == 2 ? static_cast<uint64_t>(resident) * static_cast<uint64_t>(::sysconf(_SC_PAGESIZE)) : 0;
-}
-
-// Sets the nice value of every thread of process `pid` (nice is per thread on Linux).
-Status set_process_nice(pid_t pid, int nice) {
-  std::error_code error;
-  std::filesystem::directory_iterator tasks(fmt::format("/proc/{}/task", pid), error);
-  if (error) return make_error(ErrorCode::kNotFound, "process {}: {}", pid, error.message());
-  for (const auto& task : tasks) {
-    id_t tid = static_cast<id_t>(std::strtol(task.path().filename().c_str(), nullptr, 10));
-    if (::setpriority(PRIO_PROCESS, tid, nice) != 0 && errno != ESRCH) {
-      return errno_error(fmt::format("set the priority of process {} thread {}", pid, tid), errno);
-    }
-  }
-  return {};
 }
 
 bool is_template(const ImageRecord& record) {
@@ -242,6 +229,12 @@ VmView VmService::view_of(const Vm& vm) const {
 }
 
 void VmService::stop_and_forget(const std::shared_ptr<Vm>& vm, const std::string& reason) {
+  std::unique_ptr<HeldControl> control;
+  {
+    std::lock_guard lock(mutex_);
+    control = std::move(vm->control);
+  }
+  control.reset();  // Its process's control socket is free for the stop.
   Result<Backend*> runner = backend(vm->backend_key.empty() ? "qemu" : vm->backend_key);
   if (runner) {
     Status stopped = stop_vm(vm->id, **runner, runtime_);
@@ -291,6 +284,7 @@ Result<VmView> VmService::create_vm(const CreateVmRequest& request) {
 std::optional<VmView> VmService::take_from_pool(const CreateVmRequest& request, int64_t expires_at_unix,
                                                 Clock::time_point start) {
   std::shared_ptr<Vm> vm;
+  std::unique_ptr<HeldControl> control;
   {
     std::lock_guard lock(mutex_);
     auto pool = pools_.find(request.template_name);
@@ -300,16 +294,22 @@ std::optional<VmView> VmService::take_from_pool(const CreateVmRequest& request, 
     pool->second.ready.pop_front();
     vm = candidate;
     vm->state = VmState::kStarting;
+    control = std::move(vm->control);
   }
   changed_.notify_all();  // The pool refills.
   Result<VmView> view = [&]() -> Result<VmView> {
     DELTAVM_ASSIGN_OR_RETURN(Backend * runner, backend(vm->backend_key));
     DELTAVM_ASSIGN_OR_RETURN(VmDirectory directory, VmDirectory::open(runtime_, vm->id));
     Clock::time_point resume_start = Clock::now();
+    // Handing a VM out is the service's work: its process answers the resume at the service's
+    // priority, not behind the guests that run, then runs as they do (pool VMs wait below them).
+    if (!set_process_nice(vm->pid, kServiceNice)) (void)set_process_nice(vm->pid, 0);
+    Status resumed = control ? control->resume() : runner->resume(directory);
+    control.reset();
     if (Status normal = set_process_nice(vm->pid, 0); !normal) {
-      log_event("VM {} keeps the pool's lower priority: {}", vm->id, normal.error().message);
+      log_event("VM {} keeps its pool priority: {}", vm->id, normal.error().message);
     }
-    DELTAVM_TRY(runner->resume(directory));
+    DELTAVM_TRY(resumed);
     double resume_ms = elapsed_ms(resume_start);
     // Only now is the VM the requester's: until the record says so, a service that dies
     // leaves it abandoned (owned, purpose "pool") and the next one ends it.
@@ -689,6 +689,7 @@ void VmService::refill_pools() {
       // Each pool VM answers once before it waits, so that a VM that would not is never handed
       // out, and the guest's path to a first answer is warm (translated, under TCG) when a
       // request comes: resumed, asked `true`, paused again.
+      std::unique_ptr<HeldControl> control;
       Status checked = [&]() -> Status {
         DELTAVM_ASSIGN_OR_RETURN(VmDirectory directory, VmDirectory::open(runtime_, started->id));
         DELTAVM_TRY(runner->resume(directory));
@@ -697,7 +698,9 @@ void VmService::refill_pools() {
           return make_error(ErrorCode::kIo, "pool VM {} answered its check with exit status {}", started->id,
                             answer.exit_status);
         }
-        return runner->pause(directory);
+        DELTAVM_TRY(runner->pause(directory));
+        DELTAVM_ASSIGN_OR_RETURN(control, runner->hold_control(directory));
+        return {};
       }();
       if (!checked) {
         (void)stop_vm(started->id, *runner, runtime_);
@@ -715,6 +718,7 @@ void VmService::refill_pools() {
       vm->timings.launch_ms = started->restore.launch_ms;
       vm->timings.fill_ms = started->restore.fill_ms;
       vm->timings.state_ms = started->restore.state_ms;
+      vm->control = std::move(control);
       if (Result<VmDirectory> directory = VmDirectory::open(runtime_, vm->id)) {
         if (Result<VmRecord> record = directory->read_record(); record && record->process) {
           vm->pid = record->process->pid;

@@ -124,6 +124,10 @@ class FifoTurns {
   uint64_t releases_ = 0;
 };
 
+// The service's priority (nice of its session's scheduling group, where it leads a session):
+// above the guests it runs, so that requests are answered while guests keep the CPUs busy.
+inline constexpr int kServiceNice = -10;
+
 class VmService {
  public:
   // Adopts what the runtime holds (ending what a dead owner left), then starts the pool and
@@ -178,6 +182,8 @@ class VmService {
     int64_t expires_at_unix = 0;
     VmTimings timings;
     uint64_t console_dropped_bytes = 0;
+    // A pool VM's control connection, held so that handing it out is one exchange.
+    std::unique_ptr<HeldControl> control;
   };
   struct Pool {
     uint64_t size = 0;

@@ -339,6 +339,20 @@ class QemuBackend : public Backend {
     return {};
   }
 
+  Result<std::unique_ptr<HeldControl>> hold_control(const VmDirectory& vm) override {
+    // QMP's greeting and capability negotiation are done now; resume() is one `cont`.
+    class HeldQmp : public HeldControl {
+     public:
+      explicit HeldQmp(QmpClient qmp) : qmp_(std::move(qmp)) {}
+      Status resume() override { return qmp_.execute("cont").status(); }
+
+     private:
+      QmpClient qmp_;
+    };
+    DELTAVM_ASSIGN_OR_RETURN(QmpClient qmp, QmpClient::connect(vm.control_socket(), deadline_after(kLaunchTimeout)));
+    return std::unique_ptr<HeldControl>(std::make_unique<HeldQmp>(std::move(qmp)));
+  }
+
   Status read_memory(const VmDirectory& vm, std::span<uint8_t> out) override {
     DELTAVM_ASSIGN_OR_RETURN(VmRecord record, vm.read_record());
     if (record.ram_file.empty() || !record.process) {
