@@ -37,8 +37,9 @@ std::optional<std::string> VmProcesses::ended(const VmDirectory& vm) {
   Result<VmRecord> record = vm.read_record();
   if (!record) return fmt::format("unknown ({})", record.error().message);
   if (!record->process) return "never started";
-  if (!process_running(*record->process)) return "exited";
-  return std::nullopt;
+  Result<std::optional<Fd>> process = open_process(*record->process);
+  if (process && !*process) return "exited";
+  return std::nullopt;  // Running, or not known to have ended (it is looked at again later).
 }
 
 Status VmProcesses::stop(const VmDirectory& vm, const std::function<void()>& ask_to_quit) {
@@ -56,9 +57,26 @@ Status VmProcesses::stop(const VmDirectory& vm, const std::function<void()>& ask
   } else if (Result<VmRecord> record = vm.read_record()) {
     identity = record->process;
   }
-  if (identity && process_running(*identity)) {
-    ask_to_quit();
-    DELTAVM_TRY(terminate_process(*identity, std::chrono::seconds(5)));
+  // A process that cannot be looked at is not taken for gone: the stop fails, and the child
+  // stays ours, so that the VM is never forgotten while it may still run.
+  auto keep_child = [&] {
+    if (!child) return;
+    std::lock_guard lock(mutex_);
+    children_.emplace(vm.id(), std::move(*child));
+  };
+  if (identity) {
+    Result<std::optional<Fd>> process = open_process(*identity);
+    if (!process) {
+      keep_child();
+      return process.error();
+    }
+    if (*process) {
+      ask_to_quit();
+      if (Status ended = terminate_process(*identity, std::chrono::seconds(5)); !ended) {
+        keep_child();
+        return ended;
+      }
+    }
   }
   if (child) (void)child->wait(deadline_after(std::chrono::seconds(5)));  // Reaps our own child.
   return {};

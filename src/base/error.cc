@@ -57,7 +57,8 @@ std::optional<ErrorCode> parse_error_code_id(std::string_view id) {
 }
 
 Error errno_error(std::string_view what, int saved_errno) {
-  return Error{saved_errno == ENOENT ? ErrorCode::kNotFound : ErrorCode::kIo,
+  // ESRCH: the process (a /proc entry's, say) is gone.
+  return Error{saved_errno == ENOENT || saved_errno == ESRCH ? ErrorCode::kNotFound : ErrorCode::kIo,
                fmt::format("{}: {}", what, std::strerror(saved_errno))};
 }
 

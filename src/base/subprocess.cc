@@ -23,7 +23,8 @@ Result<std::pair<char, uint64_t>> read_stat(pid_t pid) {
   std::filesystem::path path = fmt::format("/proc/{}/stat", pid);
   Result<std::vector<uint8_t>> bytes = read_file(path);
   if (!bytes) {
-    return make_error(ErrorCode::kNotFound, "no process {}", pid);
+    if (bytes.error().code == ErrorCode::kNotFound) return make_error(ErrorCode::kNotFound, "no process {}", pid);
+    return bytes.error();  // Out of fds, say: not a reason to think the process gone.
   }
   std::string text(bytes->begin(), bytes->end());
   size_t close = text.rfind(')');
@@ -101,6 +102,7 @@ Result<std::optional<Fd>> open_process(const ProcessIdentity& identity) {
   // The pidfd now pins whichever process held the pid. If that process started when ours did,
   // it is ours (ours started before this call, and a pid is not reused while it is held).
   Result<std::pair<char, uint64_t>> stat = read_stat(identity.pid);
+  if (!stat && stat.error().code != ErrorCode::kNotFound) return stat.error();
   if (!stat || stat->second != identity.start_time || has_exited(stat->first)) return std::optional<Fd>();
   return std::optional<Fd>(std::move(pidfd));
 }

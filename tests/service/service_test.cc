@@ -44,6 +44,24 @@ class Service : public ::testing::Test {
     if (service_) (void)service_->kill();
     // Whatever a test left: stopped directly (no service serves the runtime any more).
     testing::run_deltavm({"--store", store_.string(), "--runtime", runtime_.string(), "stop", "--all"});
+    // A VM process whose directory is gone is beyond `stop --all`: ended here, so that one
+    // test's leftover never fails the next.
+    for (pid_t pid : vm_processes()) ::kill(pid, SIGKILL);
+  }
+
+  // What a test left behind, and the service's log: for failure messages.
+  std::string leftovers() {
+    std::string text = "service log:\n" + log();
+    for (pid_t pid : vm_processes()) {
+      Result<std::vector<uint8_t>> cmdline = read_file(fmt::format("/proc/{}/cmdline", pid));
+      std::string line = cmdline ? std::string(cmdline->begin(), cmdline->end()) : "";
+      size_t at = line.find("/vms/");
+      std::string id = at == std::string::npos ? "?" : line.substr(at + 5, line.find('/', at + 5) - at - 5);
+      std::error_code error;
+      text += fmt::format("VM process {} (VM {}) still runs; its directory {}\n", pid, id,
+                          std::filesystem::exists(runtime_ / "vms" / id, error) ? "exists" : "is gone");
+    }
+    return text;
   }
 
   static std::filesystem::path templates_root() { return store_.parent_path(); }
@@ -167,7 +185,7 @@ TEST_F(Service, EightConcurrentClientsWithoutAPoolAllSucceed) {
   EXPECT_EQ(pooled, 0);
   ServiceClient c = client();
   EXPECT_EQ(call(c, "GET", "/v1/vms")["vms"].size(), 0u);
-  EXPECT_TRUE(vm_processes().empty());
+  EXPECT_TRUE(vm_processes().empty()) << leftovers();
 }
 
 TEST_F(Service, EightConcurrentClientsTakePooledVmsAndThePoolRefills) {
@@ -182,7 +200,7 @@ TEST_F(Service, EightConcurrentClientsTakePooledVmsAndThePoolRefills) {
   EXPECT_GE(pooled, 4);  // At least the four loaded before the first request.
   wait_for_pool(c, "base", 4);
   EXPECT_EQ(call(c, "GET", "/v1/vms")["vms"].size(), 0u);
-  EXPECT_EQ(vm_processes().size(), 4u);  // The pool alone.
+  EXPECT_EQ(vm_processes().size(), 4u) << leftovers();  // The pool alone.
   std::string metrics = c.request("GET", "/metrics")->body;
   EXPECT_NE(metrics.find("deltavm_load_seconds_bucket{pooled=\"true\""), std::string::npos) << metrics;
   EXPECT_NE(metrics.find("deltavm_pool_vms{template=\"base\",state=\"ready\"} 4"), std::string::npos) << metrics;
