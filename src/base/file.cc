@@ -140,11 +140,11 @@ Status fsync_directory(const std::filesystem::path& directory) {
   return {};
 }
 
-Result<AtomicFileWriter> AtomicFileWriter::create(const std::filesystem::path& final_path) {
+Result<AtomicFileWriter> AtomicFileWriter::create(const std::filesystem::path& final_path, mode_t mode) {
   static thread_local std::mt19937_64 random{std::random_device{}()};
   std::filesystem::path temporary = final_path;
   temporary += fmt::format("{}{}-{:016x}", kTemporaryMarker, ::getpid(), random());
-  DELTAVM_ASSIGN_OR_RETURN(Fd fd, open_file(temporary, O_WRONLY | O_CREAT | O_EXCL, 0644));
+  DELTAVM_ASSIGN_OR_RETURN(Fd fd, open_file(temporary, O_WRONLY | O_CREAT | O_EXCL, mode));
   return AtomicFileWriter(std::move(fd), std::move(temporary), final_path);
 }
 
@@ -174,8 +174,8 @@ Status write_scratch_file(const std::filesystem::path& path, std::span<const uin
   return write_all(fd.get(), bytes, path);
 }
 
-Status write_file_atomic(const std::filesystem::path& path, std::span<const uint8_t> bytes) {
-  DELTAVM_ASSIGN_OR_RETURN(AtomicFileWriter writer, AtomicFileWriter::create(path));
+Status write_file_atomic(const std::filesystem::path& path, std::span<const uint8_t> bytes, mode_t mode) {
+  DELTAVM_ASSIGN_OR_RETURN(AtomicFileWriter writer, AtomicFileWriter::create(path, mode));
   DELTAVM_TRY(writer.append(bytes));
   return writer.commit();
 }

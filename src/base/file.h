@@ -82,7 +82,8 @@ Status fsync_directory(const std::filesystem::path& directory);
 // and leaves any earlier file at the final name untouched.
 class AtomicFileWriter {
  public:
-  static Result<AtomicFileWriter> create(const std::filesystem::path& final_path);
+  // The file gets `mode` from its creation (0444: nobody can open it for writing, ever).
+  static Result<AtomicFileWriter> create(const std::filesystem::path& final_path, mode_t mode = 0644);
   AtomicFileWriter(AtomicFileWriter&&) noexcept = default;
   AtomicFileWriter& operator=(AtomicFileWriter&&) noexcept = default;
   ~AtomicFileWriter();
@@ -102,7 +103,7 @@ class AtomicFileWriter {
   bool committed_ = false;
 };
 
-Status write_file_atomic(const std::filesystem::path& path, std::span<const uint8_t> bytes);
+Status write_file_atomic(const std::filesystem::path& path, std::span<const uint8_t> bytes, mode_t mode = 0644);
 
 // Writes a scratch file that lives as long as a running process needs it (a VM's machine state
 // or overlay): created or truncated 0600, not fsync'ed, since nothing of it outlives a crash.

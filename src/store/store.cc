@@ -19,6 +19,9 @@
 namespace deltavm {
 namespace {
 
+// Objects and flat files: read-only for everyone once written.
+constexpr mode_t kObjectMode = 0444;
+
 // A chain longer than this is taken as a corrupt catalog (a parent cycle).
 constexpr uint32_t kMaxChainDepth = 1000;
 
@@ -216,7 +219,8 @@ Result<ObjectId> Store::put_object(std::span<const uint8_t> bytes) {
     if (error) return make_error(ErrorCode::kIo, "create {}: {}", shard.string(), error.message());
     DELTAVM_TRY(fsync_directory(shard.parent_path()));
   }
-  DELTAVM_TRY(write_file_atomic(path, bytes));
+  // Read-only from birth: an object is never changed in place, by us or anyone without root.
+  DELTAVM_TRY(write_file_atomic(path, bytes, kObjectMode));
   return id;
 }
 
@@ -555,11 +559,11 @@ Status Store::make_flat_file(const ImageRecord& record) {
     if (error) return make_error(ErrorCode::kIo, "create {}: {}", path.parent_path().string(), error.message());
     // rebuild_image verifies every object of the chain and the rebuilt image's digest.
     DELTAVM_ASSIGN_OR_RETURN(Mapping image, rebuild_image(record.name));
-    DELTAVM_ASSIGN_OR_RETURN(AtomicFileWriter writer, AtomicFileWriter::create(path));
+    DELTAVM_ASSIGN_OR_RETURN(AtomicFileWriter writer, AtomicFileWriter::create(path, kObjectMode));
     DELTAVM_TRY(writer.append(image.bytes()));
     DELTAVM_TRY(writer.commit());
   }
-  if (::chmod(path.c_str(), 0444) != 0) return errno_error(fmt::format("chmod {}", path.string()), errno);
+  if (::chmod(path.c_str(), kObjectMode) != 0) return errno_error(fmt::format("chmod {}", path.string()), errno);
   DELTAVM_ASSIGN_OR_RETURN(std::optional<FlatFileSeal> seal, stat_flat_file(path, record.digest));
   if (!seal) return make_error(ErrorCode::kIo, "flat file {} vanished while it was made", path.string());
   // The kernel stamps changes with a coarse clock (a tick of a few milliseconds). Once that

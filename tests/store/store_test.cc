@@ -3,6 +3,7 @@
 #include <gtest/gtest.h>
 
 #include <fcntl.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <cstring>
@@ -56,6 +57,18 @@ TEST_F(StoreTest, PutAndGetAChainOfThree) {
   ASSERT_TRUE(chain);
   ASSERT_EQ(chain->size(), 3u);
   EXPECT_EQ((*chain)[0].name, "a");
+}
+
+TEST_F(StoreTest, ObjectsAndFlatFilesAreReadOnlyFromBirth) {
+  Result<ImageRecord> a = store_->put_image("a", a_, std::nullopt);
+  ASSERT_TRUE(a) << a.error().message;
+  Result<std::filesystem::path> flat = store_->flat_file(*a);
+  ASSERT_TRUE(flat) << flat.error().message;
+  for (const std::filesystem::path& path : {store_->object_path(a->object_id), *flat}) {
+    struct stat st {};
+    ASSERT_EQ(::stat(path.c_str(), &st), 0) << path;
+    EXPECT_EQ(st.st_mode & 07777, 0444u) << path;
+  }
 }
 
 TEST_F(StoreTest, CatalogPersistsAcrossOpens) {
