@@ -28,6 +28,12 @@ if ((${#targets[@]} == 0)); then
   for file in "$repo"/tests/fuzz/*.cc; do targets+=("$(basename "$file" .cc)"); done
 fi
 
+# Beyond scripts/setup.sh: clang and its libFuzzer runtime.
+if ! command -v clang++ >/dev/null || ! compgen -G "/usr/lib/llvm-*/lib/clang/*/lib/linux/libclang_rt.fuzzer-x86_64.a" >/dev/null; then
+  echo "fuzz.sh: needs clang and libFuzzer: apt-get install clang libclang-rt-14-dev" >&2
+  exit 2
+fi
+
 build=$repo/build-fuzz
 if [[ ! -f $build/build.ninja ]]; then
   CC=clang CXX=clang++ cmake -S "$repo" -B "$build" -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo -DDELTAVM_FUZZ=ON >/dev/null
