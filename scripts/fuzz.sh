@@ -28,7 +28,7 @@ if ((${#targets[@]} == 0)); then
   for file in "$repo"/tests/fuzz/*.cc; do targets+=("$(basename "$file" .cc)"); done
 fi
 
-# Beyond scripts/setup.sh: clang and its libFuzzer runtime.
+# scripts/setup.sh installs clang and its libFuzzer runtime.
 if ! command -v clang++ >/dev/null || ! compgen -G "/usr/lib/llvm-*/lib/clang/*/lib/linux/libclang_rt.fuzzer-x86_64.a" >/dev/null; then
   echo "fuzz.sh: needs clang and libFuzzer: apt-get install clang libclang-rt-14-dev" >&2
   exit 2
@@ -38,7 +38,11 @@ build=$repo/build-fuzz
 if [[ ! -f $build/build.ninja ]]; then
   CC=clang CXX=clang++ cmake -S "$repo" -B "$build" -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo -DDELTAVM_FUZZ=ON >/dev/null
 fi
-ninja -C "$build" "${targets[@]/#/fuzz-}" >/dev/null
+if ! ninja -C "$build" "${targets[@]/#/fuzz-}" >"$build/ninja.log" 2>&1; then
+  tail -30 "$build/ninja.log" >&2
+  echo "fuzz.sh: building the targets failed (whole log: $build/ninja.log)" >&2
+  exit 1
+fi
 
 status=0
 printf '%-16s %12s %8s  %s\n' target runs seconds result

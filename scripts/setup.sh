@@ -10,6 +10,7 @@ packages=(
   libgtest-dev libgmock-dev libbenchmark-dev
   zstd xdelta3 qemu-system-x86 busybox-static cpio curl
   clang-format clang-tidy python3-jsonschema python3-yaml
+  clang libclang-rt-14-dev
 )
 
 missing=()

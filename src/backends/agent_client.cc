@@ -107,98 +107,107 @@ Result<uint64_t> AgentConnection::start(const ExecRequest& request, Deadline dea
 
 Status AgentConnection::cancel(uint64_t id) { return send_frame('K', id, {}, deadline_after(std::chrono::seconds(2))); }
 
-Status AgentConnection::receive(Deadline deadline) {
-  DELTAVM_TRY(read_some(fd_.get(), buffer_, deadline, what_));
+Result<std::optional<AgentFrame>> AgentFrameReader::next() {
+  const std::optional<AgentFrame> no_frame;
+  buffer_.erase(0, consumed_);
+  consumed_ = 0;
   // A serial port delivers a few bytes at a time: until the frame begun at the buffer's start
   // is whole, there is nothing to parse.
-  if (buffer_.size() < frame_bytes_needed_) {
-    // Far from whole: let the bytes gather instead of reading them one system call each.
-    if (frame_bytes_needed_ - buffer_.size() > 1024) std::this_thread::sleep_for(std::chrono::milliseconds(1));
-    return {};
-  }
-  frame_bytes_needed_ = 0;
+  if (buffer_.size() < needed_) return no_frame;
+  needed_ = 0;
   for (;;) {
     size_t magic = buffer_.find(AGENT_MAGIC);
     if (magic == std::string::npos) {
       // Not a frame: dropped, keeping only what could be the start of the next magic.
       if (buffer_.size() > 3) buffer_.erase(0, buffer_.size() - 3);
-      return {};
+      return no_frame;
     }
     buffer_.erase(0, magic);
     if (buffer_.size() < AGENT_HEADER_BYTES) {
-      frame_bytes_needed_ = AGENT_HEADER_BYTES;
-      return {};
+      needed_ = AGENT_HEADER_BYTES;
+      return no_frame;
     }
     const auto* header = reinterpret_cast<const unsigned char*>(buffer_.data());
     if (!agent_header_valid(header)) {
       buffer_.erase(0, 1);
       continue;
     }
-    char kind = static_cast<char>(header[4]);
-    uint64_t id = agent_get_u64(header + 8);
     uint32_t length = agent_get_u32(header + 16);
-    uint32_t payload_check = agent_get_u32(header + 20);
     if (length > AGENT_MAX_CHUNK_BYTES) {
       return make_error(ErrorCode::kIo, "{}: the guest sent a frame of {} bytes, more than the {} allowed", what_,
                         length, AGENT_MAX_CHUNK_BYTES);
     }
     if (buffer_.size() < AGENT_HEADER_BYTES + length) {
-      frame_bytes_needed_ = AGENT_HEADER_BYTES + length;
-      return {};
+      needed_ = AGENT_HEADER_BYTES + length;
+      return no_frame;
     }
     std::string_view payload(buffer_.data() + AGENT_HEADER_BYTES, length);
-    if (agent_fnv1a(AGENT_FNV_START, payload.data(), payload.size()) != payload_check) {
+    if (agent_fnv1a(AGENT_FNV_START, payload.data(), payload.size()) != agent_get_u32(header + 20)) {
       return make_error(ErrorCode::kIo,
                         "{}: a frame from the guest failed its payload check (something else writes to the agent's "
                         "serial port)",
                         what_);
     }
-    auto it = pending_.find(id);
-    if (it != pending_.end() && !it->second.done) {
-      Pending& pending = it->second;
-      ExecResult& result = pending.result;
-      switch (kind) {
-        case 'O':
-        case 'E': {
-          std::string& out = kind == 'O' ? result.stdout_bytes : result.stderr_bytes;
-          bool& truncated = kind == 'O' ? result.stdout_truncated : result.stderr_truncated;
-          size_t room = pending.max_output_bytes - std::min(pending.max_output_bytes, out.size());
-          if (payload.size() > room) truncated = true;
-          out.append(payload.substr(0, room));
-          break;
-        }
-        case 'S': {
-          if (length != 12) {
-            return make_error(ErrorCode::kIo, "{}: a status frame of {} bytes, expected 12", what_, length);
-          }
-          const auto* p = reinterpret_cast<const unsigned char*>(payload.data());
-          int32_t code = static_cast<int32_t>(agent_get_u32(p));
-          uint32_t signal = agent_get_u32(p + 4);
-          uint32_t flags = agent_get_u32(p + 8);
-          if (code < -1 || code > 255 || signal > 128) {
-            return make_error(ErrorCode::kIo, "{}: a status frame with exit code {} and signal {}", what_, code,
-                              signal);
-          }
-          result.signal = static_cast<int>(signal);
-          result.exit_status = signal != 0 ? 128 + static_cast<int>(signal) : std::max(code, 0);
-          result.timed_out = flags & AGENT_STATUS_TIMED_OUT;
-          result.cancelled = flags & AGENT_STATUS_CANCELLED;
-          result.stdout_truncated |= (flags & AGENT_STATUS_STDOUT_TRUNCATED) != 0;
-          result.stderr_truncated |= (flags & AGENT_STATUS_STDERR_TRUNCATED) != 0;
-          result.duration_ms = std::chrono::duration<double, std::milli>(Clock::now() - pending.started).count();
-          pending.done = true;
-          break;
-        }
-        case 'F':
-          pending.failure = make_error(ErrorCode::kIo, "{}: the guest agent refused the command: {}", what_,
-                                       std::string(payload.substr(0, 512)));
-          pending.done = true;
-          break;
-        default: break;
-      }
+    consumed_ = AGENT_HEADER_BYTES + length;
+    return std::optional(AgentFrame{static_cast<char>(header[4]), agent_get_u64(header + 8), payload});
+  }
+}
+
+Status record_agent_frame(const AgentFrame& frame, AgentCommand& command, std::string_view what) {
+  ExecResult& result = command.result;
+  switch (frame.kind) {
+    case 'O':
+    case 'E': {
+      std::string& out = frame.kind == 'O' ? result.stdout_bytes : result.stderr_bytes;
+      bool& truncated = frame.kind == 'O' ? result.stdout_truncated : result.stderr_truncated;
+      size_t room = command.max_output_bytes - std::min(command.max_output_bytes, out.size());
+      if (frame.payload.size() > room) truncated = true;
+      out.append(frame.payload.substr(0, room));
+      return {};
     }
+    case 'S': {
+      if (frame.payload.size() != 12) {
+        return make_error(ErrorCode::kIo, "{}: a status frame of {} bytes, expected 12", what, frame.payload.size());
+      }
+      const auto* p = reinterpret_cast<const unsigned char*>(frame.payload.data());
+      int32_t code = static_cast<int32_t>(agent_get_u32(p));
+      uint32_t signal = agent_get_u32(p + 4);
+      uint32_t flags = agent_get_u32(p + 8);
+      if (code < -1 || code > 255 || signal > 128) {
+        return make_error(ErrorCode::kIo, "{}: a status frame with exit code {} and signal {}", what, code, signal);
+      }
+      result.signal = static_cast<int>(signal);
+      result.exit_status = signal != 0 ? 128 + static_cast<int>(signal) : std::max(code, 0);
+      result.timed_out = flags & AGENT_STATUS_TIMED_OUT;
+      result.cancelled = flags & AGENT_STATUS_CANCELLED;
+      result.stdout_truncated |= (flags & AGENT_STATUS_STDOUT_TRUNCATED) != 0;
+      result.stderr_truncated |= (flags & AGENT_STATUS_STDERR_TRUNCATED) != 0;
+      result.duration_ms = std::chrono::duration<double, std::milli>(Clock::now() - command.started).count();
+      command.done = true;
+      return {};
+    }
+    case 'F':
+      command.failure = make_error(ErrorCode::kIo, "{}: the guest agent refused the command: {}", what,
+                                   std::string(frame.payload.substr(0, 512)));
+      command.done = true;
+      return {};
+    default: return {};
+  }
+}
+
+Status AgentConnection::receive(Deadline deadline) {
+  DELTAVM_TRY(read_some(fd_.get(), reader_.buffer(), deadline, what_));
+  if (size_t missing = reader_.bytes_missing(); missing > 0) {
+    // Far from whole: let the bytes gather instead of reading them one system call each.
+    if (missing > 1024) std::this_thread::sleep_for(std::chrono::milliseconds(1));
+    return {};
+  }
+  for (;;) {
+    DELTAVM_ASSIGN_OR_RETURN(std::optional<AgentFrame> frame, reader_.next());
+    if (!frame) return {};
     // Frames of other commands (one that ended, an abandoned earlier request) are read past.
-    buffer_.erase(0, AGENT_HEADER_BYTES + length);
+    auto it = pending_.find(frame->id);
+    if (it != pending_.end() && !it->second.done) DELTAVM_TRY(record_agent_frame(*frame, it->second, what_));
   }
 }
 
@@ -213,7 +222,7 @@ Result<ExecResult> AgentConnection::wait(uint64_t id, Deadline deadline) {
       return received.error();
     }
   }
-  Pending pending = std::move(it->second);
+  AgentCommand pending = std::move(it->second);
   pending_.erase(it);
   if (pending.failure) return *pending.failure;
   return std::move(pending.result);

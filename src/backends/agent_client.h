@@ -46,6 +46,47 @@ struct ExecResult {
   double duration_ms = 0;
 };
 
+// One frame from the guest whose header and payload passed their checks.
+struct AgentFrame {
+  char kind = 0;
+  uint64_t id = 0;
+  std::string_view payload;  // Valid until the reader is next appended to or advanced.
+};
+
+// Finds whole, checked frames in the bytes a guest sends (guest/agent_protocol.h). Bytes that
+// are not a frame are skipped; a frame longer than AGENT_MAX_CHUNK_BYTES or whose payload fails
+// its check is an error. Holds at most one frame's bytes beyond what append() is given.
+class AgentFrameReader {
+ public:
+  explicit AgentFrameReader(std::string what) : what_(std::move(what)) {}
+  void append(std::string_view bytes) { buffer_.append(bytes); }
+  // The next whole frame, nullopt until one is whole. The frame returned last is dropped.
+  Result<std::optional<AgentFrame>> next();
+  // Bytes the frame at the buffer's start still lacks (0: unknown or none).
+  size_t bytes_missing() const { return needed_ > buffer_.size() ? needed_ - buffer_.size() : 0; }
+  std::string& buffer() { return buffer_; }
+
+ private:
+  std::string what_;
+  std::string buffer_;
+  size_t consumed_ = 0;  // Bytes of the frame returned last, dropped by the next call.
+  size_t needed_ = 0;    // Bytes the frame at the start of buffer_ needs to be whole.
+};
+
+// What one command has returned so far.
+struct AgentCommand {
+  ExecResult result;
+  std::chrono::steady_clock::time_point started;
+  size_t max_output_bytes = kMaxOutputBytes;
+  bool done = false;
+  std::optional<Error> failure;  // An F frame: the command did not run (or stopped).
+};
+
+// Files a frame of the command under `command`: output is kept up to its bound, a status or a
+// failure ends it. A frame that lies (a bad status) is an error; one of an unknown kind is
+// ignored.
+Status record_agent_frame(const AgentFrame& frame, AgentCommand& command, std::string_view what);
+
 // One connection to a VM's agent. Several commands may run over it at once: start() sends
 // one and returns its id, wait() collects the answer of one (keeping what arrives for the
 // others). Not thread-safe: one thread uses a connection.
@@ -60,25 +101,16 @@ class AgentConnection {
   Status cancel(uint64_t id);
 
  private:
-  AgentConnection(Fd fd, std::string what) : fd_(std::move(fd)), what_(std::move(what)) {}
+  AgentConnection(Fd fd, std::string what) : fd_(std::move(fd)), what_(what), reader_(std::move(what)) {}
   // Reads what the socket has (waiting until `deadline` for something) and files every whole
   // frame under its command.
   Status receive(Deadline deadline);
   Status send_frame(char kind, uint64_t id, std::string_view payload, Deadline deadline);
 
-  struct Pending {
-    ExecResult result;
-    std::chrono::steady_clock::time_point started;
-    size_t max_output_bytes = kMaxOutputBytes;
-    bool done = false;
-    std::optional<Error> failure;  // An F frame: the command did not run (or stopped).
-  };
-
   Fd fd_;
   std::string what_;
-  std::string buffer_;
-  size_t frame_bytes_needed_ = 0;  // Bytes the frame at the start of buffer_ needs to be whole.
-  std::map<uint64_t, Pending> pending_;
+  AgentFrameReader reader_;
+  std::map<uint64_t, AgentCommand> pending_;
 };
 
 // Runs one command: waits (until the request's deadline) for the VM's exec lock, connects,

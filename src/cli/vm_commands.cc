@@ -12,6 +12,7 @@
 #include "cli/commands.h"
 #include "service/encoding.h"
 #include "service/http_api.h"
+#include "service/request_body.h"
 #include "templates/initramfs.h"
 #include "templates/templates.h"
 

@@ -11,7 +11,7 @@
 #include "base/json_fields.h"
 #include "base/socket.h"
 #include "service/encoding.h"
-#include "templates/spec.h"
+#include "service/request_body.h"
 
 namespace deltavm {
 namespace {
@@ -49,13 +49,6 @@ Reply error_reply(const Error& error) {
   return error_reply(http_status(error.code), error_code_id(error.code), error.message);
 }
 
-Result<json> parse_body(const httplib::Request& request) {
-  json body = json::parse(request.body, nullptr, /*allow_exceptions=*/false);
-  if (body.is_discarded()) return make_error(ErrorCode::kInvalidArgument, "request body: not valid JSON");
-  if (!body.is_object()) return make_error(ErrorCode::kInvalidArgument, "request body: expected a JSON object");
-  return body;
-}
-
 // Bytes for a JSON string in `encoding`; with "utf-8", bytes that are not UTF-8 are replaced
 // (U+FFFD) and `lossy` is set.
 std::string encode_bytes(const std::string& bytes, const std::string& encoding, bool& lossy) {
@@ -64,16 +57,6 @@ std::string encode_bytes(const std::string& bytes, const std::string& encoding, 
   lossy = true;
   std::string replaced = json(bytes).dump(-1, ' ', false, json::error_handler_t::replace);
   return json::parse(replaced).get<std::string>();
-}
-
-Result<std::string> parse_encoding(JsonFields& fields) {
-  std::string encoding = "utf-8";
-  DELTAVM_TRY(fields.text("encoding", encoding));
-  if (encoding != "utf-8" && encoding != "base64") {
-    return make_error(ErrorCode::kInvalidArgument,
-                      "request body: field encoding must be \"utf-8\" or \"base64\", found {:?}", encoding);
-  }
-  return encoding;
 }
 
 json vm_json(const VmView& vm) {
@@ -120,113 +103,6 @@ json build_json(const BuildView& build) {
           {"error", build.error},
           {"started_at_unix", build.started_at_unix},
           {"duration_ms", build.duration_ms}};
-}
-
-// POST /v1/vms
-Result<CreateVmRequest> parse_create(const json& body) {
-  JsonFields fields(body, "request body", ErrorCode::kInvalidArgument);
-  CreateVmRequest request;
-  DELTAVM_TRY(fields.text("template", request.template_name, /*required=*/true));
-  DELTAVM_TRY(fields.unsigned_integer("ttl_seconds", request.ttl_seconds));
-  DELTAVM_TRY(fields.text("backend", request.backend));
-  DELTAVM_TRY(fields.text("memory", request.memory));
-  DELTAVM_TRY(fields.text("ram", request.ram));
-  DELTAVM_TRY(fields.no_other_fields());
-  if (request.template_name.empty() || request.template_name.size() > 64) {
-    return make_error(ErrorCode::kInvalidArgument, "request body: field template must be a template name");
-  }
-  return request;
-}
-
-// Each argument single-quoted for /bin/sh, so that the guest runs exactly this argv.
-std::string shell_quote(const std::vector<std::string>& arguments) {
-  std::string line;
-  for (const std::string& argument : arguments) {
-    line += line.empty() ? "'" : " '";
-    for (char c : argument) line += c == '\'' ? std::string("'\\''") : std::string(1, c);
-    line += "'";
-  }
-  return line;
-}
-
-struct ParsedExec {
-  ExecRequest request;
-  std::string encoding;
-};
-
-// POST /v1/vms/{id}/exec
-Result<ParsedExec> parse_exec(const json& body) {
-  JsonFields fields(body, "request body", ErrorCode::kInvalidArgument);
-  ParsedExec parsed;
-  DELTAVM_ASSIGN_OR_RETURN(parsed.encoding, parse_encoding(fields));
-  const json* command = fields.value("command");
-  if (command == nullptr) return make_error(ErrorCode::kInvalidArgument, "request body: field command is required");
-  if (!command->is_array() || command->empty() || command->size() > 4096) {
-    return make_error(ErrorCode::kInvalidArgument,
-                      "request body: field command must be an array of 1 to 4096 strings (the argv to run)");
-  }
-  std::vector<std::string> argv;
-  for (const json& argument : *command) {
-    if (!argument.is_string()) {
-      return make_error(ErrorCode::kInvalidArgument, "request body: field command must hold strings only, found {}",
-                        dump_json(argument));
-    }
-    argv.push_back(argument.get<std::string>());
-  }
-  parsed.request.command = shell_quote(argv);
-  if (parsed.request.command.size() > kMaxCommandBytes) {
-    return make_error(ErrorCode::kInvalidArgument, "request body: field command is longer than {} bytes quoted",
-                      kMaxCommandBytes);
-  }
-  std::optional<std::string> input;
-  DELTAVM_TRY(fields.text("stdin", input));
-  if (input && parsed.encoding == "base64") {
-    DELTAVM_ASSIGN_OR_RETURN(input, base64_decode(*input, "request body: field stdin"));
-  }
-  if (input && input->size() > kMaxStdinBytes) {
-    return make_error(ErrorCode::kInvalidArgument, "request body: field stdin is more than {} bytes", kMaxStdinBytes);
-  }
-  parsed.request.stdin_bytes = std::move(input);
-  uint64_t timeout_seconds = 60;
-  DELTAVM_TRY(fields.unsigned_integer("timeout_seconds", timeout_seconds, false, kMaxExecTimeoutSeconds));
-  if (timeout_seconds == 0) {
-    return make_error(ErrorCode::kInvalidArgument, "request body: field timeout_seconds must be from 1 to {}, found 0",
-                      kMaxExecTimeoutSeconds);
-  }
-  parsed.request.timeout = std::chrono::seconds(timeout_seconds);
-  uint64_t max_output_bytes = kDefaultExecOutputBytes;
-  DELTAVM_TRY(fields.unsigned_integer("max_output_bytes", max_output_bytes, false, kMaxOutputBytes));
-  parsed.request.max_output_bytes = max_output_bytes;
-  DELTAVM_TRY(fields.no_other_fields());
-  return parsed;
-}
-
-// POST /v1/templates: {"spec": {...}, "backend": "qemu"}. Files named by the spec are read on
-// the service's host, so their paths must be absolute.
-Result<std::pair<TemplateSpec, std::string>> parse_build(const json& body) {
-  JsonFields fields(body, "request body", ErrorCode::kInvalidArgument);
-  DELTAVM_ASSIGN_OR_RETURN(const json* spec, fields.object("spec", /*required=*/true));
-  std::string backend = "qemu";
-  DELTAVM_TRY(fields.text("backend", backend));
-  DELTAVM_TRY(fields.no_other_fields());
-  auto absolute = [](const json& value) {
-    return !value.is_string() || std::filesystem::path(value.get<std::string>()).is_absolute();
-  };
-  if (spec->contains("kernel") && !absolute((*spec)["kernel"])) {
-    return make_error(ErrorCode::kInvalidArgument, "request body: field spec.kernel must be an absolute path");
-  }
-  if (auto files = spec->find("files"); files != spec->end() && files->is_array()) {
-    for (size_t i = 0; i < files->size(); ++i) {
-      const json& file = (*files)[i];
-      if (file.is_object() && file.contains("source") && !absolute(file["source"])) {
-        return make_error(ErrorCode::kInvalidArgument,
-                          "request body: field spec.files[{}].source must be an absolute path on the service's host",
-                          i);
-      }
-    }
-  }
-  DELTAVM_ASSIGN_OR_RETURN(TemplateSpec parsed, parse_template_spec(dump_json(*spec), "(request body field spec)"));
-  return std::pair{std::move(parsed), backend};
 }
 
 }  // namespace
@@ -353,7 +229,7 @@ void HttpApi::install_routes(Listener& server, std::optional<std::string> token)
         };
   };
   auto with_body = [](const httplib::Request& request, const std::function<Reply(const json&)>& action) {
-    Result<json> body = parse_body(request);
+    Result<json> body = parse_request_body(request.body);
     if (!body) return error_reply(body.error());
     return action(*body);
   };
@@ -382,11 +258,11 @@ void HttpApi::install_routes(Listener& server, std::optional<std::string> token)
              }));
   server.Post("/v1/templates", route("templates", [&service, with_body](const httplib::Request& request) {
                 return with_body(request, [&](const json& body) {
-                  Result<std::pair<TemplateSpec, std::string>> parsed = parse_build(body);
+                  Result<BuildBody> parsed = parse_build(body);
                   if (!parsed) return error_reply(parsed.error());
-                  Result<std::string> id = service.start_build(parsed->first, parsed->second);
+                  Result<std::string> id = service.start_build(parsed->spec, parsed->backend);
                   if (!id) return error_reply(id.error());
-                  return Reply{202, json{{"build_id", *id}, {"template", parsed->first.name}, {"state", "building"}}};
+                  return Reply{202, json{{"build_id", *id}, {"template", parsed->spec.name}, {"state", "building"}}};
                 });
               }));
   server.Delete(name, route("template", [&service](const httplib::Request& request) {
@@ -395,12 +271,9 @@ void HttpApi::install_routes(Listener& server, std::optional<std::string> token)
                 }));
   server.Put(name + "/pool", route("pool", [&service, with_body](const httplib::Request& request) {
                return with_body(request, [&](const json& body) {
-                 JsonFields fields(body, "request body", ErrorCode::kInvalidArgument);
-                 uint64_t size = 0;
-                 Status parsed = fields.unsigned_integer("size", size, /*required=*/true, kMaxPoolSize);
-                 if (parsed) parsed = fields.no_other_fields();
-                 if (!parsed) return error_reply(parsed.error());
-                 Status set = service.set_pool_size(request.matches[1], size);
+                 Result<uint64_t> size = parse_pool_size(body);
+                 if (!size) return error_reply(size.error());
+                 Status set = service.set_pool_size(request.matches[1], *size);
                  if (!set) return error_reply(set.error());
                  Result<TemplateView> view = service.get_template(request.matches[1]);
                  return view ? Reply{200, pool_json(view->pool)} : error_reply(view.error());
@@ -413,7 +286,7 @@ void HttpApi::install_routes(Listener& server, std::optional<std::string> token)
 
   server.Post("/v1/vms", route("vms", [&service, with_body](const httplib::Request& request) {
                 return with_body(request, [&](const json& body) {
-                  Result<CreateVmRequest> parsed = parse_create(body);
+                  Result<CreateVmRequest> parsed = parse_create_vm(body);
                   if (!parsed) return error_reply(parsed.error());
                   Result<VmView> created = service.create_vm(*parsed);
                   return created ? Reply{201, vm_json(*created)} : error_reply(created.error());
@@ -434,7 +307,7 @@ void HttpApi::install_routes(Listener& server, std::optional<std::string> token)
                 }));
   server.Post(vm + "/exec", route("exec", [&service, with_body](const httplib::Request& request) {
                 return with_body(request, [&](const json& body) {
-                  Result<ParsedExec> parsed = parse_exec(body);
+                  Result<ExecBody> parsed = parse_exec(body);
                   if (!parsed) return error_reply(parsed.error());
                   Result<ExecResult> result = service.exec(request.matches[1], parsed->request);
                   if (!result) return error_reply(result.error());

@@ -23,9 +23,6 @@ namespace deltavm {
 
 // Bodies larger than this are refused with 413 before they are read.
 inline constexpr size_t kMaxRequestBodyBytes = 24 << 20;
-// Exec output kept per stream when a request names no limit.
-inline constexpr size_t kDefaultExecOutputBytes = 1 << 20;
-inline constexpr uint64_t kMaxExecTimeoutSeconds = 3600;
 
 class HttpApi {
  public:

@@ -171,7 +171,7 @@ Result<TemplateSpec> parse_template_spec(std::string_view json_text, const std::
       }
       char* end = nullptr;
       unsigned long parsed = std::strtoul(mode.c_str(), &end, 8);
-      if (mode.empty() || *end != '\0' || parsed > 07777) {
+      if (mode.empty() || end != mode.c_str() + mode.size() || parsed > 07777) {
         return file_check.wrong("mode", "an octal string like \"0755\"", entry["mode"]);
       }
       file.mode = static_cast<uint32_t>(parsed);

@@ -71,7 +71,7 @@ class StateReader {
     auto bytes = reader_.take(size_t{count} * size);
     if (!bytes) return truncated(field);
     values->resize(count);
-    std::memcpy(values->data(), bytes->data(), bytes->size());
+    if (count > 0) std::memcpy(values->data(), bytes->data(), bytes->size());  // data() may be null when empty.
     return {};
   }
   Result<std::vector<uint8_t>> bytes(const char* field) {

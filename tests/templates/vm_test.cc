@@ -242,6 +242,10 @@ TEST(TemplateSpecs, BadFieldsAreNamed) {
   EXPECT_NE(error_of(R"({"name": "a", "files": [{"source": "x", "destination": "/x"}]})").find("does not exist"),
             std::string::npos);
   EXPECT_NE(error_of("{not json").find("not valid JSON"), std::string::npos);
+  // A mode with a NUL in it was read up to the NUL and taken.
+  EXPECT_NE(error_of(R"({"name": "a", "files": [{"source": "/etc/passwd", "destination": "/x", "mode": "07\u00009"}]})")
+                .find("files[0].mode"),
+            std::string::npos);
 }
 
 }  // namespace

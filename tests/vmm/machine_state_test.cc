@@ -63,6 +63,20 @@ TEST(MachineStateFormat, RoundTrips) {
   EXPECT_EQ(encode_machine_state(*decoded), encoded);
 }
 
+// Found by tests/fuzz/machine_state (corpus regression-empty-array): an array of no entries
+// was copied from a null pointer, undefined behaviour that UBSan stops on.
+TEST(MachineStateFormat, RoundTripsEmptyArrays) {
+  MachineState state = sample_state(1);
+  state.vcpus[0].cpuid.clear();
+  state.vcpus[0].msrs.clear();
+  std::vector<uint8_t> encoded = encode_machine_state(state);
+  Result<MachineState> decoded = decode_machine_state(encoded, "state");
+  ASSERT_TRUE(decoded) << decoded.error().message;
+  EXPECT_TRUE(decoded->vcpus[0].cpuid.empty());
+  EXPECT_TRUE(decoded->vcpus[0].msrs.empty());
+  EXPECT_EQ(encode_machine_state(*decoded), encoded);
+}
+
 TEST(MachineStateFormat, RefusesBadMagic) {
   std::vector<uint8_t> encoded = encode_machine_state(sample_state(1));
   encoded[0] ^= 1;
