@@ -65,6 +65,7 @@ class VmDirectory {
 
   const std::string& id() const { return id_; }
   const std::filesystem::path& path() const { return path_; }
+  std::filesystem::path runtime() const { return path_.parent_path().parent_path(); }
   std::filesystem::path control_socket() const { return path_ / "control.sock"; }
   std::filesystem::path console_socket() const { return path_ / "console.sock"; }
   std::filesystem::path console_log() const { return path_ / "console.log"; }

@@ -2,6 +2,7 @@
 
 #include <fcntl.h>
 #include <poll.h>
+#include <sched.h>
 #include <signal.h>
 #include <sys/prctl.h>
 #include <sys/resource.h>
@@ -10,8 +11,10 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <atomic>
 #include <cstdlib>
 #include <cstring>
+#include <mutex>
 
 namespace deltavm {
 namespace {
@@ -72,7 +75,21 @@ struct ChildFailure {
   int step;
   int error;
 };
-constexpr const char* kSteps[] = {"setsid", "prctl(PR_SET_PDEATHSIG)", "dup2", "fcntl", "close_range", "execve"};
+constexpr const char* kSteps[] = {"setsid",       "prctl(PR_SET_PDEATHSIG)", "dup2", "fcntl", "close_range", "execve",
+                                  "no_new_privs", "dropping capabilities"};
+
+// The highest capability number this kernel knows (CAP_LAST_CAP of the running kernel).
+int highest_capability() {
+  Result<std::vector<uint8_t>> text = read_file("/proc/sys/kernel/cap_last_cap");
+  int last = 0;
+  if (text) {
+    for (uint8_t c : *text) {
+      if (c < '0' || c > '9') break;
+      last = last * 10 + (c - '0');
+    }
+  }
+  return last > 0 && last < 64 ? last : 40;
+}
 
 [[noreturn]] void child_fail(int error_fd, int step) {
   ChildFailure failure{step, errno};
@@ -113,6 +130,52 @@ bool process_running(const ProcessIdentity& identity) {
 }
 
 namespace {
+
+// The children spawned with die_with_parent, as pidfds + 1 (0: a free slot). The kernel's
+// parent-death signal is cleared when a child changes its uid (a jailed QEMU's -runas), so a
+// signal that would end this process (SIGINT, SIGTERM, SIGHUP) SIGKILLs them first. Only a
+// SIGKILL of this process leaves them, as abandoned VMs for the next deltavm command to end.
+constexpr int kMaxTiedChildren = 64;
+std::atomic<int> tied_children[kMaxTiedChildren];
+
+void end_tied_children_and_die(int signal) {
+  for (std::atomic<int>& slot : tied_children) {
+    int pidfd = slot.load() - 1;
+    if (pidfd >= 0) (void)::syscall(SYS_pidfd_send_signal, pidfd, SIGKILL, nullptr, 0);
+  }
+  ::signal(signal, SIG_DFL);
+  ::raise(signal);
+}
+
+// Returns the slot holding a copy of `pidfd`, or -1 if every slot is taken.
+int tie_child(int pidfd) {
+  static std::once_flag handlers;
+  std::call_once(handlers, [] {
+    for (int signal : {SIGINT, SIGTERM, SIGHUP}) {
+      struct sigaction current {};
+      // A process that handles the signal itself (serve) keeps its own way.
+      if (::sigaction(signal, nullptr, &current) != 0 || current.sa_handler != SIG_DFL) continue;
+      struct sigaction action {};
+      action.sa_handler = end_tied_children_and_die;
+      sigemptyset(&action.sa_mask);
+      ::sigaction(signal, &action, nullptr);
+    }
+  });
+  int copy = ::fcntl(pidfd, F_DUPFD_CLOEXEC, 0);
+  if (copy < 0) return -1;
+  for (int slot = 0; slot < kMaxTiedChildren; ++slot) {
+    int free = 0;
+    if (tied_children[slot].compare_exchange_strong(free, copy + 1)) return slot;
+  }
+  ::close(copy);
+  return -1;
+}
+
+void untie_child(int slot) {
+  if (slot < 0) return;
+  int pidfd = tied_children[slot].exchange(0) - 1;
+  if (pidfd >= 0) ::close(pidfd);
+}
 
 // Waits until the process behind `pidfd` exits (the pidfd turns readable), or `timeout`.
 bool wait_for_exit(int pidfd, std::chrono::milliseconds timeout) {
@@ -168,7 +231,14 @@ Result<Subprocess> Subprocess::spawn(const SpawnOptions& options) {
   int nice = ::getpriority(PRIO_PROCESS, 0);  // The calling thread's.
   std::string group_nice = options.new_session && errno == 0 && nice != 0 ? std::to_string(nice) : "";
 
-  pid_t pid = ::fork();
+  int last_capability = options.bounding_capabilities ? highest_capability() : 0;
+
+  // A plain fork, or (for new namespaces) the same through clone, so that the child itself is
+  // the first process of a new pid namespace.
+  pid_t pid =
+      options.namespaces == 0
+          ? ::fork()
+          : static_cast<pid_t>(::syscall(SYS_clone, options.namespaces | SIGCHLD, nullptr, nullptr, nullptr, nullptr));
   if (pid < 0) return errno_error(fmt::format("fork for {}", program), errno);
   if (pid == 0) {
     // The child: only async-signal-safe calls from here to execve.
@@ -189,8 +259,18 @@ Result<Subprocess> Subprocess::spawn(const SpawnOptions& options) {
     }
     if (options.die_with_parent) {
       if (::prctl(PR_SET_PDEATHSIG, SIGKILL) != 0) child_fail(error_fd, 1);
-      if (::getppid() != parent) ::_exit(127);  // The owner is already gone.
+      // The owner is already gone. (In a new pid namespace the parent is out of sight: getppid
+      // is 0.)
+      if ((options.namespaces & CLONE_NEWPID) == 0 && ::getppid() != parent) ::_exit(127);
     }
+    if (options.bounding_capabilities) {
+      for (int capability = 0; capability <= last_capability; ++capability) {
+        if ((*options.bounding_capabilities >> capability & 1) == 0 && ::prctl(PR_CAPBSET_DROP, capability) != 0) {
+          child_fail(error_fd, 7);
+        }
+      }
+    }
+    if (options.no_new_privs && ::prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0) child_fail(error_fd, 6);
     ::umask(options.umask);
     int moved[64];
     size_t count = std::min<size_t>(options.pass_fds.size(), 64);
@@ -223,12 +303,14 @@ Result<Subprocess> Subprocess::spawn(const SpawnOptions& options) {
     while (::waitpid(pid, &status, 0) < 0 && errno == EINTR) {
     }
     if (!pidfd.valid()) return errno_error(fmt::format("pidfd_open for {}", program), pidfd_error);
-    const char* step = failure.step >= 0 && failure.step < 6 ? kSteps[failure.step] : "setup";
+    const char* step = failure.step >= 0 && failure.step < std::ssize(kSteps) ? kSteps[failure.step] : "setup";
     return make_error(ErrorCode::kIo, "start {}: {}: {}", program, step, std::strerror(failure.error));
   }
   Result<std::pair<char, uint64_t>> stat = read_stat(pid);
   ProcessIdentity identity{pid, stat ? stat->second : 0};
-  return Subprocess(identity, std::move(pidfd), std::move(program));
+  Subprocess child(identity, std::move(pidfd), std::move(program));
+  if (options.die_with_parent) child.tie_slot_ = tie_child(child.pidfd());
+  return child;
 }
 
 Subprocess::Subprocess(Subprocess&& other) noexcept
@@ -236,7 +318,8 @@ Subprocess::Subprocess(Subprocess&& other) noexcept
       pidfd_(std::move(other.pidfd_)),
       program_(std::move(other.program_)),
       exit_status_(other.exit_status_),
-      kill_on_destroy_(std::exchange(other.kill_on_destroy_, false)) {}
+      kill_on_destroy_(std::exchange(other.kill_on_destroy_, false)),
+      tie_slot_(std::exchange(other.tie_slot_, -1)) {}
 
 Subprocess& Subprocess::operator=(Subprocess&& other) noexcept {
   if (this != &other) {
@@ -246,12 +329,15 @@ Subprocess& Subprocess::operator=(Subprocess&& other) noexcept {
     program_ = std::move(other.program_);
     exit_status_ = other.exit_status_;
     kill_on_destroy_ = std::exchange(other.kill_on_destroy_, false);
+    untie_child(tie_slot_);
+    tie_slot_ = std::exchange(other.tie_slot_, -1);
   }
   return *this;
 }
 
 Subprocess::~Subprocess() {
   if (kill_on_destroy_) (void)kill();
+  untie_child(tie_slot_);
 }
 
 Result<std::optional<int>> Subprocess::poll_exit() {

@@ -63,12 +63,23 @@ struct SpawnOptions {
   // of the spawning thread, so a child started at low priority stays low next to other groups.
   bool new_session = true;
   // SIGKILLed by the kernel when the thread that spawned it exits (PR_SET_PDEATHSIG), so it
-  // can never outlive its owner: for processes that exist only for the owner's operation.
+  // can never outlive its owner: for processes that exist only for the owner's operation. The
+  // kernel clears that when the child changes its uid (a jailed QEMU's -runas), so a SIGINT,
+  // SIGTERM or SIGHUP that ends the caller (one that does not handle them itself) SIGKILLs it
+  // first; after a SIGKILL of the caller it is an abandoned VM, ended by the next command.
   bool die_with_parent = false;
   mode_t umask = 077;  // Sockets and files the child creates are its owner's alone.
   // Open fds of the caller handed to the child: {caller's fd, fd number in the child}. Every
   // other fd of the caller is closed in the child, whatever its close-on-exec flag.
   std::vector<std::pair<int, int>> pass_fds;
+  // Confinement, applied between fork and exec (needs root). `namespaces`: CLONE_NEWPID,
+  // CLONE_NEWNET, CLONE_NEWIPC, CLONE_NEWNS or'ed; with CLONE_NEWPID the child is pid 1 of its
+  // own pid namespace (the pid returned is the caller's view). `no_new_privs`: nothing it execs
+  // gains privileges. `bounding_capabilities` (a bit per CAP_* number): every other capability
+  // leaves the bounding set, so a root child execs with these alone.
+  int namespaces = 0;
+  bool no_new_privs = false;
+  std::optional<uint64_t> bounding_capabilities;
 };
 
 // A child process held by a pidfd. Destroying a Subprocess does not end the process (a VM
@@ -107,6 +118,7 @@ class Subprocess {
   std::string program_;
   std::optional<int> exit_status_;
   bool kill_on_destroy_ = false;
+  int tie_slot_ = -1;  // Where die_with_parent registered it for the caller's ending signals.
 };
 
 // "exited with status 1", "killed by signal 9 (Killed)".

@@ -6,6 +6,7 @@
 #include <ctime>
 
 #include "backends/agent_client.h"
+#include "backends/jail.h"
 #include "backends/kvm/kvm_backend.h"
 #include "backends/qemu/qemu_backend.h"
 #include "base/socket.h"
@@ -425,12 +426,14 @@ Status run_doctor(const GlobalOptions& options) {
   Accelerator accelerator = choose_accelerator();
   Result<GuestKit> kit = GuestKit::locate();
   bool qemu_found = std::system("command -v qemu-system-x86_64 >/dev/null 2>&1") == 0;
+  JailReport jail = describe_jail();
   if (options.json) {
     print_json({{"qemu", qemu_found},
                 {"accelerator", accelerator.name},
                 {"reason", accelerator.reason},
                 {"guest_kit", kit ? nlohmann::json(kit->kernel.parent_path().string()) : nlohmann::json()},
                 {"kvm_backend", describe_kvm_device()},
+                {"jail", {{"qemu", jail.qemu}, {"kvm", jail.kvm}, {"cgroups", jail.cgroups}}},
                 {"runtime", runtime_directory(options).string()}});
     return {};
   }
@@ -439,6 +442,9 @@ Status run_doctor(const GlobalOptions& options) {
   table.add_row({"accelerator", fmt::format("{}: {}", accelerator.name, accelerator.reason)});
   table.add_row({"kvm backend", describe_kvm_device()});
   table.add_row({"guest kit", kit ? kit->kernel.parent_path().string() : kit.error().message});
+  table.add_row({"jail (qemu)", jail.qemu});
+  table.add_row({"jail (kvm)", jail.kvm});
+  table.add_row({"cgroups", jail.cgroups});
   table.add_row({"runtime directory", runtime_directory(options).string()});
   table.print();
   return {};

@@ -182,7 +182,7 @@ Result<TemplateSpec> parse_template_spec(std::string_view json_text, const std::
 }
 
 Result<TemplateSpec> read_template_spec(const std::filesystem::path& path) {
-  DELTAVM_ASSIGN_OR_RETURN(std::vector<uint8_t> bytes, read_file(path));
+  DELTAVM_ASSIGN_OR_RETURN(std::vector<uint8_t> bytes, read_file(path, kMaxTemplateSpecBytes));
   return parse_template_spec(std::string_view(reinterpret_cast<const char*>(bytes.data()), bytes.size()), path);
 }
 

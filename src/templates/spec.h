@@ -36,6 +36,7 @@ struct TemplateSpec {
 };
 
 inline constexpr uint32_t kMaxTemplateMemoryMib = 3072;  // Below the PC's 32-bit PCI hole.
+inline constexpr uint64_t kMaxTemplateSpecBytes = 1 << 20;
 
 Result<TemplateSpec> parse_template_spec(std::string_view json_text, const std::filesystem::path& origin);
 Result<TemplateSpec> read_template_spec(const std::filesystem::path& path);

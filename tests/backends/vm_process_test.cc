@@ -60,6 +60,8 @@ class VmProcesses : public ::testing::Test {
     return record ? *record : VmRecord{};
   }
 
+  void end_build_mid_boot(int signal);
+
   testing::GuestTemplates templates_;
   std::filesystem::path runtime_;
 };
@@ -90,9 +92,10 @@ TEST_F(VmProcesses, StopNeverSignalsAProcessThatReusedTheVmsPid) {
   EXPECT_FALSE(exited->has_value()) << "stop killed a process that only had the VM's old pid";
 }
 
-// Killing `template build` mid-boot leaves no QEMU running and, once the next command looks,
-// no directory and RAM file behind.
-TEST_F(VmProcesses, KilledTemplateBuildLeavesNoVmBehind) {
+// Ending `template build` mid-boot leaves no QEMU running and, once the next command looks, no
+// directory and RAM file behind. SIGTERM takes the build's QEMU along at once; after SIGKILL
+// (which a jailed QEMU's parent-death signal does not survive) the next command ends it.
+void VmProcesses::end_build_mid_boot(int signal) {
   std::filesystem::path spec = runtime_.parent_path() / "slow-build.json";
   std::ofstream(spec) << R"({"name": "never-stored", "memory_mib": 128, "setup": ["sleep 600"]})";
   SpawnOptions options;
@@ -116,18 +119,26 @@ TEST_F(VmProcesses, KilledTemplateBuildLeavesNoVmBehind) {
     }
   }
   ASSERT_TRUE(qemu) << "the build never started its VM";
-  ASSERT_TRUE(build->kill());
-  bool gone = false;
-  for (auto deadline = Clock::now() + std::chrono::seconds(10); Clock::now() < deadline && !gone;) {
-    gone = !process_running(*qemu);
-    std::this_thread::sleep_for(std::chrono::milliseconds(50));
-  }
-  EXPECT_TRUE(gone) << "the build's QEMU outlived the build";
+  ASSERT_TRUE(build->send_signal(signal));
+  ASSERT_TRUE(build->wait(deadline_after(std::chrono::seconds(10))));
+  auto wait_until_gone = [&] {
+    for (auto deadline = Clock::now() + std::chrono::seconds(10); Clock::now() < deadline;) {
+      if (!process_running(*qemu)) return true;
+      std::this_thread::sleep_for(std::chrono::milliseconds(50));
+    }
+    return false;
+  };
+  if (signal != SIGKILL) EXPECT_TRUE(wait_until_gone()) << "the build's QEMU outlived the build";
   testing::CommandResult ps = testing::run_deltavm(cli({"ps"}));
   EXPECT_EQ(ps.status, 0) << ps.err;
+  EXPECT_TRUE(wait_until_gone()) << "the build's QEMU outlived the next command";
   EXPECT_FALSE(std::filesystem::exists(runtime_ / "vms" / id)) << "the build's directory and RAM file stayed";
   EXPECT_FALSE(templates_.store->find("never-stored"));
 }
+
+TEST_F(VmProcesses, TerminatedTemplateBuildTakesItsVmAlong) { end_build_mid_boot(SIGTERM); }
+
+TEST_F(VmProcesses, KilledTemplateBuildLeavesNoVmBehind) { end_build_mid_boot(SIGKILL); }
 
 // Connects to `socket` as the user nobody; returns errno (0 if it connected).
 int connect_as_nobody(const std::filesystem::path& socket) {

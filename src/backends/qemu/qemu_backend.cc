@@ -15,6 +15,7 @@
 
 #include <sys/mman.h>
 
+#include "backends/jail.h"
 #include "backends/process.h"
 #include "backends/qemu/qmp.h"
 #include "backends/vm_processes.h"
@@ -242,6 +243,26 @@ Result<uint64_t> wait_for_ram_mapping(const ProcessIdentity& qemu, const std::fi
   }
 }
 
+// Jails a QEMU about to start for `vm` (backends/jail.h) when `policy` says so. QEMU opens
+// what it needs as root (the RAM file, the kernel, its sockets), then, before the guest runs,
+// chroots into an empty directory, becomes the jail uid and installs its seccomp filter
+// (-sandbox; set*id stays allowed for -runas, and a process without capabilities gains nothing
+// from it). The uid stays claimed while the returned lock lives: until the launch is done.
+Result<std::optional<JailUid>> jail_qemu(const Result<JailPolicy>& policy, const VmDirectory& vm,
+                                         SpawnOptions& options) {
+  if (!policy) return policy.error();
+  if (!policy->enabled) return std::optional<JailUid>();
+  DELTAVM_ASSIGN_OR_RETURN(JailUid uid, claim_jail_uid(vm.runtime(), *policy));
+  DELTAVM_ASSIGN_OR_RETURN(std::filesystem::path root, jail_root(vm.runtime()));
+  // -chroot takes its argument whole; only control characters are refused.
+  if (Result<std::string> checked = option_value(root, "jail root"); !checked) return checked.error();
+  options.argv.insert(options.argv.end(),
+                      {"-sandbox", "on,obsolete=deny,elevateprivileges=allow,spawn=deny,resourcecontrol=deny",
+                       "-chroot", root.string(), "-runas", fmt::format("{}:{}", uid.uid, uid.uid)});
+  confine(options, uid);
+  return std::optional<JailUid>(std::move(uid));
+}
+
 class QemuBackend : public Backend {
  public:
   std::string name() const override { return "qemu"; }
@@ -264,6 +285,7 @@ class QemuBackend : public Backend {
     options.umask = kVmProcessUmask;
     // A booting VM exists only for the build that boots it: it dies with its owner.
     options.die_with_parent = true;
+    DELTAVM_ASSIGN_OR_RETURN(std::optional<JailUid> jail, jail_qemu(jail_policy_, vm, options));
     DELTAVM_TRY(launch(vm, options, ram_file));
     DELTAVM_ASSIGN_OR_RETURN(QmpClient qmp, connect_to_new_qemu(vm));
     return {};
@@ -302,6 +324,7 @@ class QemuBackend : public Backend {
     options.log = vm.log_file();
     options.umask = kVmProcessUmask;
     options.pass_fds = {{state.get(), kIncomingStateFd}};
+    DELTAVM_ASSIGN_OR_RETURN(std::optional<JailUid> jail, jail_qemu(jail_policy_, vm, options));
     DELTAVM_ASSIGN_OR_RETURN(ProcessIdentity qemu, launch(vm, options, base_ram_file));
     // QEMU maps guest RAM early in its start-up and answers QMP much later: the chain's pages
     // are written on this thread's twin core meanwhile.
@@ -406,6 +429,7 @@ class QemuBackend : public Backend {
   }
 
   VmProcesses processes_;  // The QEMUs this backend started.
+  Result<JailPolicy> jail_policy_ = JailPolicy::from_environment();
 };
 
 }  // namespace
@@ -428,6 +452,7 @@ Result<RestoreTimings> restore_stock_snapshot(const MachineSpec& machine, const 
   options.argv.insert(options.argv.end(), {"-incoming", "defer"});
   options.log = vm.log_file();
   options.pass_fds = {{file.get(), kIncomingStateFd}};
+  DELTAVM_ASSIGN_OR_RETURN(std::optional<JailUid> jail, jail_qemu(JailPolicy::from_environment(), vm, options));
   DELTAVM_ASSIGN_OR_RETURN(Subprocess qemu, Subprocess::spawn(options));
   DELTAVM_TRY(vm.update_record([&](VmRecord& record) {
     record.backend = "qemu";
