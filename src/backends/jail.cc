@@ -109,7 +109,9 @@ JailReport describe_jail() {
         "jailed: a uid of its own from {}-{}, own pid, net, ipc and mount namespaces, no_new_privs; once started: "
         "no capabilities, chroot to an empty directory, seccomp (-sandbox on)",
         policy->first_uid, policy->first_uid + policy->uid_count - 1);
-    report.kvm = "NOT jailed yet: deltavm-vmm runs as root in the host's namespaces, without seccomp";
+    report.kvm =
+        "partly: deltavm-vmm serves under its seccomp filter (no exec, fork, socket, mount, ptrace), but runs as "
+        "root in the host's namespaces";
   }
   std::error_code error;
   if (std::filesystem::exists("/sys/fs/cgroup/cgroup.controllers", error)) {

@@ -18,6 +18,7 @@
 #include "vmm/kvm.h"
 #include "vmm/path_policy.h"
 #include "vmm/protocol.h"
+#include "vmm/seccomp_filter.h"
 #include "vmm/serial_socket.h"
 #include "vmm/vmm.h"
 
@@ -107,6 +108,8 @@ int run(int argc, char** argv) {
     agent_socket = std::move(socket).value();
   }
   Vmm vmm(std::move(system).value(), std::move(policy).value(), std::move(console_socket), std::move(agent_socket));
+  // From here on every thread may make only the calls the run loop needs.
+  if (Status filtered = install_seccomp_filter(); !filtered) return fail(filtered.error());
   for (;;) {
     Fd connection(::accept4(listener->get(), nullptr, nullptr, SOCK_CLOEXEC));
     if (!connection.valid()) {

@@ -263,6 +263,36 @@ TEST_F(KvmMicroGuest, VmmRefusesPathsOutsideItsDirectory) {
   EXPECT_TRUE(vmm->call<SaveReply>(inside));
 }
 
+// /proc/PID/status's value of `field` ("Seccomp" -> "2").
+std::string status_field(int pid, const std::string& field) {
+  std::ifstream status(fmt::format("/proc/{}/status", pid));
+  std::string line;
+  while (std::getline(status, line)) {
+    if (line.rfind(field + ":", 0) == 0) {
+      size_t value = line.find_first_not_of(" \t", field.size() + 1);
+      return value == std::string::npos ? "" : line.substr(value);
+    }
+  }
+  return "";
+}
+
+// Once it serves requests, the VMM runs under its system-call filter (vmm/seccomp_filter.h),
+// and a whole boot -> run -> save -> restore under it works: the filter allows what the run
+// loop needs.
+TEST_F(KvmMicroGuest, VmmServesUnderItsSeccompFilter) {
+  std::filesystem::path directory = chain->root / "filtered";
+  ScopedDirectory cleanup{directory};
+  Result<VmmProcess> vmm = VmmProcess::launch(vmm_binary(), directory, {micro_guest_program()});
+  ASSERT_TRUE(vmm) << vmm.error().message;
+  ASSERT_TRUE(vmm->call<StatusReply>(boot_request(directory / "ram")));
+  ASSERT_TRUE(vmm->call<StatusReply>(WaitRequest{}, kRunTimeout));
+  EXPECT_EQ(status_field(vmm->pid(), "Seccomp"), "2");
+  EXPECT_EQ(status_field(vmm->pid(), "NoNewPrivs"), "1");
+  SaveRequest save;
+  save.state = (directory / "state").string();
+  EXPECT_TRUE(vmm->call<SaveReply>(save));
+}
+
 TEST_F(KvmMicroGuest, UninterruptedRunMatchesHostModel) {
   Result<VmmProcess> vmm = VmmProcess::launch(vmm_binary(), chain->root / "uninterrupted", readable_inputs());
   ASSERT_TRUE(vmm) << vmm.error().message;
