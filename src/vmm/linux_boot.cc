@@ -91,7 +91,7 @@ Result<LinuxBootInfo> load_linux(std::span<uint8_t> ram, std::span<const uint8_t
   }
 
   std::memcpy(ram.data() + load_address, kernel.data() + payload_offset, kernel.size() - payload_offset);
-  std::memcpy(ram.data() + initrd_address, initrd.data(), initrd.size());
+  if (!initrd.empty()) std::memcpy(ram.data() + initrd_address, initrd.data(), initrd.size());  // data() may be null.
   std::memcpy(ram.data() + kCommandLineAddress, command_line.data(), command_line.size());
   ram[kCommandLineAddress + command_line.size()] = 0;
 
