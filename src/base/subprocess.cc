@@ -16,6 +16,11 @@
 #include <cstring>
 #include <mutex>
 
+#if defined(__SANITIZE_THREAD__)
+extern "C" void AnnotateIgnoreReadsBegin(const char* file, int line);
+extern "C" void AnnotateIgnoreWritesBegin(const char* file, int line);
+#endif
+
 namespace deltavm {
 namespace {
 
@@ -241,6 +246,12 @@ Result<Subprocess> Subprocess::spawn(const SpawnOptions& options) {
           : static_cast<pid_t>(::syscall(SYS_clone, options.namespaces | SIGCHLD, nullptr, nullptr, nullptr, nullptr));
   if (pid < 0) return errno_error(fmt::format("fork for {}", program), errno);
   if (pid == 0) {
+#if defined(__SANITIZE_THREAD__)
+    // ThreadSanitizer cannot follow a fork made through clone, and takes the child's reads of
+    // the parent's memory for races with the parent's other threads.
+    AnnotateIgnoreReadsBegin(__FILE__, __LINE__);
+    AnnotateIgnoreWritesBegin(__FILE__, __LINE__);
+#endif
     // The child: only async-signal-safe calls from here to execve.
     sigset_t all;
     sigemptyset(&all);
