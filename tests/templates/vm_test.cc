@@ -15,6 +15,7 @@
 #include "backends/qemu/qemu_backend.h"
 #include "base/file.h"
 #include "support/guest_templates.h"
+#include "support/proc_status.h"
 #include "templates/initramfs.h"
 #include "templates/kernel_image.h"
 #include "templates/templates.h"
@@ -88,19 +89,6 @@ TEST_F(TemplateVms, LoadedRamBeforeStartIsTheCapturedImage) {
   EXPECT_EQ(exec_output(vm, "cat /tmp/marker"), "made-before-capture\n");
 }
 
-// /proc/PID/status's value of `field`, e.g. "Uid" -> "2000123\t2000123\t2000123\t2000123".
-std::string status_field(pid_t pid, const std::string& field) {
-  std::ifstream status(fmt::format("/proc/{}/status", pid));
-  std::string line;
-  while (std::getline(status, line)) {
-    if (line.rfind(field + ":", 0) == 0) {
-      size_t value = line.find_first_not_of(" \t", field.size() + 1);
-      return value == std::string::npos ? "" : line.substr(value);
-    }
-  }
-  return "";
-}
-
 TEST_F(TemplateVms, VmProcessesAreJailedEachInAUidOfItsOwn) {
   if (::geteuid() != 0) GTEST_SKIP() << "jailing needs root";
   std::vector<VmDirectory> vms = {start("counter"), start("counter")};
@@ -110,18 +98,18 @@ TEST_F(TemplateVms, VmProcessesAreJailedEachInAUidOfItsOwn) {
     Result<VmRecord> record = vm.read_record();
     ASSERT_TRUE(record && record->process);
     pid_t pid = record->process->pid;
-    std::string uid = status_field(pid, "Uid");
+    std::string uid = testing::status_field(pid, "Uid");
     std::string first = uid.substr(0, uid.find('\t'));
     EXPECT_EQ(uid, fmt::format("{0}\t{0}\t{0}\t{0}", first)) << "real, effective, saved and file uids";
     EXPECT_GE(std::stoul(first), 2'000'000u);
     EXPECT_LT(std::stoul(first), 2'065'536u);
-    EXPECT_EQ(status_field(pid, "Gid"), uid);
+    EXPECT_EQ(testing::status_field(pid, "Gid"), uid);
     uids.insert(first);
     for (const char* set : {"CapInh", "CapPrm", "CapEff", "CapAmb"}) {
-      EXPECT_EQ(status_field(pid, set), "0000000000000000") << set;
+      EXPECT_EQ(testing::status_field(pid, set), "0000000000000000") << set;
     }
-    EXPECT_EQ(status_field(pid, "NoNewPrivs"), "1");
-    EXPECT_EQ(status_field(pid, "Seccomp"), "2");
+    EXPECT_EQ(testing::status_field(pid, "NoNewPrivs"), "1");
+    EXPECT_EQ(testing::status_field(pid, "Seccomp"), "2");
     for (const char* ns : {"pid", "net", "ipc", "mnt"}) {
       EXPECT_NE(std::filesystem::read_symlink(fmt::format("/proc/{}/ns/{}", pid, ns)),
                 std::filesystem::read_symlink(fmt::format("/proc/self/ns/{}", ns)))

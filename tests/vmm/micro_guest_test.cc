@@ -20,6 +20,7 @@
 #include "base/page.h"
 #include "loader/loader.h"
 #include "store/store.h"
+#include "support/proc_status.h"
 #include "vmm/guest_memory.h"
 #include "vmm/kvm.h"
 #include "vmm/machine_state.h"
@@ -263,19 +264,6 @@ TEST_F(KvmMicroGuest, VmmRefusesPathsOutsideItsDirectory) {
   EXPECT_TRUE(vmm->call<SaveReply>(inside));
 }
 
-// /proc/PID/status's value of `field` ("Seccomp" -> "2").
-std::string status_field(int pid, const std::string& field) {
-  std::ifstream status(fmt::format("/proc/{}/status", pid));
-  std::string line;
-  while (std::getline(status, line)) {
-    if (line.rfind(field + ":", 0) == 0) {
-      size_t value = line.find_first_not_of(" \t", field.size() + 1);
-      return value == std::string::npos ? "" : line.substr(value);
-    }
-  }
-  return "";
-}
-
 // Once it serves requests, the VMM runs under its system-call filter (vmm/seccomp_filter.h),
 // and a whole boot -> run -> save -> restore under it works: the filter allows what the run
 // loop needs.
@@ -286,8 +274,8 @@ TEST_F(KvmMicroGuest, VmmServesUnderItsSeccompFilter) {
   ASSERT_TRUE(vmm) << vmm.error().message;
   ASSERT_TRUE(vmm->call<StatusReply>(boot_request(directory / "ram")));
   ASSERT_TRUE(vmm->call<StatusReply>(WaitRequest{}, kRunTimeout));
-  EXPECT_EQ(status_field(vmm->pid(), "Seccomp"), "2");
-  EXPECT_EQ(status_field(vmm->pid(), "NoNewPrivs"), "1");
+  EXPECT_EQ(testing::status_field(vmm->pid(), "Seccomp"), "2");
+  EXPECT_EQ(testing::status_field(vmm->pid(), "NoNewPrivs"), "1");
   SaveRequest save;
   save.state = (directory / "state").string();
   EXPECT_TRUE(vmm->call<SaveReply>(save));
