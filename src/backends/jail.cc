@@ -9,6 +9,8 @@
 #include <cstdlib>
 #include <random>
 
+#include <fmt/ranges.h>
+
 namespace deltavm {
 namespace {
 
@@ -109,25 +111,34 @@ JailReport describe_jail() {
         "jailed: a uid of its own from {}-{}, own pid, net, ipc and mount namespaces, no_new_privs; once started: "
         "no capabilities, chroot to an empty directory, seccomp (-sandbox on)",
         policy->first_uid, policy->first_uid + policy->uid_count - 1);
-    report.kvm =
-        "partly: deltavm-vmm serves under its seccomp filter (no exec, fork, socket, mount, ptrace), but runs as "
-        "root in the host's namespaces";
+    report.kvm = fmt::format(
+        "jailed: a uid of its own from {}-{}, own pid, net, ipc and mount namespaces, no_new_privs; once started: "
+        "no capabilities, a root holding only its directory and inputs, seccomp (deltavm-vmm's filter)",
+        policy->first_uid, policy->first_uid + policy->uid_count - 1);
   }
-  std::error_code error;
-  if (std::filesystem::exists("/sys/fs/cgroup/cgroup.controllers", error)) {
-    report.cgroups = "cgroup v2 present, not used yet: no per-VM memory, cpu or pids limit";
-  } else {
-    report.cgroups = "cgroup v2 missing (the host mounts cgroup v1): no per-VM memory, cpu or pids limit";
-  }
+  report.cgroups = policy && policy->enabled ? describe_cgroups() : "no per-VM limit: VM processes are not jailed";
   return report;
 }
 
-void confine(SpawnOptions& options, const JailUid& uid) {
+Result<Jail> prepare_jail(const std::filesystem::path& runtime, const JailPolicy& policy, const std::string& vm_id,
+                          const ResourceLimits& limits, SpawnOptions& options) {
+  DELTAVM_ASSIGN_OR_RETURN(JailUid uid, claim_jail_uid(runtime, policy));
+  DELTAVM_ASSIGN_OR_RETURN(VmCgroups cgroups, create_vm_cgroups(vm_id, limits));
   options.namespaces = CLONE_NEWPID | CLONE_NEWNET | CLONE_NEWIPC | CLONE_NEWNS;
   options.no_new_privs = true;
   options.bounding_capabilities = uint64_t{1} << CAP_DAC_OVERRIDE | uint64_t{1} << CAP_SETUID |
                                   uint64_t{1} << CAP_SETGID | uint64_t{1} << CAP_SYS_CHROOT;
   options.pass_fds.emplace_back(uid.lock.get(), kJailLockFd);
+  for (const Fd& procs : cgroups.procs) options.join_cgroups.push_back(procs.get());
+  if (!options.log.empty()) {
+    std::string line = fmt::format("deltavm: jail uid {}; cgroup limits: {}", uid.uid,
+                                   cgroups.set.empty() ? "none" : fmt::format("{}", fmt::join(cgroups.set, ", ")));
+    if (!cgroups.missing.empty()) line += fmt::format("; not limited: {}", fmt::join(cgroups.missing, ", "));
+    line += "\n";
+    DELTAVM_ASSIGN_OR_RETURN(Fd log, open_file(options.log, O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0600));
+    DELTAVM_TRY(write_all(log.get(), {reinterpret_cast<const uint8_t*>(line.data()), line.size()}, options.log));
+  }
+  return Jail{std::move(uid), std::move(cgroups)};
 }
 
 }  // namespace deltavm

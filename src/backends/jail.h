@@ -13,6 +13,7 @@
 #include <filesystem>
 #include <string>
 
+#include "backends/cgroups.h"
 #include "base/error.h"
 #include "base/file.h"
 #include "base/subprocess.h"
@@ -54,10 +55,18 @@ struct JailReport {
 };
 JailReport describe_jail();
 
-// Spawn options for a jailed VM process: its namespaces, no_new_privs, and a bounding set of
-// the capabilities its start-up as root needs (reading files the jail uid cannot, chroot, and
-// changing to the jail uid), all of which it gives up with root. `uid` is passed at
-// kJailLockFd.
-void confine(SpawnOptions& options, const JailUid& uid);
+// What holds a VM process's jail while the process starts: its uid's claim and its cgroups.
+struct Jail {
+  JailUid uid;
+  VmCgroups cgroups;
+};
+
+// Sets `options` up to start VM `vm_id`'s process jailed: a uid claimed for it (passed at
+// kJailLockFd), its namespaces, no_new_privs, a bounding set of the capabilities its start-up
+// as root needs (reading files the jail uid cannot, chroot, and changing to the jail uid; all
+// of which it gives up with root), and cgroups with `limits` that it joins before it execs.
+// What the cgroups enforce, and what this host cannot, is written to the process's log.
+Result<Jail> prepare_jail(const std::filesystem::path& runtime, const JailPolicy& policy, const std::string& vm_id,
+                          const ResourceLimits& limits, SpawnOptions& options);
 
 }  // namespace deltavm

@@ -12,6 +12,7 @@
 #include <cstdlib>
 #include <random>
 
+#include "backends/cgroups.h"
 #include "base/file.h"
 
 namespace deltavm {
@@ -142,7 +143,13 @@ Result<VmDirectory> VmDirectory::create(const std::filesystem::path& runtime) {
     std::string id = fmt::format("{:08x}", static_cast<uint32_t>(random()));
     std::filesystem::path path = runtime / "vms" / id;
     // mkdir's mode is masked by the umask but never widened by it: 0700 at most, whatever it is.
-    if (::mkdir(path.c_str(), 0700) == 0) return VmDirectory(id, path);
+    if (::mkdir(path.c_str(), 0700) == 0) {
+      VmDirectory vm(id, path);
+      if (::mkdir(vm.process_directory().c_str(), 0700) != 0) {
+        return errno_error(fmt::format("create {}", vm.process_directory().string()), errno);
+      }
+      return vm;
+    }
     if (errno != EEXIST) return errno_error(fmt::format("create {}", path.string()), errno);
   }
   return make_error(ErrorCode::kIo, "could not find a free VM id under {}", runtime.string());
@@ -272,6 +279,8 @@ bool VmDirectory::running() const {
 }
 
 Status VmDirectory::remove() const {
+  // Its process has ended: its cgroups (backends/cgroups.h) hold no task and go with it.
+  DELTAVM_TRY(remove_vm_cgroups(id_));
   std::error_code error;
   std::filesystem::remove_all(path_, error);
   if (error) return make_error(ErrorCode::kIo, "remove {}: {}", path_.string(), error.message());

@@ -7,6 +7,9 @@
 //   RUNTIME/vms/ID/console.log    everything the guest wrote to its console (appended)
 //   RUNTIME/vms/ID/agent.sock     command agent (ttyS1)
 //   RUNTIME/vms/ID/vm.log         the VM process's own output
+//   RUNTIME/vms/ID/process/       the only place the VM process writes (the RAM file of a boot,
+//                                 saved states); a jailed VM process's own (backends/jail.h),
+//                                 so the host reads what lies there with O_NOFOLLOW
 //
 // Whoever can connect to a VM's control socket controls the VM (QMP can run commands on the
 // host as the VM process's user), so RUNTIME and RUNTIME/vms are the caller's alone and never
@@ -71,6 +74,7 @@ class VmDirectory {
   std::filesystem::path console_log() const { return path_ / "console.log"; }
   std::filesystem::path agent_socket() const { return path_ / "agent.sock"; }
   std::filesystem::path log_file() const { return path_ / "vm.log"; }
+  std::filesystem::path process_directory() const { return path_ / "process"; }
 
   Result<VmRecord> read_record() const;
   Status write_record(const VmRecord& record) const;

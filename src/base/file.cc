@@ -8,6 +8,8 @@
 #include <cerrno>
 #include <random>
 
+#include "base/faults.h"
+
 namespace deltavm {
 
 Fd& Fd::operator=(Fd&& other) noexcept {
@@ -54,8 +56,8 @@ Mapping::~Mapping() {
   if (data_ != nullptr) ::munmap(data_, size_);
 }
 
-Result<Mapping> Mapping::map_file_readonly(const std::filesystem::path& path) {
-  DELTAVM_ASSIGN_OR_RETURN(Fd fd, open_file(path, O_RDONLY));
+Result<Mapping> Mapping::map_file_readonly(const std::filesystem::path& path, int open_flags) {
+  DELTAVM_ASSIGN_OR_RETURN(Fd fd, open_file(path, O_RDONLY | open_flags));
   struct stat st {};
   if (::fstat(fd.get(), &st) != 0) return errno_error(fmt::format("stat {}", path.string()), errno);
   if (!S_ISREG(st.st_mode)) {
@@ -98,8 +100,8 @@ Result<std::vector<uint8_t>> read_file(const std::filesystem::path& path) {
   return bytes;
 }
 
-Result<std::vector<uint8_t>> read_file(const std::filesystem::path& path, uint64_t most_bytes) {
-  DELTAVM_ASSIGN_OR_RETURN(Fd fd, open_file(path, O_RDONLY));
+Result<std::vector<uint8_t>> read_file(const std::filesystem::path& path, uint64_t most_bytes, int open_flags) {
+  DELTAVM_ASSIGN_OR_RETURN(Fd fd, open_file(path, O_RDONLY | open_flags));
   struct stat st {};
   if (::fstat(fd.get(), &st) != 0) return errno_error(fmt::format("stat {}", path.string()), errno);
   if (!S_ISREG(st.st_mode)) {
@@ -124,6 +126,8 @@ Result<std::vector<uint8_t>> read_file(const std::filesystem::path& path, uint64
 
 Status write_all(int fd, std::span<const uint8_t> bytes, const std::filesystem::path& path) {
   while (!bytes.empty()) {
+    if (int fault = injected_fault(DurableCall::kWrite))
+      return errno_error(fmt::format("write {}", path.string()), fault);
     ssize_t n = ::write(fd, bytes.data(), bytes.size());
     if (n < 0) {
       if (errno == EINTR) continue;
@@ -136,6 +140,8 @@ Status write_all(int fd, std::span<const uint8_t> bytes, const std::filesystem::
 
 Status fsync_directory(const std::filesystem::path& directory) {
   DELTAVM_ASSIGN_OR_RETURN(Fd fd, open_file(directory, O_RDONLY | O_DIRECTORY));
+  if (int fault = injected_fault(DurableCall::kFsync))
+    return errno_error(fmt::format("fsync {}", directory.string()), fault);
   if (::fsync(fd.get()) != 0) return errno_error(fmt::format("fsync {}", directory.string()), errno);
   return {};
 }
@@ -144,6 +150,8 @@ Result<AtomicFileWriter> AtomicFileWriter::create(const std::filesystem::path& f
   static thread_local std::mt19937_64 random{std::random_device{}()};
   std::filesystem::path temporary = final_path;
   temporary += fmt::format("{}{}-{:016x}", kTemporaryMarker, ::getpid(), random());
+  if (int fault = injected_fault(DurableCall::kCreate))
+    return errno_error(fmt::format("create {}", temporary.string()), fault);
   DELTAVM_ASSIGN_OR_RETURN(Fd fd, open_file(temporary, O_WRONLY | O_CREAT | O_EXCL, mode));
   return AtomicFileWriter(std::move(fd), std::move(temporary), final_path);
 }
@@ -159,8 +167,13 @@ Status AtomicFileWriter::append(std::span<const uint8_t> bytes) {
 }
 
 Status AtomicFileWriter::commit() {
+  if (int fault = injected_fault(DurableCall::kFsync))
+    return errno_error(fmt::format("fsync {}", temporary_.string()), fault);
   if (::fsync(fd_.get()) != 0) return errno_error(fmt::format("fsync {}", temporary_.string()), errno);
   fd_ = Fd();
+  if (int fault = injected_fault(DurableCall::kRename)) {
+    return errno_error(fmt::format("rename {} to {}", temporary_.string(), final_.string()), fault);
+  }
   if (::rename(temporary_.c_str(), final_.c_str()) != 0) {
     return errno_error(fmt::format("rename {} to {}", temporary_.string(), final_.string()), errno);
   }

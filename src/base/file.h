@@ -48,7 +48,8 @@ class Mapping {
   ~Mapping();
 
   // The whole file at `path`, read-only and private. A file of size 0 gives an empty Mapping.
-  static Result<Mapping> map_file_readonly(const std::filesystem::path& path);
+  // `open_flags` are added to O_RDONLY (O_NOFOLLOW for a file someone else may have placed).
+  static Result<Mapping> map_file_readonly(const std::filesystem::path& path, int open_flags = 0);
   // `size_bytes` of fresh zeroed anonymous memory, private to this process. The pages are
   // not touched: the kernel supplies each on first access.
   static Result<Mapping> map_anonymous(size_t size_bytes);
@@ -68,8 +69,9 @@ class Mapping {
 
 Result<std::vector<uint8_t>> read_file(const std::filesystem::path& path);
 // read_file for a file that may be hostile or damaged: refused, before anything is read, if it
-// is larger than `most_bytes` (kInvalidArgument naming the file and both sizes).
-Result<std::vector<uint8_t>> read_file(const std::filesystem::path& path, uint64_t most_bytes);
+// is larger than `most_bytes` (kInvalidArgument naming the file and both sizes), or is not a
+// regular file. `open_flags` are added to O_RDONLY.
+Result<std::vector<uint8_t>> read_file(const std::filesystem::path& path, uint64_t most_bytes, int open_flags = 0);
 
 // Writes all of `bytes` at the current offset, retrying short writes and EINTR.
 Status write_all(int fd, std::span<const uint8_t> bytes, const std::filesystem::path& path);

@@ -80,8 +80,15 @@ struct ChildFailure {
   int step;
   int error;
 };
-constexpr const char* kSteps[] = {"setsid",       "prctl(PR_SET_PDEATHSIG)", "dup2", "fcntl", "close_range", "execve",
-                                  "no_new_privs", "dropping capabilities"};
+constexpr const char* kSteps[] = {"setsid",
+                                  "prctl(PR_SET_PDEATHSIG)",
+                                  "dup2",
+                                  "fcntl",
+                                  "close_range",
+                                  "execve",
+                                  "no_new_privs",
+                                  "dropping capabilities",
+                                  "joining its cgroups"};
 
 // The highest capability number this kernel knows (CAP_LAST_CAP of the running kernel).
 int highest_capability() {
@@ -260,6 +267,9 @@ Result<Subprocess> Subprocess::spawn(const SpawnOptions& options) {
     int error_fd = ::fcntl(error_write.get(), F_DUPFD_CLOEXEC, highest_target + 1);
     if (error_fd < 0) child_fail(error_write.get(), 3);
     if (options.new_session && ::setsid() < 0) child_fail(error_fd, 0);
+    for (int cgroup : options.join_cgroups) {
+      if (::write(cgroup, "0", 1) != 1) child_fail(error_fd, 8);
+    }
     if (!group_nice.empty()) {
       // Best effort: kernels without autogroup have no such file, and their thread nice holds.
       int group = ::open("/proc/self/autogroup", O_WRONLY | O_CLOEXEC);

@@ -78,6 +78,8 @@ struct SpawnOptions {
   // gains privileges. `bounding_capabilities` (a bit per CAP_* number): every other capability
   // leaves the bounding set, so a root child execs with these alone.
   int namespaces = 0;
+  // cgroup.procs files, open for writing, that the child joins first thing (writing "0").
+  std::vector<int> join_cgroups;
   bool no_new_privs = false;
   std::optional<uint64_t> bounding_capabilities;
 };

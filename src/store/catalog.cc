@@ -4,7 +4,9 @@
 #include <sqlite3.h>
 #include <unistd.h>
 
+#include "base/faults.h"
 #include "base/file.h"
+#include "store/sqlite_vfs.h"
 
 namespace deltavm {
 namespace {
@@ -145,7 +147,7 @@ Result<Catalog> Catalog::open(const std::filesystem::path& path) {
   }
   sqlite3* db = nullptr;
   // Serialized: one connection may be used from several threads (store.h, "Concurrency").
-  int rc = sqlite3_open_v2(path.c_str(), &db, SQLITE_OPEN_READWRITE | SQLITE_OPEN_FULLMUTEX, nullptr);
+  int rc = sqlite3_open_v2(path.c_str(), &db, SQLITE_OPEN_READWRITE | SQLITE_OPEN_FULLMUTEX, catalog_vfs_name());
   Catalog catalog(db);  // Closes db on every return below.
   if (rc != SQLITE_OK) return sqlite_error(db, fmt::format("open {}", path.string()));
   sqlite3_busy_timeout(db, 30000);
@@ -184,7 +186,7 @@ Status Catalog::create(const std::filesystem::path& path) {
   ::unlink(temporary.c_str());
   {
     sqlite3* db = nullptr;
-    int rc = sqlite3_open_v2(temporary.c_str(), &db, SQLITE_OPEN_READWRITE | SQLITE_OPEN_CREATE, nullptr);
+    int rc = sqlite3_open_v2(temporary.c_str(), &db, SQLITE_OPEN_READWRITE | SQLITE_OPEN_CREATE, catalog_vfs_name());
     Catalog catalog(db);
     if (rc != SQLITE_OK) return sqlite_error(db, fmt::format("create {}", temporary.string()));
     // A rollback journal while the file has its temporary name: nothing is left beside it.
@@ -197,11 +199,15 @@ Status Catalog::create(const std::filesystem::path& path) {
   }
   {
     DELTAVM_ASSIGN_OR_RETURN(Fd fd, open_file(temporary, O_RDONLY));
+    if (int fault = injected_fault(DurableCall::kFsync))
+      return errno_error(fmt::format("fsync {}", temporary.string()), fault);
     if (::fsync(fd.get()) != 0) return errno_error(fmt::format("fsync {}", temporary.string()), errno);
   }
   // link(2) fails if `path` exists: a catalog that appeared meanwhile is never replaced.
-  if (::link(temporary.c_str(), path.c_str()) != 0) {
-    int saved = errno;
+  int linked = injected_fault(DurableCall::kRename);
+  if (linked == 0 && ::link(temporary.c_str(), path.c_str()) != 0) linked = errno;
+  if (linked != 0) {
+    int saved = linked;
     ::unlink(temporary.c_str());
     return errno_error(fmt::format("create catalog {}", path.string()), saved);
   }

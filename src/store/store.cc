@@ -14,6 +14,7 @@
 #include <mutex>
 #include <set>
 
+#include "base/faults.h"
 #include "image/delta_file.h"
 
 namespace deltavm {
@@ -215,6 +216,8 @@ Result<ObjectId> Store::put_object(std::span<const uint8_t> bytes) {
   }
   std::filesystem::path shard = path.parent_path();
   if (!std::filesystem::exists(shard, error)) {
+    if (int fault = injected_fault(DurableCall::kCreate))
+      return errno_error(fmt::format("create {}", shard.string()), fault);
     std::filesystem::create_directories(shard, error);
     if (error) return make_error(ErrorCode::kIo, "create {}: {}", shard.string(), error.message());
     DELTAVM_TRY(fsync_directory(shard.parent_path()));
@@ -550,6 +553,9 @@ Status Store::make_flat_file(const ImageRecord& record) {
     // image is sealed again as it is (a copied store, a touched file); any other is replaced.
     Result<FileDigest> found = digest_file(path);
     if (!found || found->size_bytes != record.image_size_bytes || found->digest != record.digest) {
+      if (int fault = injected_fault(DurableCall::kUnlink)) {
+        return errno_error(fmt::format("remove damaged flat file {}", path.string()), fault);
+      }
       if (::unlink(path.c_str()) != 0)
         return errno_error(fmt::format("remove damaged flat file {}", path.string()), errno);
     }
@@ -649,6 +655,8 @@ std::optional<ImageDigest> flat_file_digest(const std::filesystem::path& path) {
 }
 
 Status remove_file(const std::filesystem::path& path) {
+  if (int fault = injected_fault(DurableCall::kUnlink))
+    return errno_error(fmt::format("unlink {}", path.string()), fault);
   if (::unlink(path.c_str()) != 0 && errno != ENOENT)
     return errno_error(fmt::format("unlink {}", path.string()), errno);
   return {};

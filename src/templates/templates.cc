@@ -1,5 +1,7 @@
 #include "templates/templates.h"
 
+#include <fcntl.h>
+
 #include <nlohmann/json.hpp>
 
 #include <chrono>
@@ -177,7 +179,7 @@ Result<TemplateBuild> build_template(const TemplateSpec& spec, Store& store, Bac
   TemplateBuild build;
   report("booting");
   auto start = Clock::now();
-  std::filesystem::path ram_file = vm.path() / "ram";
+  std::filesystem::path ram_file = vm.process_directory() / "ram";
   DELTAVM_TRY(backend.boot(machine, ram_file, vm));
   DELTAVM_TRY(wait_until_ready(vm, effective));
   Result<ExecResult> ping = agent_exec(vm.agent_socket(), "true", std::chrono::seconds(spec.ready_timeout_s));
@@ -188,7 +190,7 @@ Result<TemplateBuild> build_template(const TemplateSpec& spec, Store& store, Bac
   start = Clock::now();
   DELTAVM_TRY(backend.pause(vm));
   DELTAVM_ASSIGN_OR_RETURN(std::vector<uint8_t> state, backend.save_machine_state(vm));
-  DELTAVM_ASSIGN_OR_RETURN(Mapping ram, Mapping::map_file_readonly(ram_file));
+  DELTAVM_ASSIGN_OR_RETURN(Mapping ram, Mapping::map_file_readonly(ram_file, O_NOFOLLOW));
   build.capture_ms = elapsed_ms(start);
 
   report("storing");

@@ -43,11 +43,9 @@ Result<Fd> open_base(const std::filesystem::path& base, uint64_t size_bytes) {
 // userfaultfd must not be UFFD_USER_MODE_ONLY (Linux Documentation/admin-guide/mm/userfaultfd.rst).
 class UserfaultServer {
  public:
-  static Result<std::unique_ptr<UserfaultServer>> start(std::span<uint8_t> ram, const uint8_t* base,
-                                                        RamOverlay overlay) {
-    int raw = static_cast<int>(::syscall(SYS_userfaultfd, O_CLOEXEC | O_NONBLOCK));
-    if (raw < 0) return errno_error("userfaultfd", errno);
-    Fd uffd(raw);
+  static Result<std::unique_ptr<UserfaultServer>> start(std::span<uint8_t> ram, const uint8_t* base, RamOverlay overlay,
+                                                        Fd uffd) {
+    if (!uffd.valid()) return make_error(ErrorCode::kInvalidArgument, "userfault memory without a userfaultfd");
     uffdio_api api{};
     api.api = UFFD_API;
     if (::ioctl(uffd.get(), UFFDIO_API, &api) != 0) return errno_error("UFFDIO_API", errno);
@@ -196,8 +194,14 @@ Result<GuestMemory> GuestMemory::shared_file(const std::filesystem::path& file, 
   return memory;
 }
 
+Result<Fd> GuestMemory::create_userfaultfd() {
+  int raw = static_cast<int>(::syscall(SYS_userfaultfd, O_CLOEXEC | O_NONBLOCK));
+  if (raw < 0) return errno_error("userfaultfd", errno);
+  return Fd(raw);
+}
+
 Result<GuestMemory> GuestMemory::load(MemoryStrategy strategy, const std::filesystem::path& base, RamOverlay overlay,
-                                      uint64_t size_bytes) {
+                                      uint64_t size_bytes, Fd userfault) {
   DELTAVM_ASSIGN_OR_RETURN(Fd base_fd, open_base(base, size_bytes));
   GuestMemory memory;
   auto write_overlay = [&] {
@@ -236,8 +240,8 @@ Result<GuestMemory> GuestMemory::load(MemoryStrategy strategy, const std::filesy
       DELTAVM_ASSIGN_OR_RETURN(memory, anonymous(size_bytes));
       DELTAVM_ASSIGN_OR_RETURN(memory.base_,
                                Mapping::map(base_fd.get(), size_bytes, PROT_READ, MAP_SHARED, 0, base.string()));
-      DELTAVM_ASSIGN_OR_RETURN(memory.server_,
-                               UserfaultServer::start(memory.bytes(), memory.base_.data(), std::move(overlay)));
+      DELTAVM_ASSIGN_OR_RETURN(memory.server_, UserfaultServer::start(memory.bytes(), memory.base_.data(),
+                                                                      std::move(overlay), std::move(userfault)));
       return memory;
     }
   }

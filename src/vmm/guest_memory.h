@@ -48,9 +48,14 @@ class GuestMemory {
   // Memory that lives in `file` (created, `size_bytes` long, mapped shared), so that the file
   // holds the guest's RAM image whenever the VM is paused. For capturing a boot.
   static Result<GuestMemory> shared_file(const std::filesystem::path& file, uint64_t size_bytes);
-  // RAM of a restored VM: `base` (exactly `size_bytes` long) with `overlay` over it.
+  // RAM of a restored VM: `base` (exactly `size_bytes` long) with `overlay` over it. The
+  // userfault strategy serves faults through `userfault` (from create_userfaultfd).
   static Result<GuestMemory> load(MemoryStrategy strategy, const std::filesystem::path& base, RamOverlay overlay,
-                                  uint64_t size_bytes);
+                                  uint64_t size_bytes, Fd userfault);
+  // A userfaultfd that can serve KVM's faults, which come from the kernel: made at start-up,
+  // while the VMM still runs as root, since an unprivileged process may not make one (unless
+  // vm.unprivileged_userfaultfd is 1).
+  static Result<Fd> create_userfaultfd();
 
   std::span<uint8_t> bytes() const { return {ram_.data(), ram_.size()}; }
   const UserfaultStats* userfault_stats() const;

@@ -15,6 +15,8 @@
 #include <memory>
 
 #include "base/socket.h"
+#include "vmm/guest_memory.h"
+#include "vmm/jail_entry.h"
 #include "vmm/kvm.h"
 #include "vmm/path_policy.h"
 #include "vmm/protocol.h"
@@ -52,17 +54,25 @@ int run(int argc, char** argv) {
   using namespace deltavm;
   using namespace deltavm::vmm;
   CLI::App app{"deltavm-vmm: runs one VM on /dev/kvm, controlled over a Unix socket"};
-  std::string control, device = "/dev/kvm", console, console_log, agent, directory;
+  std::string control, device = "/dev/kvm", console, agent, directory;
+  int console_log_fd = -1;
   std::vector<std::string> read_only;
+  std::string jail_root;
+  uint32_t jail_uid = 0;
   bool check = false;
   app.add_flag("--check", check, "say whether KVM can run this VMM's guests here, and exit (0: yes, 1: no)");
   app.add_option("--control", control, "control socket to create");
   app.add_option("--device", device, "KVM device");
   app.add_option("--console", console, "socket to serve ttyS0 on");
-  app.add_option("--console-log", console_log, "file to append everything the guest writes to ttyS0 to");
+  app.add_option("--console-log-fd", console_log_fd,
+                 "an fd it inherits, open for appending, to write everything the guest writes to ttyS0 to");
   app.add_option("--agent", agent, "socket to serve ttyS1 on");
   app.add_option("--directory", directory, "the VM's directory: the only place this VMM writes");
   app.add_option("--read-only", read_only, "a file or directory this VMM may also read (repeatable)");
+  app.add_option("--jail-root", jail_root,
+                 "once set up, take a root of its own built on this empty directory, holding only --directory and "
+                 "the --read-only paths (needs root in a mount namespace of its own)");
+  app.add_option("--jail-uid", jail_uid, "with --jail-root: the uid and gid to run as from then on");
   CLI11_PARSE(app, argc, argv);
 
   if (check) {
@@ -79,6 +89,10 @@ int run(int argc, char** argv) {
     std::fprintf(stderr, "deltavm-vmm: --control and --directory are required\n");
     return 2;
   }
+  if (jail_root.empty() != (jail_uid == 0)) {
+    std::fprintf(stderr, "deltavm-vmm: --jail-root and --jail-uid (not 0) go together\n");
+    return 2;
+  }
   // Sockets and files this VMM creates are its owner's alone (0600).
   ::umask(0177);
   Result<PathPolicy> policy = PathPolicy::make(directory, {read_only.begin(), read_only.end()});
@@ -87,13 +101,16 @@ int run(int argc, char** argv) {
   if (!system) return fail(system.error());
   Result<Fd> listener = listen_unix(control);
   if (!listener) return fail(listener.error());
+  // The console log is the host's file (it lies outside the VMM's directory): the host opens
+  // it and hands it over.
   Fd log;
-  if (!console_log.empty()) {
-    Result<std::filesystem::path> writable = policy->writable(console_log);
-    if (!writable) return fail(writable.error().with_context("--console-log"));
-    Result<Fd> opened = open_file(*writable, O_WRONLY | O_CREAT | O_APPEND | O_NOFOLLOW, 0600);
-    if (!opened) return fail(opened.error());
-    log = std::move(opened).value();
+  if (console_log_fd >= 0) {
+    if (console_log_fd <= 2 || ::fcntl(console_log_fd, F_GETFL) < 0) {
+      std::fprintf(stderr, "deltavm-vmm: --console-log-fd %d is not an open file\n", console_log_fd);
+      return 2;
+    }
+    ::fcntl(console_log_fd, F_SETFD, FD_CLOEXEC);
+    log = Fd(console_log_fd);
   }
   // ttyS0, the console (kept 64 KiB for a late reader, and logged); ttyS1, the agent.
   std::unique_ptr<SerialSocket> console_socket, agent_socket;
@@ -107,8 +124,17 @@ int run(int argc, char** argv) {
     if (!socket) return fail(socket.error());
     agent_socket = std::move(socket).value();
   }
-  Vmm vmm(std::move(system).value(), std::move(policy).value(), std::move(console_socket), std::move(agent_socket));
-  // From here on every thread may make only the calls the run loop needs.
+  Result<Fd> userfault = GuestMemory::create_userfaultfd();
+  // Everything that needs root is open: from here on the VMM sees only its own files, as a
+  // uid of its own, without capabilities.
+  if (!jail_root.empty()) {
+    JailSetup setup{jail_root, jail_uid, policy->directory(), policy->read_only()};
+    if (Status jailed = enter_jail(setup); !jailed) return fail(jailed.error());
+  }
+  Vmm vmm(std::move(system).value(), std::move(policy).value(), std::move(console_socket), std::move(agent_socket),
+          std::move(userfault));
+  // From here on every thread may make only the calls the run loop needs (no userfaultfd,
+  // no mount: those are done).
   if (Status filtered = install_seccomp_filter(); !filtered) return fail(filtered.error());
   for (;;) {
     Fd connection(::accept4(listener->get(), nullptr, nullptr, SOCK_CLOEXEC));

@@ -24,6 +24,9 @@ class PathPolicy {
   // file is not a symbolic link; else an error naming it.
   Result<std::filesystem::path> writable(const std::filesystem::path& path) const;
 
+  const std::filesystem::path& directory() const { return directory_; }
+  const std::vector<std::filesystem::path>& read_only() const { return read_only_; }
+
  private:
   PathPolicy(std::filesystem::path directory, std::vector<std::filesystem::path> read_only)
       : directory_(std::move(directory)), read_only_(std::move(read_only)) {}

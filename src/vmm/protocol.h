@@ -170,6 +170,8 @@ using Reply = std::variant<StatusReply, SaveReply, SerialOutputReply, FloorReply
 // The longest line either side sends or accepts (a serial_output reply holds up to 1 MiB of
 // escaped text).
 inline constexpr size_t kMaxLineBytes = 8 << 20;
+// The largest saved machine state either side reads from a file.
+inline constexpr uint64_t kMaxStateBytes = 64ull << 20;
 
 std::string encode_request(const Request& request);
 Result<Request> decode_request(std::string_view line);

@@ -13,7 +13,8 @@ namespace {
 
 // What the VMM's threads call after start-up: memory, files in the VM's directory and the
 // read-only inputs (by path policy), KVM ioctls, the control and serial sockets it already
-// listens on (accept, send, receive), its own threads and their signals, time, userfaultfd.
+// listens on (accept, send, receive), its own threads and their signals, time. (Its
+// userfaultfd is made before the filter, with the other things that need root.)
 // clang-format off
 constexpr const char* kAllowed[] = {
     // Files (opened by path policy), descriptors.
@@ -21,8 +22,8 @@ constexpr const char* kAllowed[] = {
     "newfstatat", "fstat", "lstat", "stat", "statx", "access", "faccessat", "faccessat2", "readlink", "readlinkat",
     "getcwd", "getdents64", "ftruncate", "fallocate", "fsync", "fdatasync", "rename", "renameat", "renameat2",
     "unlink", "unlinkat", "fcntl", "dup", "dup2", "dup3", "pipe2", "eventfd2", "umask",
-    // Memory, KVM, userfaultfd.
-    "mmap", "munmap", "mprotect", "madvise", "mremap", "brk", "mincore", "ioctl", "userfaultfd",
+    // Memory, KVM and userfaultfd ioctls.
+    "mmap", "munmap", "mprotect", "madvise", "mremap", "brk", "mincore", "ioctl",
     // Waiting, and the sockets it already listens on.
     "poll", "ppoll", "select", "pselect6", "epoll_create1", "epoll_ctl", "epoll_wait", "epoll_pwait",
     "accept", "accept4", "recvfrom", "recvmsg", "sendto", "sendmsg", "shutdown", "getsockopt", "setsockopt",

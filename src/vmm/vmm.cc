@@ -12,11 +12,10 @@ namespace {
 using Clock = std::chrono::steady_clock;
 
 // The largest files a request may make the VMM read: a bzImage, an initramfs, a micro-guest
-// program, a saved machine state.
+// program (a saved machine state: kMaxStateBytes).
 constexpr uint64_t kMaxKernelBytes = 256ull << 20;
 constexpr uint64_t kMaxInitrdBytes = 1ull << 30;
 constexpr uint64_t kMaxProgramBytes = 16ull << 20;
-constexpr uint64_t kMaxStateBytes = 64ull << 20;
 // What serial_output keeps of each port.
 constexpr size_t kSerialHistoryBytes = 1 << 20;
 constexpr uint64_t kMicroWorkAddress = 16ull << 20;
@@ -27,8 +26,14 @@ double microseconds_between(Clock::time_point from, Clock::time_point to) {
 
 }  // namespace
 
-Vmm::Vmm(KvmSystem system, PathPolicy paths, std::unique_ptr<SerialSocket> console, std::unique_ptr<SerialSocket> agent)
+Vmm::Vmm(KvmSystem system, PathPolicy paths, std::unique_ptr<SerialSocket> console, std::unique_ptr<SerialSocket> agent,
+         Result<Fd> userfault)
     : system_(std::move(system)), paths_(std::move(paths)) {
+  if (userfault) {
+    userfault_ = std::move(userfault).value();
+  } else {
+    userfault_error_ = userfault.error().message;
+  }
   serial_sockets_[0] = std::move(console);
   serial_sockets_[1] = std::move(agent);
 }
@@ -162,8 +167,12 @@ Result<Reply> Vmm::handle(const RestoreRequest& request) {
     DELTAVM_ASSIGN_OR_RETURN(std::filesystem::path overlay_path, readable(*request.overlay, "overlay"));
     DELTAVM_ASSIGN_OR_RETURN(overlay, RamOverlay::open(overlay_path, page_count(state.memory_bytes)));
   }
-  DELTAVM_ASSIGN_OR_RETURN(GuestMemory memory,
-                           GuestMemory::load(request.strategy, base_path, std::move(overlay), state.memory_bytes));
+  if (request.strategy == MemoryStrategy::kUserfault && !userfault_.valid()) {
+    return make_error(ErrorCode::kUnsupported, "userfault memory: no userfaultfd ({})",
+                      userfault_error_.empty() ? "a restore took it" : userfault_error_);
+  }
+  DELTAVM_ASSIGN_OR_RETURN(GuestMemory memory, GuestMemory::load(request.strategy, base_path, std::move(overlay),
+                                                                 state.memory_bytes, std::move(userfault_)));
   Clock::time_point memory_ready = Clock::now();
   MachineOptions options;
   options.log_dirty = request.start.log_dirty;

@@ -18,7 +18,9 @@ namespace deltavm::vmm {
 
 class Vmm {
  public:
-  Vmm(KvmSystem system, PathPolicy paths, std::unique_ptr<SerialSocket> console, std::unique_ptr<SerialSocket> agent);
+  // `userfault`: made at start-up (GuestMemory::create_userfaultfd), for a userfault restore.
+  Vmm(KvmSystem system, PathPolicy paths, std::unique_ptr<SerialSocket> console, std::unique_ptr<SerialSocket> agent,
+      Result<Fd> userfault);
   // The sockets stop feeding the machine, the machine's vCPUs stop, then the sockets go.
   ~Vmm();
 
@@ -53,6 +55,8 @@ class Vmm {
 
   KvmSystem system_;
   PathPolicy paths_;
+  Fd userfault_;                 // Until a userfault restore takes it.
+  std::string userfault_error_;  // Why there is none, if there is none.
   std::unique_ptr<SerialSocket> serial_sockets_[2];
   std::unique_ptr<Machine> machine_;
   std::mutex serial_mutex_;

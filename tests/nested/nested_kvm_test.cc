@@ -192,6 +192,9 @@ deltavm template build --backend kvm /tmp/base.json
 deltavm template build --backend kvm /tmp/web.json
 deltavm store ls
 id=$(deltavm run web)
+grep -l '^Name:.deltavm-vmm' /proc/[0-9]*/status 2>/dev/null | while read -r status; do
+  grep -E '^(Uid|CapEff|Seccomp):' "$status" || true
+done
 deltavm exec --timeout 300 "$id" -- cat /tmp/page
 deltavm exec --timeout 300 "$id" -- sh -c 'echo $((6 * 7))'
 deltavm stop "$id"
@@ -229,6 +232,13 @@ echo service-stopped
   EXPECT_NE(flow->stdout_bytes.find("served-by-kvm\n42\n"), std::string::npos)
       << flow->stdout_bytes << flow->stderr_bytes;
   EXPECT_NE(flow->stdout_bytes.find("base-answers\n"), std::string::npos) << flow->stdout_bytes << flow->stderr_bytes;
+  // The loaded VM's deltavm-vmm runs jailed: a uid of its own, no capabilities, its filter.
+  EXPECT_TRUE(std::regex_search(flow->stdout_bytes, std::regex(R"(Uid:\s+([1-9]\d*)\s+\1\s+\1\s+\1\n)")))
+      << flow->stdout_bytes << flow->stderr_bytes;
+  EXPECT_TRUE(std::regex_search(flow->stdout_bytes, std::regex(R"(CapEff:\s+0+\n)")))
+      << flow->stdout_bytes << flow->stderr_bytes;
+  EXPECT_TRUE(std::regex_search(flow->stdout_bytes, std::regex(R"(Seccomp:\s+2\n)")))
+      << flow->stdout_bytes << flow->stderr_bytes;
   // Two vCPUs (ACPI tables), captured with both online and loaded with both running.
   EXPECT_NE(flow->stdout_bytes.find("cpus 2\n"), std::string::npos) << flow->stdout_bytes << flow->stderr_bytes;
   // The service handed out its warm kvm VM, which answered with the child's state.

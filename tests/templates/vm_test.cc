@@ -8,10 +8,13 @@
 #include <cstdio>
 #include <cstring>
 #include <fstream>
+#include <map>
 #include <set>
+#include <sstream>
 #include <thread>
 
 #include "backends/agent_client.h"
+#include "backends/cgroups.h"
 #include "backends/qemu/qemu_backend.h"
 #include "base/file.h"
 #include "support/guest_templates.h"
@@ -89,6 +92,42 @@ TEST_F(TemplateVms, LoadedRamBeforeStartIsTheCapturedImage) {
   EXPECT_EQ(exec_output(vm, "cat /tmp/marker"), "made-before-capture\n");
 }
 
+// The VM process `pid` of VM `id` is in cgroups of its own (backends/cgroups.h) with the
+// counter template's limits (128 MiB of RAM + QEMU's 1 GiB, 1 vCPU + 1, 512 tasks), on whichever
+// cgroup version the host has; a host with neither says so in doctor, and is skipped here.
+void expect_cgroup_limits(pid_t pid, const std::string& id) {
+  if (describe_cgroups().starts_with("no per-VM limit")) return;
+  std::ifstream file(fmt::format("/proc/{}/cgroup", pid));
+  std::map<std::string, std::string> paths;  // Controller ("" for v2) -> cgroup path.
+  for (std::string line; std::getline(file, line);) {
+    size_t first = line.find(':'), second = line.find(':', first + 1);
+    std::stringstream controllers(line.substr(first + 1, second - first - 1));
+    std::string path = line.substr(second + 1);
+    if (controllers.str().empty()) paths[""] = path;
+    for (std::string controller; std::getline(controllers, controller, ',');) paths[controller] = path;
+  }
+  std::string own = "/deltavm/" + id;
+  auto limit = [](const std::filesystem::path& path) {
+    std::ifstream in(path);
+    std::string value;
+    std::getline(in, value);
+    return value;
+  };
+  uint64_t memory = (128ull << 20) + (1ull << 30);
+  if (paths[""] == own) {  // cgroup v2.
+    std::filesystem::path directory = std::filesystem::path("/sys/fs/cgroup") / own.substr(1);
+    EXPECT_EQ(limit(directory / "memory.max"), std::to_string(memory));
+    EXPECT_EQ(limit(directory / "cpu.max"), "200000 100000");
+    EXPECT_EQ(limit(directory / "pids.max"), "512");
+    return;
+  }
+  for (const char* controller : {"memory", "cpu", "pids"}) EXPECT_EQ(paths[controller], own) << controller;
+  std::filesystem::path v1 = "/sys/fs/cgroup";
+  EXPECT_EQ(limit(v1 / "memory" / own.substr(1) / "memory.limit_in_bytes"), std::to_string(memory));
+  EXPECT_EQ(limit(v1 / "cpu" / own.substr(1) / "cpu.cfs_quota_us"), "200000");
+  EXPECT_EQ(limit(v1 / "pids" / own.substr(1) / "pids.max"), "512");
+}
+
 TEST_F(TemplateVms, VmProcessesAreJailedEachInAUidOfItsOwn) {
   if (::geteuid() != 0) GTEST_SKIP() << "jailing needs root";
   std::vector<VmDirectory> vms = {start("counter"), start("counter")};
@@ -116,6 +155,7 @@ TEST_F(TemplateVms, VmProcessesAreJailedEachInAUidOfItsOwn) {
           << ns;
     }
     EXPECT_EQ(std::filesystem::read_symlink(fmt::format("/proc/{}/root", pid)), runtime() / "jail" / "root");
+    expect_cgroup_limits(pid, vm.id());
     EXPECT_EQ(exec_output(vm, "cat /tmp/marker"), "made-before-capture\n");
     lock = runtime() / "jail" / (first + ".lock");
   }
@@ -126,6 +166,11 @@ TEST_F(TemplateVms, VmProcessesAreJailedEachInAUidOfItsOwn) {
   EXPECT_NE(::flock(held->get(), LOCK_EX | LOCK_NB), 0);
   ASSERT_TRUE(stop_vm(vms[1].id(), *backend_, runtime()));
   EXPECT_EQ(::flock(held->get(), LOCK_EX | LOCK_NB), 0);
+  // Its cgroups went with it.
+  for (const char* controller : {"memory", "cpu", "pids", ""}) {
+    std::filesystem::path directory = std::filesystem::path("/sys/fs/cgroup") / controller / "deltavm" / vms[1].id();
+    EXPECT_FALSE(std::filesystem::exists(directory)) << directory;
+  }
 }
 
 TEST_F(TemplateVms, FilesProcessesAndCounterSurviveTheLoad) {

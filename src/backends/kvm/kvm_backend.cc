@@ -1,10 +1,13 @@
 #include "backends/kvm/kvm_backend.h"
 
+#include <fcntl.h>
+#include <linux/capability.h>
 #include <unistd.h>
 
 #include <chrono>
 #include <cstdlib>
 
+#include "backends/jail.h"
 #include "backends/kvm/overlay_memory_writer.h"
 #include "backends/kvm/vmm_client.h"
 #include "backends/process.h"
@@ -19,6 +22,12 @@ namespace {
 using Clock = std::chrono::steady_clock;
 constexpr auto kLaunchTimeout = std::chrono::seconds(30);
 constexpr auto kRequestTimeout = std::chrono::seconds(120);
+// Where deltavm-vmm finds the console log the host opened for it (the jail's uid lock is at
+// kJailLockFd).
+constexpr int kConsoleLogFd = 10;
+// What a deltavm-vmm holds besides its guest's RAM: a kernel and initramfs read at a boot, a
+// saved state, its threads' stacks.
+constexpr uint64_t kVmmOverheadBytes = 256ull << 20;
 
 double elapsed_ms(Clock::time_point start) {
   return std::chrono::duration<double, std::milli>(Clock::now() - start).count();
@@ -50,7 +59,7 @@ class KvmBackend : public Backend {
 
   Status boot(const MachineSpec& machine, const std::filesystem::path& ram_file, const VmDirectory& vm) override {
     // A booting VM exists only for the build that boots it: it dies with its owner.
-    DELTAVM_TRY(launch(vm, ram_file, {machine.kernel, machine.initramfs}, /*die_with_parent=*/true));
+    DELTAVM_TRY(launch(vm, machine, ram_file, {machine.kernel, machine.initramfs}, /*die_with_parent=*/true));
     vmm::BootLinuxRequest request;
     request.kernel = machine.kernel.string();
     request.initrd = machine.initramfs.string();
@@ -64,11 +73,11 @@ class KvmBackend : public Backend {
   Status pause(const VmDirectory& vm) override { return call<vmm::StatusReply>(vm, vmm::PauseRequest{}).status(); }
 
   Result<std::vector<uint8_t>> save_machine_state(const VmDirectory& vm) override {
-    std::filesystem::path state = vm.path() / "state.out";
+    std::filesystem::path state = vm.process_directory() / "state.out";
     vmm::SaveRequest request;
     request.state = state.string();
     DELTAVM_TRY(call<vmm::SaveReply>(vm, request).status());
-    DELTAVM_ASSIGN_OR_RETURN(std::vector<uint8_t> bytes, read_file(state));
+    DELTAVM_ASSIGN_OR_RETURN(std::vector<uint8_t> bytes, read_file(state, vmm::kMaxStateBytes, O_NOFOLLOW));
     std::error_code error;
     std::filesystem::remove(state, error);
     return bytes;
@@ -77,7 +86,6 @@ class KvmBackend : public Backend {
   Result<RestoreTimings> restore(const MachineSpec& machine, const std::filesystem::path& base_ram_file,
                                  const FillMemory& fill, std::span<const uint8_t> machine_state, const VmDirectory& vm,
                                  bool leave_paused) override {
-    (void)machine;
     RestoreTimings timings;
     Clock::time_point start = Clock::now();
     // The loader's pages go into an overlay file the VMM maps; then the VMM starts. Both files
@@ -92,7 +100,8 @@ class KvmBackend : public Backend {
     timings.fill_ms = elapsed_ms(start);
 
     start = Clock::now();
-    DELTAVM_TRY(launch(vm, base_ram_file, {base_ram_file}, /*die_with_parent=*/false));
+    DELTAVM_TRY(
+        launch(vm, machine, base_ram_file, {base_ram_file, overlay_path, state_path}, /*die_with_parent=*/false));
     timings.launch_ms = elapsed_ms(start);
     start = Clock::now();
     vmm::RestoreRequest request;
@@ -111,11 +120,11 @@ class KvmBackend : public Backend {
   Status resume(const VmDirectory& vm) override { return call<vmm::StatusReply>(vm, vmm::ResumeRequest{}).status(); }
 
   Status read_memory(const VmDirectory& vm, std::span<uint8_t> out) override {
-    std::filesystem::path ram = vm.path() / "ram.out";
+    std::filesystem::path ram = vm.process_directory() / "ram.out";
     vmm::SaveRequest request;
     request.ram = ram.string();
     DELTAVM_TRY(call<vmm::SaveReply>(vm, request).status());
-    DELTAVM_ASSIGN_OR_RETURN(Mapping mapping, Mapping::map_file_readonly(ram));
+    DELTAVM_ASSIGN_OR_RETURN(Mapping mapping, Mapping::map_file_readonly(ram, O_NOFOLLOW));
     if (out.size() > mapping.size()) {
       return make_error(ErrorCode::kInvalidArgument, "VM {} has {} bytes of RAM, {} asked", vm.id(), mapping.size(),
                         out.size());
@@ -137,18 +146,24 @@ class KvmBackend : public Backend {
 
  private:
   // Starts the VM's deltavm-vmm, records it, and waits for its control socket. The VMM may
-  // write only inside the VM's directory and read only there and in `read_only` files.
-  Status launch(const VmDirectory& vm, const std::filesystem::path& ram_file,
+  // write only in the VM's process directory and read only there and in `read_only` files.
+  Status launch(const VmDirectory& vm, const MachineSpec& machine, const std::filesystem::path& ram_file,
                 const std::vector<std::filesystem::path>& read_only, bool die_with_parent) {
     SpawnOptions options;
-    options.argv = {default_vmm_binary().string(), "--directory", vm.path().string(),           "--control",
-                    vm.control_socket().string(),  "--console",   vm.console_socket().string(), "--console-log",
-                    vm.console_log().string(),     "--agent",     vm.agent_socket().string()};
+    options.argv = {default_vmm_binary().string(), "--directory", vm.process_directory().string(), "--control",
+                    vm.control_socket().string(),  "--console",   vm.console_socket().string(),    "--console-log-fd",
+                    std::to_string(kConsoleLogFd), "--agent",     vm.agent_socket().string()};
     for (const std::filesystem::path& path : read_only)
       options.argv.insert(options.argv.end(), {"--read-only", path.string()});
+    DELTAVM_ASSIGN_OR_RETURN(Fd console_log,
+                             open_file(vm.console_log(), O_WRONLY | O_CREAT | O_APPEND | O_NOFOLLOW | O_CLOEXEC, 0600));
+    options.pass_fds.emplace_back(console_log.get(), kConsoleLogFd);
     options.log = vm.log_file();
     options.umask = kVmProcessUmask;
     options.die_with_parent = die_with_parent;
+    // The uid stays claimed until the VMM holds its lock.
+    DELTAVM_ASSIGN_OR_RETURN(std::optional<Jail> jail,
+                             jail_vmm(vm, read_only, machine.memory_bytes, machine.vcpus, options));
     DELTAVM_TRY(processes_.launch(vm, options, "kvm", ram_file));
     Deadline deadline = deadline_after(kLaunchTimeout);
     for (;;) {
@@ -162,8 +177,37 @@ class KvmBackend : public Backend {
     }
   }
 
+  // Jails the VMM about to start for `vm` (backends/jail.h) when the policy says so. It opens
+  // what needs root (/dev/kvm, its sockets, a userfaultfd), then takes a root of its own with
+  // only its process directory and `read_only` in it and becomes the jail uid
+  // (vmm/jail_entry.h). The files of `read_only` that the host wrote into the VM's directory
+  // become the jail uid's, so that it can read them; the rest must be readable by anyone (the
+  // store's objects and the kit are). The uid stays claimed while the returned lock lives.
+  Result<std::optional<Jail>> jail_vmm(const VmDirectory& vm, const std::vector<std::filesystem::path>& read_only,
+                                       uint64_t memory_bytes, uint32_t vcpus, SpawnOptions& options) {
+    if (!jail_policy_) return jail_policy_.error();
+    if (!jail_policy_->enabled) return std::optional<Jail>();
+    DELTAVM_ASSIGN_OR_RETURN(std::filesystem::path root, jail_root(vm.runtime()));
+    ResourceLimits limits = vm_process_limits(memory_bytes, vcpus, kVmmOverheadBytes);
+    DELTAVM_ASSIGN_OR_RETURN(Jail jail, prepare_jail(vm.runtime(), *jail_policy_, vm.id(), limits, options));
+    std::vector<std::filesystem::path> owned = {vm.process_directory()};
+    for (const std::filesystem::path& path : read_only) {
+      if (path.parent_path() == vm.path()) owned.push_back(path);
+    }
+    for (const std::filesystem::path& path : owned) {
+      if (::lchown(path.c_str(), jail.uid.uid, jail.uid.uid) != 0)
+        return errno_error(fmt::format("chown {}", path.string()), errno);
+    }
+    options.argv.insert(options.argv.end(), {"--jail-root", root.string(), "--jail-uid", std::to_string(jail.uid.uid)});
+    // Mounting its root needs CAP_SYS_ADMIN, and a userfaultfd that serves KVM's (kernel-mode)
+    // faults CAP_SYS_PTRACE; it loses both with the others before any guest code runs.
+    *options.bounding_capabilities |= uint64_t{1} << CAP_SYS_ADMIN | uint64_t{1} << CAP_SYS_PTRACE;
+    return std::optional<Jail>(std::move(jail));
+  }
+
   VmProcesses processes_;  // The VMMs this backend started.
   vmm::MemoryStrategy strategy_;
+  Result<JailPolicy> jail_policy_ = JailPolicy::from_environment();
 };
 
 }  // namespace

@@ -243,24 +243,28 @@ Result<uint64_t> wait_for_ram_mapping(const ProcessIdentity& qemu, const std::fi
   }
 }
 
-// Jails a QEMU about to start for `vm` (backends/jail.h) when `policy` says so. QEMU opens
-// what it needs as root (the RAM file, the kernel, its sockets), then, before the guest runs,
-// chroots into an empty directory, becomes the jail uid and installs its seccomp filter
-// (-sandbox; set*id stays allowed for -runas, and a process without capabilities gains nothing
-// from it). The uid stays claimed while the returned lock lives: until the launch is done.
-Result<std::optional<JailUid>> jail_qemu(const Result<JailPolicy>& policy, const VmDirectory& vm,
-                                         SpawnOptions& options) {
+// What a QEMU holds besides its guest's RAM: TCG's translated code and QEMU's own heap.
+constexpr uint64_t kQemuOverheadBytes = 1ull << 30;
+
+// Jails a QEMU about to start for `vm` running `machine` (backends/jail.h) when `policy` says
+// so. QEMU opens what it needs as root (the RAM file, the kernel, its sockets), then, before
+// the guest runs, chroots into an empty directory, becomes the jail uid and installs its
+// seccomp filter (-sandbox; set*id stays allowed for -runas, and a process without
+// capabilities gains nothing from it). The jail holds the uid and the cgroups until the launch
+// is done.
+Result<std::optional<Jail>> jail_qemu(const Result<JailPolicy>& policy, const VmDirectory& vm,
+                                      const MachineSpec& machine, SpawnOptions& options) {
   if (!policy) return policy.error();
-  if (!policy->enabled) return std::optional<JailUid>();
-  DELTAVM_ASSIGN_OR_RETURN(JailUid uid, claim_jail_uid(vm.runtime(), *policy));
+  if (!policy->enabled) return std::optional<Jail>();
   DELTAVM_ASSIGN_OR_RETURN(std::filesystem::path root, jail_root(vm.runtime()));
   // -chroot takes its argument whole; only control characters are refused.
   if (Result<std::string> checked = option_value(root, "jail root"); !checked) return checked.error();
+  ResourceLimits limits = vm_process_limits(machine.memory_bytes, machine.vcpus, kQemuOverheadBytes);
+  DELTAVM_ASSIGN_OR_RETURN(Jail jail, prepare_jail(vm.runtime(), *policy, vm.id(), limits, options));
   options.argv.insert(options.argv.end(),
                       {"-sandbox", "on,obsolete=deny,elevateprivileges=allow,spawn=deny,resourcecontrol=deny",
-                       "-chroot", root.string(), "-runas", fmt::format("{}:{}", uid.uid, uid.uid)});
-  confine(options, uid);
-  return std::optional<JailUid>(std::move(uid));
+                       "-chroot", root.string(), "-runas", fmt::format("{}:{}", jail.uid.uid, jail.uid.uid)});
+  return std::optional<Jail>(std::move(jail));
 }
 
 class QemuBackend : public Backend {
@@ -285,7 +289,7 @@ class QemuBackend : public Backend {
     options.umask = kVmProcessUmask;
     // A booting VM exists only for the build that boots it: it dies with its owner.
     options.die_with_parent = true;
-    DELTAVM_ASSIGN_OR_RETURN(std::optional<JailUid> jail, jail_qemu(jail_policy_, vm, options));
+    DELTAVM_ASSIGN_OR_RETURN(std::optional<Jail> jail, jail_qemu(jail_policy_, vm, machine, options));
     DELTAVM_TRY(launch(vm, options, ram_file));
     DELTAVM_ASSIGN_OR_RETURN(QmpClient qmp, connect_to_new_qemu(vm));
     return {};
@@ -324,7 +328,7 @@ class QemuBackend : public Backend {
     options.log = vm.log_file();
     options.umask = kVmProcessUmask;
     options.pass_fds = {{state.get(), kIncomingStateFd}};
-    DELTAVM_ASSIGN_OR_RETURN(std::optional<JailUid> jail, jail_qemu(jail_policy_, vm, options));
+    DELTAVM_ASSIGN_OR_RETURN(std::optional<Jail> jail, jail_qemu(jail_policy_, vm, machine, options));
     DELTAVM_ASSIGN_OR_RETURN(ProcessIdentity qemu, launch(vm, options, base_ram_file));
     // QEMU maps guest RAM early in its start-up and answers QMP much later: the chain's pages
     // are written on this thread's twin core meanwhile.
@@ -452,7 +456,7 @@ Result<RestoreTimings> restore_stock_snapshot(const MachineSpec& machine, const 
   options.argv.insert(options.argv.end(), {"-incoming", "defer"});
   options.log = vm.log_file();
   options.pass_fds = {{file.get(), kIncomingStateFd}};
-  DELTAVM_ASSIGN_OR_RETURN(std::optional<JailUid> jail, jail_qemu(JailPolicy::from_environment(), vm, options));
+  DELTAVM_ASSIGN_OR_RETURN(std::optional<Jail> jail, jail_qemu(JailPolicy::from_environment(), vm, machine, options));
   DELTAVM_ASSIGN_OR_RETURN(Subprocess qemu, Subprocess::spawn(options));
   DELTAVM_TRY(vm.update_record([&](VmRecord& record) {
     record.backend = "qemu";

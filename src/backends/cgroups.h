@@ -1,0 +1,46 @@
+// Per-VM resource limits: every jailed VM process runs in cgroups of its own, made before it
+// starts and joined by it before it execs, so no byte or task of it is ever outside them.
+//
+//   cgroup v2:  /sys/fs/cgroup/deltavm/ID            memory.max, cpu.max, pids.max
+//   cgroup v1:  /sys/fs/cgroup/{memory,cpu,pids}/deltavm/ID   (each where that controller is
+//               mounted) memory.limit_in_bytes, cpu.cfs_quota_us, pids.max
+//
+// A host without a controller runs the VM without that limit, and says so (doctor, and the
+// VM's log), never silently. The cgroups go with the VM's directory (VmDirectory::remove).
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "base/error.h"
+#include "base/file.h"
+
+namespace deltavm {
+
+struct ResourceLimits {
+  uint64_t memory_bytes = 0;  // Everything the process holds: the guest's RAM and its own.
+  uint32_t cpus = 1;          // CPU time, in whole CPUs.
+  uint32_t pids = 512;        // Tasks (threads included).
+};
+
+// The limits for a VM process with `memory_bytes` of guest RAM and `vcpus`: the RAM plus
+// `overhead_bytes` for the process itself, one CPU a vCPU plus one for its own threads.
+ResourceLimits vm_process_limits(uint64_t memory_bytes, uint32_t vcpus, uint64_t overhead_bytes);
+
+struct VmCgroups {
+  std::vector<Fd> procs;             // Each cgroup's cgroup.procs, open for the process to join.
+  std::vector<std::string> set;      // What is enforced, e.g. "memory 1.3 GiB".
+  std::vector<std::string> missing;  // What this host cannot enforce, and why.
+};
+
+// Makes VM `vm_id`'s cgroups with `limits`, where the host has the controllers. Needs root.
+Result<VmCgroups> create_vm_cgroups(const std::string& vm_id, const ResourceLimits& limits);
+
+// Removes VM `vm_id`'s cgroups, once its process has ended. Missing ones are fine.
+Status remove_vm_cgroups(const std::string& vm_id);
+
+// What this host can enforce, for doctor.
+std::string describe_cgroups();
+
+}  // namespace deltavm
