@@ -74,7 +74,9 @@ class Service : public ::testing::Test {
     Result<Subprocess> spawned =
         Subprocess::spawn({.argv = {DELTAVM_BINARY, "--store", store_.string(), "--runtime", runtime_.string(), "serve",
                                     "--config", config_file.string()},
-                           .log = root_ / "serve.log"});
+                           .log = root_ / "serve.log",
+                           // A test process that dies (a crash, a sanitizer's abort) takes it along.
+                           .die_with_parent = true});
     ASSERT_TRUE(spawned) << spawned.error().message;
     service_ = std::move(*spawned);
     for (auto deadline = std::chrono::steady_clock::now() + 30s; std::chrono::steady_clock::now() < deadline;) {
