@@ -81,6 +81,7 @@ std::vector<Operation> operations() {
          Result<FsckReport> report = store.fsck();
          ASSERT_TRUE(report);
          EXPECT_TRUE(report->unreferenced.empty()) << "acknowledged gc left unreferenced objects";
+         EXPECT_TRUE(report->unused_flat_files.empty()) << "acknowledged gc left an unused flat file";
        }},
   };
 }
@@ -90,12 +91,15 @@ class StoreFaults : public ::testing::Test {
   void SetUp() override {
     root_ = std::filesystem::path(::testing::TempDir()) / "store_faults";
     std::filesystem::remove_all(root_);
-    // The state before each operation: base <- web, and "old" removed (garbage for gc).
+    // The state before each operation: base <- web, and "old" removed with its flat file left
+    // (garbage for gc: an object, a flat file and its seal in the catalog).
     Result<Store> store = Store::open_or_create(root_ / "before");
     ASSERT_TRUE(store) << store.error().message;
     ASSERT_TRUE(store->put_image("base", kBase, std::nullopt));
     ASSERT_TRUE(store->put_image("web", kWeb, "base"));
-    ASSERT_TRUE(store->put_image("old", kOld, std::nullopt));
+    Result<ImageRecord> old = store->put_image("old", kOld, std::nullopt);
+    ASSERT_TRUE(old);
+    ASSERT_TRUE(store->flat_file(*old));
     ASSERT_TRUE(store->remove_image("old"));
   }
   void TearDown() override {
