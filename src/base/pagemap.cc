@@ -19,7 +19,8 @@ constexpr uint64_t kEntriesPerRead = 1 << 16;
 }  // namespace
 
 Result<std::vector<uint64_t>> private_copies(pid_t pid, uint64_t address, uint64_t pages) {
-  if (address % kPageSize != 0) return make_error(ErrorCode::kInvalidArgument, "address {:#x} is not page-aligned", address);
+  if (address % kPageSize != 0)
+    return make_error(ErrorCode::kInvalidArgument, "address {:#x} is not page-aligned", address);
   std::string path = fmt::format("/proc/{}/pagemap", pid);
   DELTAVM_ASSIGN_OR_RETURN(Fd pagemap, open_file(path, O_RDONLY | O_CLOEXEC));
   std::vector<uint64_t> copies;
@@ -30,7 +31,8 @@ Result<std::vector<uint64_t>> private_copies(pid_t pid, uint64_t address, uint64
     size_t want = count * sizeof(uint64_t);
     ssize_t got = ::pread(pagemap.get(), entries.data(), want, offset);
     if (got != static_cast<ssize_t>(want)) {
-      return errno_error(fmt::format("read {} at page {:#x}", path, address / kPageSize + first), got < 0 ? errno : EIO);
+      return errno_error(fmt::format("read {} at page {:#x}", path, address / kPageSize + first),
+                         got < 0 ? errno : EIO);
     }
     for (uint64_t i = 0; i < count; ++i) {
       uint64_t entry = entries[i];
