@@ -1,11 +1,13 @@
 #include "backends/cgroups.h"
 
 #include <fcntl.h>
+#include <sys/resource.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
 #include <algorithm>
 #include <chrono>
+#include <cmath>
 #include <fstream>
 #include <map>
 #include <optional>
@@ -85,6 +87,17 @@ Status make_directory(const std::filesystem::path& path) {
   return {};
 }
 
+// The kernel's weight for a task of `nice` (sched_prio_to_weight: 1024 at nice 0, each step
+// 1.25x), as v1 cpu.shares and as v2 cpu.weight (100 at nice 0, 1 to 10000).
+uint64_t v1_shares(int nice) { return static_cast<uint64_t>(std::lround(1024.0 / std::pow(1.25, nice))); }
+uint64_t v2_weight(int nice) { return std::clamp<uint64_t>(v1_shares(nice) * 100 / 1024, 1, 10000); }
+
+int calling_thread_nice() {
+  errno = 0;
+  int nice = ::getpriority(PRIO_PROCESS, 0);
+  return errno == 0 ? nice : 0;
+}
+
 std::string gib(uint64_t bytes) { return fmt::format("{:.2f} GiB", static_cast<double>(bytes) / (1ull << 30)); }
 
 // The VM's directories, one per hierarchy it uses.
@@ -123,6 +136,7 @@ Status create_v2(const Hierarchies& hierarchies, const std::string& vm_id, const
   }
   if (has(hierarchies.v2_controllers, "cpu")) {
     DELTAVM_TRY(write_text(directory / "cpu.max", fmt::format("{} {}", limits.cpus * kCpuPeriodUs, kCpuPeriodUs)));
+    DELTAVM_TRY(write_text(directory / "cpu.weight", std::to_string(v2_weight(calling_thread_nice()))));
     made.set.push_back(fmt::format("cpu {}", limits.cpus));
   }
   if (has(hierarchies.v2_controllers, "pids")) {
@@ -153,6 +167,7 @@ Status create_v1(const Hierarchies& hierarchies, const std::string& vm_id, const
     } else if (name == "cpu") {
       DELTAVM_TRY(write_text(directory / "cpu.cfs_period_us", std::to_string(kCpuPeriodUs)));
       DELTAVM_TRY(write_text(directory / "cpu.cfs_quota_us", std::to_string(limits.cpus * kCpuPeriodUs)));
+      DELTAVM_TRY(write_text(directory / "cpu.shares", std::to_string(v1_shares(calling_thread_nice()))));
       made.set.push_back(fmt::format("cpu {} (v1)", limits.cpus));
     } else {
       DELTAVM_TRY(write_text(directory / "pids.max", std::to_string(limits.pids)));
@@ -186,6 +201,24 @@ Result<VmCgroups> create_vm_cgroups(const std::string& vm_id, const ResourceLimi
     return created.error().with_context(fmt::format("cgroups of VM {}", vm_id));
   }
   return made;
+}
+
+Status set_vm_cpu_priority(const std::string& vm_id, int nice) {
+  Hierarchies hierarchies = find_hierarchies();
+  std::filesystem::path file;
+  std::string value;
+  if (hierarchies.v2) {
+    file = *hierarchies.v2 / "deltavm" / vm_id / "cpu.weight";
+    value = std::to_string(v2_weight(nice));
+  } else if (auto cpu = hierarchies.v1.find("cpu"); cpu != hierarchies.v1.end()) {
+    file = cpu->second / "deltavm" / vm_id / "cpu.shares";
+    value = std::to_string(v1_shares(nice));
+  } else {
+    return {};
+  }
+  std::error_code error;
+  if (!std::filesystem::exists(file, error)) return {};
+  return write_text(file, value);
 }
 
 Status remove_vm_cgroups(const std::string& vm_id) {

@@ -37,6 +37,13 @@ struct VmCgroups {
 // Makes VM `vm_id`'s cgroups with `limits`, where the host has the controllers. Needs root.
 Result<VmCgroups> create_vm_cgroups(const std::string& vm_id, const ResourceLimits& limits);
 
+// A VM process's priority against the other VMs: in a cgroup of its own, its threads' nice
+// values weigh only against each other, so the cgroup's CPU weight (v1 cpu.shares, v2
+// cpu.weight) is set to what the kernel gives a task of nice `nice`. create_vm_cgroups starts
+// it at the calling thread's nice (as a forked child's nice is). Nothing to do for a VM without
+// cgroups.
+Status set_vm_cpu_priority(const std::string& vm_id, int nice);
+
 // Removes VM `vm_id`'s cgroups, once its process has ended. Missing ones are fine.
 Status remove_vm_cgroups(const std::string& vm_id);
 

@@ -13,6 +13,7 @@
 #include <cstdio>
 #include <random>
 
+#include "backends/cgroups.h"
 #include "backends/kvm/kvm_backend.h"
 #include "base/file.h"
 #include "templates/templates.h"
@@ -37,9 +38,9 @@ constexpr int kAdoptEveryTicks = 4;
 // A pool whose refill failed waits this long before trying again.
 constexpr auto kRefillRetry = std::chrono::seconds(2);
 // Pool refills are background work: the refill thread, and the VM processes it starts (a
-// child, and the scheduling group of its session, take the nice value of the thread that
-// forked it), run at this nice value and yield the CPU to requests. A pool VM handed out is
-// set back to 0.
+// child, the scheduling group of its session, and a jailed VM's cgroup CPU weight take the
+// nice value of the thread that forked it), run at this nice value and yield the CPU to
+// requests. A pool VM handed out is set back to 0.
 constexpr int kRefillNice = 10;
 // A pool VM's first answer (its check before it waits in the pool).
 constexpr auto kPoolCheckTimeout = std::chrono::seconds(60);
@@ -303,12 +304,14 @@ std::optional<VmView> VmService::take_from_pool(const CreateVmRequest& request, 
     Clock::time_point resume_start = Clock::now();
     // Handing a VM out is the service's work: its process answers the resume at the service's
     // priority, not behind the guests that run, then runs as they do (pool VMs wait below them).
+    // A jailed VM's priority against the others is its cgroup's CPU weight.
     if (!set_process_nice(vm->pid, kServiceNice)) (void)set_process_nice(vm->pid, 0);
+    (void)set_vm_cpu_priority(vm->id, kServiceNice);
     Status resumed = control ? control->resume() : runner->resume(directory);
     control.reset();
-    if (Status normal = set_process_nice(vm->pid, 0); !normal) {
-      log_event("VM {} keeps its pool priority: {}", vm->id, normal.error().message);
-    }
+    Status normal = set_process_nice(vm->pid, 0);
+    if (normal) normal = set_vm_cpu_priority(vm->id, 0);
+    if (!normal) log_event("VM {} keeps its pool priority: {}", vm->id, normal.error().message);
     DELTAVM_TRY(resumed);
     double resume_ms = elapsed_ms(resume_start);
     // Only now is the VM the requester's: until the record says so, a service that dies

@@ -8,6 +8,7 @@
 #include <signal.h>
 
 #include <atomic>
+#include <fstream>
 #include <set>
 #include <thread>
 
@@ -206,6 +207,37 @@ TEST_F(Service, EightConcurrentClientsTakePooledVmsAndThePoolRefills) {
   std::string metrics = c.request("GET", "/metrics")->body;
   EXPECT_NE(metrics.find("deltavm_load_seconds_bucket{pooled=\"true\""), std::string::npos) << metrics;
   EXPECT_NE(metrics.find("deltavm_pool_vms{template=\"base\",state=\"ready\"} 4"), std::string::npos) << metrics;
+}
+
+// A pool VM waits at the refill priority; the one handed out runs at the others' priority. In a
+// cgroup of its own (a jailed VM) that priority is the cgroup's CPU weight.
+TEST_F(Service, PoolVmsWaitAtALowCpuWeightAndAHandedOutOneRunsAtTheNormalOne) {
+  auto weight_file = [](const std::string& id) {
+    for (const char* path : {"/sys/fs/cgroup/cpu/deltavm/{}/cpu.shares", "/sys/fs/cgroup/deltavm/{}/cpu.weight"}) {
+      std::filesystem::path file = fmt::format(fmt::runtime(path), id);
+      if (std::filesystem::exists(file)) return file;
+    }
+    return std::filesystem::path();
+  };
+  auto weight = [](const std::filesystem::path& file) {
+    std::ifstream in(file);
+    int value = 0;
+    in >> value;
+    return value;
+  };
+  serve({{"pools", {{"base", 1}}}});
+  ServiceClient c = client();
+  wait_for_pool(c, "base", 1);
+  std::string pool_id;
+  for (const auto& entry : std::filesystem::directory_iterator(runtime_ / "vms")) pool_id = entry.path().filename();
+  std::filesystem::path file = weight_file(pool_id);
+  if (file.empty()) GTEST_SKIP() << "VMs have no cgroup CPU weight here (not root, or no cpu controller)";
+  bool v1 = file.filename() == "cpu.shares";
+  EXPECT_EQ(weight(file), v1 ? 110 : 10) << file;  // nice 10.
+  json created = call(c, "POST", "/v1/vms", {{"template", "base"}});
+  ASSERT_EQ(created["id"], pool_id) << created.dump();
+  EXPECT_EQ(created["pooled"], true);
+  EXPECT_EQ(weight(file), v1 ? 1024 : 100) << file;  // nice 0.
 }
 
 TEST_F(Service, VmPastItsTtlIsStoppedAndReaped) {
