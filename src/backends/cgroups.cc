@@ -1,6 +1,7 @@
 #include "backends/cgroups.h"
 
 #include <fcntl.h>
+#include <signal.h>
 #include <sys/resource.h>
 #include <sys/stat.h>
 #include <unistd.h>
@@ -224,6 +225,17 @@ Status set_vm_cpu_priority(const std::string& vm_id, int nice) {
 Status remove_vm_cgroups(const std::string& vm_id) {
   Status result;
   for (const std::filesystem::path& directory : vm_directories(find_hierarchies(), vm_id)) {
+    // Whatever still runs in them is the VM's: a VM process whose starter died before it could
+    // record it, so that nothing else would ever end it.
+    std::error_code exists_error;
+    if (std::filesystem::exists(directory / "cgroup.kill", exists_error)) {
+      (void)write_text(directory / "cgroup.kill", "1");
+    } else {
+      std::ifstream procs(directory / "cgroup.procs");
+      for (pid_t pid = 0; procs >> pid;) {
+        if (pid > 0) ::kill(pid, SIGKILL);
+      }
+    }
     // A process that has just ended may take a moment to leave its cgroup: EBUSY is retried
     // for up to a second.
     int error = 0;

@@ -44,7 +44,8 @@ Result<VmCgroups> create_vm_cgroups(const std::string& vm_id, const ResourceLimi
 // cgroups.
 Status set_vm_cpu_priority(const std::string& vm_id, int nice);
 
-// Removes VM `vm_id`'s cgroups, once its process has ended. Missing ones are fine.
+// Removes VM `vm_id`'s cgroups, once its process has ended; a process still in them (one its
+// starter died before recording) is killed first. Missing cgroups are fine.
 Status remove_vm_cgroups(const std::string& vm_id);
 
 // What this host can enforce, for doctor.

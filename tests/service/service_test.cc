@@ -309,7 +309,8 @@ TEST_F(Service, KilledServiceIsReplacedAndTheNextAdoptsWhatRuns) {
   for (const json& vm : listed_now["vms"]) known.insert(vm["pid"].get<pid_t>());
   std::set<pid_t> running = vm_processes();
   EXPECT_EQ(running.size(), known.size() + 1)
-      << "VM processes running: " << running.size() << ", listed " << known.size();
+      << "VM processes running: " << running.size() << ", listed " << known.size() << "\n"
+      << leftovers();
   for (pid_t pid : known) EXPECT_TRUE(running.count(pid)) << pid;
   // The adopted ttl still holds.
   std::string expiring_id = expiring["id"];
