@@ -102,21 +102,21 @@ int calling_thread_nice() {
 std::string gib(uint64_t bytes) { return fmt::format("{:.2f} GiB", static_cast<double>(bytes) / (1ull << 30)); }
 
 // The VM's directories, one per hierarchy it uses.
-std::vector<std::filesystem::path> vm_directories(const Hierarchies& hierarchies, const std::string& vm_id) {
+std::vector<std::filesystem::path> vm_directories(const Hierarchies& hierarchies, const std::string& name) {
   std::vector<std::filesystem::path> directories;
   if (hierarchies.v2) {
-    directories.push_back(*hierarchies.v2 / "deltavm" / vm_id);
+    directories.push_back(*hierarchies.v2 / "deltavm" / name);
     return directories;
   }
   for (const auto& [controller, mount] : hierarchies.v1) {
-    std::filesystem::path directory = mount / "deltavm" / vm_id;
+    std::filesystem::path directory = mount / "deltavm" / name;
     if (std::find(directories.begin(), directories.end(), directory) == directories.end())
       directories.push_back(directory);
   }
   return directories;
 }
 
-Status create_v2(const Hierarchies& hierarchies, const std::string& vm_id, const ResourceLimits& limits,
+Status create_v2(const Hierarchies& hierarchies, const std::string& name, const ResourceLimits& limits,
                  VmCgroups& made) {
   std::filesystem::path parent = *hierarchies.v2 / "deltavm";
   DELTAVM_TRY(make_directory(parent));
@@ -129,7 +129,7 @@ Status create_v2(const Hierarchies& hierarchies, const std::string& vm_id, const
     DELTAVM_TRY(write_text(*hierarchies.v2 / "cgroup.subtree_control", enable));
     DELTAVM_TRY(write_text(parent / "cgroup.subtree_control", enable));
   }
-  std::filesystem::path directory = parent / vm_id;
+  std::filesystem::path directory = parent / name;
   DELTAVM_TRY(make_directory(directory));
   if (has(hierarchies.v2_controllers, "memory")) {
     DELTAVM_TRY(write_text(directory / "memory.max", std::to_string(limits.memory_bytes)));
@@ -149,7 +149,7 @@ Status create_v2(const Hierarchies& hierarchies, const std::string& vm_id, const
   return {};
 }
 
-Status create_v1(const Hierarchies& hierarchies, const std::string& vm_id, const ResourceLimits& limits,
+Status create_v1(const Hierarchies& hierarchies, const std::string& name, const ResourceLimits& limits,
                  VmCgroups& made) {
   std::vector<std::filesystem::path> joined;
   for (const char* controller : kControllers) {
@@ -158,7 +158,7 @@ Status create_v1(const Hierarchies& hierarchies, const std::string& vm_id, const
       made.missing.push_back(fmt::format("{} (no cgroup hierarchy has the controller)", controller));
       continue;
     }
-    std::filesystem::path directory = it->second / "deltavm" / vm_id;
+    std::filesystem::path directory = it->second / "deltavm" / name;
     DELTAVM_TRY(make_directory(it->second / "deltavm"));
     DELTAVM_TRY(make_directory(directory));
     std::string name = controller;
@@ -185,6 +185,14 @@ Status create_v1(const Hierarchies& hierarchies, const std::string& vm_id, const
 
 }  // namespace
 
+std::string vm_cgroup_name(const std::filesystem::path& runtime, const std::string& vm_id) {
+  std::error_code error;
+  std::filesystem::path canonical = std::filesystem::weakly_canonical(std::filesystem::absolute(runtime), error);
+  uint32_t hash = 2166136261u;
+  for (char c : (error ? runtime : canonical).string()) hash = (hash ^ static_cast<uint8_t>(c)) * 16777619u;
+  return fmt::format("{:08x}-{}", hash, vm_id);
+}
+
 ResourceLimits vm_process_limits(uint64_t memory_bytes, uint32_t vcpus, uint64_t overhead_bytes) {
   ResourceLimits limits;
   limits.memory_bytes = memory_bytes + overhead_bytes;
@@ -192,27 +200,27 @@ ResourceLimits vm_process_limits(uint64_t memory_bytes, uint32_t vcpus, uint64_t
   return limits;
 }
 
-Result<VmCgroups> create_vm_cgroups(const std::string& vm_id, const ResourceLimits& limits) {
+Result<VmCgroups> create_vm_cgroups(const std::string& name, const ResourceLimits& limits) {
   Hierarchies hierarchies = find_hierarchies();
   VmCgroups made;
   Status created =
-      hierarchies.v2 ? create_v2(hierarchies, vm_id, limits, made) : create_v1(hierarchies, vm_id, limits, made);
+      hierarchies.v2 ? create_v2(hierarchies, name, limits, made) : create_v1(hierarchies, name, limits, made);
   if (!created) {
-    (void)remove_vm_cgroups(vm_id);
-    return created.error().with_context(fmt::format("cgroups of VM {}", vm_id));
+    (void)remove_vm_cgroups(name);
+    return created.error().with_context(fmt::format("cgroups {}", name));
   }
   return made;
 }
 
-Status set_vm_cpu_priority(const std::string& vm_id, int nice) {
+Status set_vm_cpu_priority(const std::string& name, int nice) {
   Hierarchies hierarchies = find_hierarchies();
   std::filesystem::path file;
   std::string value;
   if (hierarchies.v2) {
-    file = *hierarchies.v2 / "deltavm" / vm_id / "cpu.weight";
+    file = *hierarchies.v2 / "deltavm" / name / "cpu.weight";
     value = std::to_string(v2_weight(nice));
   } else if (auto cpu = hierarchies.v1.find("cpu"); cpu != hierarchies.v1.end()) {
-    file = cpu->second / "deltavm" / vm_id / "cpu.shares";
+    file = cpu->second / "deltavm" / name / "cpu.shares";
     value = std::to_string(v1_shares(nice));
   } else {
     return {};
@@ -222,9 +230,9 @@ Status set_vm_cpu_priority(const std::string& vm_id, int nice) {
   return write_text(file, value);
 }
 
-Status remove_vm_cgroups(const std::string& vm_id) {
+Status remove_vm_cgroups(const std::string& name) {
   Status result;
-  for (const std::filesystem::path& directory : vm_directories(find_hierarchies(), vm_id)) {
+  for (const std::filesystem::path& directory : vm_directories(find_hierarchies(), name)) {
     // Whatever still runs in them is the VM's: a VM process whose starter died before it could
     // record it, so that nothing else would ever end it.
     std::error_code exists_error;

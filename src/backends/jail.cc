@@ -123,7 +123,7 @@ JailReport describe_jail() {
 Result<Jail> prepare_jail(const std::filesystem::path& runtime, const JailPolicy& policy, const std::string& vm_id,
                           const ResourceLimits& limits, SpawnOptions& options) {
   DELTAVM_ASSIGN_OR_RETURN(JailUid uid, claim_jail_uid(runtime, policy));
-  DELTAVM_ASSIGN_OR_RETURN(VmCgroups cgroups, create_vm_cgroups(vm_id, limits));
+  DELTAVM_ASSIGN_OR_RETURN(VmCgroups cgroups, create_vm_cgroups(vm_cgroup_name(runtime, vm_id), limits));
   options.namespaces = CLONE_NEWPID | CLONE_NEWNET | CLONE_NEWIPC | CLONE_NEWNS;
   options.no_new_privs = true;
   options.bounding_capabilities = uint64_t{1} << CAP_DAC_OVERRIDE | uint64_t{1} << CAP_SETUID |

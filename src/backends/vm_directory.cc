@@ -280,7 +280,7 @@ bool VmDirectory::running() const {
 
 Status VmDirectory::remove() const {
   // Its process has ended: its cgroups (backends/cgroups.h) hold no task and go with it.
-  DELTAVM_TRY(remove_vm_cgroups(id_));
+  DELTAVM_TRY(remove_vm_cgroups(vm_cgroup_name(runtime(), id_)));
   std::error_code error;
   std::filesystem::remove_all(path_, error);
   if (error) return make_error(ErrorCode::kIo, "remove {}: {}", path_.string(), error.message());

@@ -306,11 +306,11 @@ std::optional<VmView> VmService::take_from_pool(const CreateVmRequest& request, 
     // priority, not behind the guests that run, then runs as they do (pool VMs wait below them).
     // A jailed VM's priority against the others is its cgroup's CPU weight.
     if (!set_process_nice(vm->pid, kServiceNice)) (void)set_process_nice(vm->pid, 0);
-    (void)set_vm_cpu_priority(vm->id, kServiceNice);
+    (void)set_vm_cpu_priority(vm_cgroup_name(runtime_, vm->id), kServiceNice);
     Status resumed = control ? control->resume() : runner->resume(directory);
     control.reset();
     Status normal = set_process_nice(vm->pid, 0);
-    if (normal) normal = set_vm_cpu_priority(vm->id, 0);
+    if (normal) normal = set_vm_cpu_priority(vm_cgroup_name(runtime_, vm->id), 0);
     if (!normal) log_event("VM {} keeps its pool priority: {}", vm->id, normal.error().message);
     DELTAVM_TRY(resumed);
     double resume_ms = elapsed_ms(resume_start);

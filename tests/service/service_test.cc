@@ -12,6 +12,7 @@
 #include <set>
 #include <thread>
 
+#include "backends/cgroups.h"
 #include "backends/vm_directory.h"
 #include "base/subprocess.h"
 #include "service/client.h"
@@ -212,9 +213,9 @@ TEST_F(Service, EightConcurrentClientsTakePooledVmsAndThePoolRefills) {
 // A pool VM waits at the refill priority; the one handed out runs at the others' priority. In a
 // cgroup of its own (a jailed VM) that priority is the cgroup's CPU weight.
 TEST_F(Service, PoolVmsWaitAtALowCpuWeightAndAHandedOutOneRunsAtTheNormalOne) {
-  auto weight_file = [](const std::string& id) {
+  auto weight_file = [](const std::string& name) {
     for (const char* path : {"/sys/fs/cgroup/cpu/deltavm/{}/cpu.shares", "/sys/fs/cgroup/deltavm/{}/cpu.weight"}) {
-      std::filesystem::path file = fmt::format(fmt::runtime(path), id);
+      std::filesystem::path file = fmt::format(fmt::runtime(path), name);
       if (std::filesystem::exists(file)) return file;
     }
     return std::filesystem::path();
@@ -230,7 +231,7 @@ TEST_F(Service, PoolVmsWaitAtALowCpuWeightAndAHandedOutOneRunsAtTheNormalOne) {
   wait_for_pool(c, "base", 1);
   std::string pool_id;
   for (const auto& entry : std::filesystem::directory_iterator(runtime_ / "vms")) pool_id = entry.path().filename();
-  std::filesystem::path file = weight_file(pool_id);
+  std::filesystem::path file = weight_file(vm_cgroup_name(runtime_, pool_id));
   if (file.empty()) GTEST_SKIP() << "VMs have no cgroup CPU weight here (not root, or no cpu controller)";
   bool v1 = file.filename() == "cpu.shares";
   EXPECT_EQ(weight(file), v1 ? 110 : 10) << file;  // nice 10.

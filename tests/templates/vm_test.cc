@@ -92,10 +92,10 @@ TEST_F(TemplateVms, LoadedRamBeforeStartIsTheCapturedImage) {
   EXPECT_EQ(exec_output(vm, "cat /tmp/marker"), "made-before-capture\n");
 }
 
-// The VM process `pid` of VM `id` is in cgroups of its own (backends/cgroups.h) with the
+// The VM process `pid` is in cgroups of its own, `name` (backends/cgroups.h) with the
 // counter template's limits (128 MiB of RAM + QEMU's 1 GiB, 1 vCPU + 1, 512 tasks), on whichever
 // cgroup version the host has; a host with neither says so in doctor, and is skipped here.
-void expect_cgroup_limits(pid_t pid, const std::string& id) {
+void expect_cgroup_limits(pid_t pid, const std::string& name) {
   if (describe_cgroups().starts_with("no per-VM limit")) return;
   std::ifstream file(fmt::format("/proc/{}/cgroup", pid));
   std::map<std::string, std::string> paths;  // Controller ("" for v2) -> cgroup path.
@@ -106,7 +106,7 @@ void expect_cgroup_limits(pid_t pid, const std::string& id) {
     if (controllers.str().empty()) paths[""] = path;
     for (std::string controller; std::getline(controllers, controller, ',');) paths[controller] = path;
   }
-  std::string own = "/deltavm/" + id;
+  std::string own = "/deltavm/" + name;
   auto limit = [](const std::filesystem::path& path) {
     std::ifstream in(path);
     std::string value;
@@ -155,7 +155,7 @@ TEST_F(TemplateVms, VmProcessesAreJailedEachInAUidOfItsOwn) {
           << ns;
     }
     EXPECT_EQ(std::filesystem::read_symlink(fmt::format("/proc/{}/root", pid)), runtime() / "jail" / "root");
-    expect_cgroup_limits(pid, vm.id());
+    expect_cgroup_limits(pid, vm_cgroup_name(runtime(), vm.id()));
     EXPECT_EQ(exec_output(vm, "cat /tmp/marker"), "made-before-capture\n");
     lock = runtime() / "jail" / (first + ".lock");
   }
@@ -168,7 +168,8 @@ TEST_F(TemplateVms, VmProcessesAreJailedEachInAUidOfItsOwn) {
   EXPECT_EQ(::flock(held->get(), LOCK_EX | LOCK_NB), 0);
   // Its cgroups went with it.
   for (const char* controller : {"memory", "cpu", "pids", ""}) {
-    std::filesystem::path directory = std::filesystem::path("/sys/fs/cgroup") / controller / "deltavm" / vms[1].id();
+    std::filesystem::path directory =
+        std::filesystem::path("/sys/fs/cgroup") / controller / "deltavm" / vm_cgroup_name(runtime(), vms[1].id());
     EXPECT_FALSE(std::filesystem::exists(directory)) << directory;
   }
 }
