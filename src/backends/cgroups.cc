@@ -73,6 +73,12 @@ Hierarchies find_hierarchies() {
   return found;
 }
 
+// The host's hierarchies, read once: a pooled VM's hand-out looks them up twice.
+const Hierarchies& host_hierarchies() {
+  static const Hierarchies found = find_hierarchies();
+  return found;
+}
+
 Status write_text(const std::filesystem::path& path, const std::string& text) {
   DELTAVM_ASSIGN_OR_RETURN(Fd fd, open_file(path, O_WRONLY | O_CLOEXEC));
   if (::write(fd.get(), text.data(), text.size()) != static_cast<ssize_t>(text.size())) {
@@ -161,11 +167,11 @@ Status create_v1(const Hierarchies& hierarchies, const std::string& name, const 
     std::filesystem::path directory = it->second / "deltavm" / name;
     DELTAVM_TRY(make_directory(it->second / "deltavm"));
     DELTAVM_TRY(make_directory(directory));
-    std::string name = controller;
-    if (name == "memory") {
+    std::string_view kind = controller;
+    if (kind == "memory") {
       DELTAVM_TRY(write_text(directory / "memory.limit_in_bytes", std::to_string(limits.memory_bytes)));
       made.set.push_back(fmt::format("memory {} (v1)", gib(limits.memory_bytes)));
-    } else if (name == "cpu") {
+    } else if (kind == "cpu") {
       DELTAVM_TRY(write_text(directory / "cpu.cfs_period_us", std::to_string(kCpuPeriodUs)));
       DELTAVM_TRY(write_text(directory / "cpu.cfs_quota_us", std::to_string(limits.cpus * kCpuPeriodUs)));
       DELTAVM_TRY(write_text(directory / "cpu.shares", std::to_string(v1_shares(calling_thread_nice()))));
@@ -201,7 +207,7 @@ ResourceLimits vm_process_limits(uint64_t memory_bytes, uint32_t vcpus, uint64_t
 }
 
 Result<VmCgroups> create_vm_cgroups(const std::string& name, const ResourceLimits& limits) {
-  Hierarchies hierarchies = find_hierarchies();
+  const Hierarchies& hierarchies = host_hierarchies();
   VmCgroups made;
   Status created =
       hierarchies.v2 ? create_v2(hierarchies, name, limits, made) : create_v1(hierarchies, name, limits, made);
@@ -213,7 +219,7 @@ Result<VmCgroups> create_vm_cgroups(const std::string& name, const ResourceLimit
 }
 
 Status set_vm_cpu_priority(const std::string& name, int nice) {
-  Hierarchies hierarchies = find_hierarchies();
+  const Hierarchies& hierarchies = host_hierarchies();
   std::filesystem::path file;
   std::string value;
   if (hierarchies.v2) {
@@ -232,7 +238,7 @@ Status set_vm_cpu_priority(const std::string& name, int nice) {
 
 Status remove_vm_cgroups(const std::string& name) {
   Status result;
-  for (const std::filesystem::path& directory : vm_directories(find_hierarchies(), name)) {
+  for (const std::filesystem::path& directory : vm_directories(host_hierarchies(), name)) {
     // Whatever still runs in them is the VM's: a VM process whose starter died before it could
     // record it, so that nothing else would ever end it.
     std::error_code exists_error;
@@ -260,7 +266,7 @@ Status remove_vm_cgroups(const std::string& name) {
 }
 
 std::string describe_cgroups() {
-  Hierarchies hierarchies = find_hierarchies();
+  const Hierarchies& hierarchies = host_hierarchies();
   std::vector<std::string> enforced, missing;
   for (const char* controller : kControllers) {
     bool present = hierarchies.v2 ? has(hierarchies.v2_controllers, controller) : hierarchies.v1.contains(controller);
