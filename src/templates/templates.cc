@@ -191,6 +191,11 @@ Result<TemplateBuild> build_template(const TemplateSpec& spec, Store& store, Bac
   DELTAVM_TRY(backend.pause(vm));
   DELTAVM_ASSIGN_OR_RETURN(std::vector<uint8_t> state, backend.save_machine_state(vm));
   DELTAVM_ASSIGN_OR_RETURN(Mapping ram, Mapping::map_file_readonly(ram_file, O_NOFOLLOW));
+  // The VM process could write the file: its size is checked before its bytes are stored.
+  if (ram.size() != machine.memory_bytes) {
+    return make_error(ErrorCode::kCorruption, "template {}: RAM file {} is {} bytes, the VM has {}", spec.name,
+                      ram_file.string(), ram.size(), machine.memory_bytes);
+  }
   build.capture_ms = elapsed_ms(start);
 
   report("storing");
