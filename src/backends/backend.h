@@ -62,6 +62,19 @@ class HeldControl {
   virtual Status resume() = 0;
 };
 
+// What Backend::capture_changes takes from a paused VM.
+struct RamChanges {
+  std::vector<uint64_t> pages;  // Indexes of the pages it may have changed since its load, ascending.
+  std::vector<uint8_t> machine_state;
+  double witness_ms = 0;  // Of the capture: checking the pages against the VM's whole RAM.
+};
+
+struct CaptureOptions {
+  // For tests: leave out this many of the changed pages, as a faulty capture method would
+  // (the check must then refuse the capture).
+  uint64_t omit_pages_for_testing = 0;
+};
+
 class Backend {
  public:
   virtual ~Backend() = default;
@@ -89,6 +102,13 @@ class Backend {
   // A connection to paused `vm` held for one later resume. The default holds nothing and
   // connects at resume().
   virtual Result<std::unique_ptr<HeldControl>> hold_control(const VmDirectory& vm);
+  // A snapshot of paused `vm`, which restore() started: writes every page the VM changed since
+  // then into `ram`, which holds the image it was restored from (the base file with the
+  // fill's pages over it), and returns those pages and its machine state. The capture is
+  // exact by construction and checked against the VM's whole RAM as its process holds it: a
+  // page it missed fails the capture (kCorruption), whatever else `ram` holds is left as is.
+  virtual Result<RamChanges> capture_changes(const VmDirectory& vm, std::span<uint8_t> ram,
+                                             const CaptureOptions& options) = 0;
   // Copies the VM's RAM from guest-physical address 0 into `out` (whose size must not exceed
   // the VM's memory). The VM should be paused for a consistent copy.
   virtual Status read_memory(const VmDirectory& vm, std::span<uint8_t> out) = 0;

@@ -215,6 +215,7 @@ Result<VmRecord> VmDirectory::read_record() const {
   DELTAVM_TRY(reader.text("id", record.id));
   DELTAVM_TRY(reader.text("backend", record.backend));
   DELTAVM_TRY(reader.text("template", record.template_name));
+  DELTAVM_TRY(reader.text("image", record.image_digest));
   DELTAVM_TRY(reader.text("purpose", record.purpose));
   DELTAVM_TRY(reader.identity("process", record.process));
   DELTAVM_TRY(reader.identity("owner", record.owner));
@@ -237,6 +238,7 @@ Status VmDirectory::write_record(const VmRecord& record) const {
   json document = {{"id", record.id},
                    {"backend", record.backend},
                    {"template", record.template_name},
+                   {"image", record.image_digest},
                    {"purpose", record.purpose},
                    {"process", identity_json(record.process)},
                    {"owner", identity_json(record.owner)},

@@ -49,6 +49,7 @@ struct VmRecord {
   std::string id;
   std::string backend;  // "qemu" or "kvm"; empty until the VM process is started.
   std::string template_name;
+  std::string image_digest;                // The digest of the template's image it was loaded from.
   std::string purpose;                     // "template build", "pool" while its owner holds it; else empty.
   std::optional<ProcessIdentity> process;  // The VM process (QEMU, deltavm-vmm).
   std::optional<ProcessIdentity> owner;    // See above.

@@ -15,6 +15,7 @@
 #include "service/http_api.h"
 #include "service/request_body.h"
 #include "templates/initramfs.h"
+#include "templates/snapshot.h"
 #include "templates/templates.h"
 
 namespace deltavm::cli {
@@ -163,6 +164,35 @@ Status run_resume(const GlobalOptions& options, const std::string& id) {
   DELTAVM_ASSIGN_OR_RETURN(VmDirectory vm, VmDirectory::open(runtime_directory(options), id));
   DELTAVM_ASSIGN_OR_RETURN(std::unique_ptr<Backend> backend, backend_of(vm));
   return backend->resume(vm);
+}
+
+Status print_snapshot(const GlobalOptions& options, const nlohmann::json& snapshot) {
+  if (options.json) {
+    print_json(snapshot);
+    return {};
+  }
+  fmt::print("template {}: snapshot of VM {} stored as {} against {} ({} pages captured); VM paused {}, store {}\n",
+             snapshot.value("template", ""), snapshot.value("vm", ""),
+             human_bytes(snapshot.value("stored_size_bytes", uint64_t{0})), snapshot.value("parent", ""),
+             snapshot.value("changed_pages", uint64_t{0}), human_duration_ms(snapshot.value("pause_ms", 0.0)),
+             human_duration_ms(snapshot.value("store_ms", 0.0)));
+  return {};
+}
+
+Status run_snapshot(const GlobalOptions& options, const std::string& id, const std::string& name, bool stop) {
+  DELTAVM_ASSIGN_OR_RETURN(std::optional<ServiceClient> service, connect_service(options));
+  if (service) {
+    DELTAVM_ASSIGN_OR_RETURN(nlohmann::json reply, service->call("POST", fmt::format("/v1/vms/{}/snapshots", id),
+                                                                 {{"name", name}, {"stop", stop}},
+                                                                 std::chrono::seconds(600)));
+    return print_snapshot(options, reply);
+  }
+  std::filesystem::path runtime = runtime_directory(options);
+  DELTAVM_ASSIGN_OR_RETURN(VmDirectory vm, VmDirectory::open(runtime, id));
+  DELTAVM_ASSIGN_OR_RETURN(std::unique_ptr<Backend> backend, backend_of(vm));
+  DELTAVM_ASSIGN_OR_RETURN(Store store, open_store(options));
+  DELTAVM_ASSIGN_OR_RETURN(Snapshot snapshot, snapshot_vm(id, name, store, *backend, runtime, {.stop = stop}));
+  return print_snapshot(options, snapshot_json(snapshot));
 }
 
 // One argument is a shell command line as it is; several are quoted and joined.
@@ -490,6 +520,19 @@ void add_vm_commands(CLI::App& app, const GlobalOptions& options, int& exit_stat
   CLI::App* resume_command = app.add_subcommand("resume", "Start the vCPUs of a VM started with --paused");
   resume_command->add_option("ID", *resume_id)->required();
   resume_command->callback([&options, resume_id, finish] { finish(run_resume(options, *resume_id)); });
+
+  struct SnapshotArguments {
+    std::string id, name;
+    bool stop = false;
+  };
+  auto snapshot = std::make_shared<SnapshotArguments>();
+  CLI::App* snapshot_command =
+      app.add_subcommand("snapshot", "Store what a running VM changed since its load as a new template");
+  snapshot_command->add_option("ID", snapshot->id)->required();
+  snapshot_command->add_option("NAME", snapshot->name, "The new template's name")->required();
+  snapshot_command->add_flag("--stop", snapshot->stop, "Stop the VM after the capture instead of resuming it");
+  snapshot_command->callback(
+      [&options, snapshot, finish] { finish(run_snapshot(options, snapshot->id, snapshot->name, snapshot->stop)); });
 
   struct ExecArguments {
     std::string id;

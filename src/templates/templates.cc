@@ -266,6 +266,7 @@ Result<StartedVm> start_vm(const Template& loaded, Store& store, Backend& backen
   // Owned while it starts: if this process dies half-way, whoever finds the VM ends it.
   DELTAVM_TRY(vm.update_record([&](VmRecord& vm_record) {
     vm_record.template_name = name;
+    vm_record.image_digest = loaded.record().digest.hex();
     vm_record.strategy = ram_strategy_name(options.strategy);
     vm_record.memory_bytes = machine.memory_bytes;
     vm_record.purpose = options.purpose;

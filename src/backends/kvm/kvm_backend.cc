@@ -119,6 +119,13 @@ class KvmBackend : public Backend {
 
   Status resume(const VmDirectory& vm) override { return call<vmm::StatusReply>(vm, vmm::ResumeRequest{}).status(); }
 
+  Result<RamChanges> capture_changes(const VmDirectory& vm, std::span<uint8_t> ram,
+                                     const CaptureOptions& options) override {
+    (void)ram;
+    (void)options;
+    return make_error(ErrorCode::kUnsupported, "VM {}: the kvm backend cannot snapshot a running VM yet", vm.id());
+  }
+
   Status read_memory(const VmDirectory& vm, std::span<uint8_t> out) override {
     std::filesystem::path ram = vm.process_directory() / "ram.out";
     vmm::SaveRequest request;

@@ -17,10 +17,12 @@
 
 #include "backends/jail.h"
 #include "backends/process.h"
+#include "backends/qemu/migration_stream.h"
 #include "backends/qemu/qmp.h"
 #include "backends/vm_processes.h"
 #include "base/file.h"
 #include "base/page.h"
+#include "base/pagemap.h"
 #include "base/subprocess.h"
 
 namespace deltavm {
@@ -159,6 +161,22 @@ Status set_ignore_shared(QmpClient& qmp, bool on) {
   return {};
 }
 
+Status require_paused(QmpClient& qmp, const VmDirectory& vm) {
+  DELTAVM_ASSIGN_OR_RETURN(nlohmann::json status, qmp.execute("query-status"));
+  if (!status.is_object() || !status.contains("running") || !status["running"].is_boolean() ||
+      status["running"].get<bool>()) {
+    return make_error(ErrorCode::kInvalidArgument, "VM {} is running; pause it before saving its state", vm.id());
+  }
+  return {};
+}
+
+// QEMU's default migration bandwidth (32 MiB/s) would make saving a clone's state, RAM pages
+// included, take seconds; it goes to a file in memory, as fast as QEMU writes.
+Status set_unlimited_bandwidth(QmpClient& qmp) {
+  DELTAVM_TRY(qmp.execute("migrate-set-parameters", {{"max-bandwidth", int64_t{1} << 40}}));
+  return {};
+}
+
 // Migrates the paused VM's state into `fd` (a file deltavm opened: QEMU gets the fd over QMP,
 // never a path or a shell command).
 Status migrate_to_fd(QmpClient& qmp, int fd) {
@@ -206,6 +224,80 @@ class ProcessMemoryWriter : public GuestMemoryWriter {
   uint64_t ram_address_;
   uint64_t ram_bytes_;
 };
+
+// Copies pages `pages` (indexes, ascending) of the guest RAM QEMU `pid` maps at `ram_address`
+// into the same places of `ram`, a contiguous run of pages per transfer.
+Status read_guest_pages(int pid, uint64_t ram_address, std::span<const uint64_t> pages, std::span<uint8_t> ram) {
+  constexpr size_t kBatch = 512;
+  std::vector<iovec> local, remote;
+  auto flush = [&]() -> Status {
+    if (local.empty()) return {};
+    size_t want = 0;
+    for (const iovec& v : local) want += v.iov_len;
+    ssize_t n = ::process_vm_readv(pid, local.data(), local.size(), remote.data(), remote.size(), 0);
+    if (n != static_cast<ssize_t>(want)) {
+      return errno_error(fmt::format("process_vm_readv from qemu {}", pid), n < 0 ? errno : EIO);
+    }
+    local.clear();
+    remote.clear();
+    return {};
+  };
+  for (size_t i = 0; i < pages.size();) {
+    size_t run = 1;
+    while (i + run < pages.size() && pages[i + run] == pages[i] + run) ++run;
+    uint64_t offset = pages[i] * kPageSize;
+    if (offset + run * kPageSize > ram.size()) {
+      return make_error(ErrorCode::kInvalidArgument, "page {:#x} is outside the guest's {} bytes of RAM", offset,
+                        ram.size());
+    }
+    local.push_back({ram.data() + offset, run * kPageSize});
+    remote.push_back({reinterpret_cast<void*>(ram_address + offset), run * kPageSize});  // NOLINT(performance-no-int-to-ptr)
+    if (local.size() == kBatch) DELTAVM_TRY(flush());
+    i += run;
+  }
+  return flush();
+}
+
+// The name QEMU gives the guest RAM block (the memory backend's id in machine_arguments).
+constexpr std::string_view kRamBlock = "ram";
+
+// Strips the guest RAM's pages out of a clone's migration stream (qemu/migration_stream.h),
+// checking each against `ram`: the machine state, if every page of the guest's RAM is in the
+// stream and equal to `ram`'s.
+Result<std::vector<uint8_t>> machine_state_witnessed(std::span<const uint8_t> stream, std::span<const uint8_t> ram,
+                                                     const std::string& vm_id) {
+  uint64_t pages = ram.size() / kPageSize;
+  std::vector<bool> seen(pages, false);
+  std::vector<uint64_t> differing;
+  uint64_t differing_count = 0;
+  auto visit = [&](const StreamPage& page) -> Status {
+    const uint8_t* expected = ram.data() + page.offset;
+    bool equal = page.bytes != nullptr ? std::equal(page.bytes, page.bytes + kPageSize, expected)
+                                       : std::all_of(expected, expected + kPageSize,
+                                                     [&](uint8_t byte) { return byte == page.fill; });
+    uint64_t index = page.offset / kPageSize;
+    seen[index] = true;
+    if (!equal) {
+      ++differing_count;
+      if (differing.size() < 4) differing.push_back(page.offset);
+    }
+    return {};
+  };
+  DELTAVM_ASSIGN_OR_RETURN(std::vector<uint8_t> state,
+                           strip_ram_pages(stream, kRamBlock, ram.size(), kMaxMachineStateBytes, visit));
+  uint64_t missing = static_cast<uint64_t>(std::count(seen.begin(), seen.end(), false));
+  if (missing > 0) {
+    return make_error(ErrorCode::kCorruption, "VM {}: qemu's migration stream lacks {} of the {} pages of its RAM",
+                      vm_id, missing, pages);
+  }
+  if (differing_count > 0) {
+    return make_error(ErrorCode::kCorruption,
+                      "VM {}: the capture differs from the VM's RAM in {} pages (first at {:#x}): a changed page was "
+                      "missed, so the snapshot is refused",
+                      vm_id, differing_count, fmt::join(differing, ", "));
+  }
+  return state;
+}
 
 // Where QEMU mapped `ram_file`: the start of the mapping in /proc/PID/maps whose device and
 // inode are the file's.
@@ -303,11 +395,7 @@ class QemuBackend : public Backend {
 
   Result<std::vector<uint8_t>> save_machine_state(const VmDirectory& vm) override {
     DELTAVM_ASSIGN_OR_RETURN(QmpClient qmp, QmpClient::connect(vm.control_socket(), deadline_after(kLaunchTimeout)));
-    DELTAVM_ASSIGN_OR_RETURN(nlohmann::json status, qmp.execute("query-status"));
-    if (!status.is_object() || !status.contains("running") || !status["running"].is_boolean() ||
-        status["running"].get<bool>()) {
-      return make_error(ErrorCode::kInvalidArgument, "VM {} is running; pause it before saving its state", vm.id());
-    }
+    DELTAVM_TRY(require_paused(qmp, vm));
     Fd state(::memfd_create("deltavm-machine-state", MFD_CLOEXEC));
     if (!state.valid()) return errno_error("memfd_create", errno);
     DELTAVM_TRY(set_ignore_shared(qmp, true));
@@ -378,6 +466,46 @@ class QemuBackend : public Backend {
     };
     DELTAVM_ASSIGN_OR_RETURN(QmpClient qmp, QmpClient::connect(vm.control_socket(), deadline_after(kLaunchTimeout)));
     return std::unique_ptr<HeldControl>(std::make_unique<HeldQmp>(std::move(qmp)));
+  }
+
+  Result<RamChanges> capture_changes(const VmDirectory& vm, std::span<uint8_t> ram,
+                                     const CaptureOptions& options) override {
+    DELTAVM_ASSIGN_OR_RETURN(VmRecord record, vm.read_record());
+    if (record.ram_file.empty() || !record.process) {
+      return make_error(ErrorCode::kNotFound, "VM {}: no RAM file or process recorded", vm.id());
+    }
+    // Held open while reading, so the pid cannot pass to another process meanwhile.
+    DELTAVM_ASSIGN_OR_RETURN(std::optional<Fd> process, open_process(*record.process));
+    if (!process) return make_error(ErrorCode::kNotFound, "VM {} is not running", vm.id());
+    DELTAVM_ASSIGN_OR_RETURN(QmpClient qmp, QmpClient::connect(vm.control_socket(), deadline_after(kLaunchTimeout)));
+    DELTAVM_TRY(require_paused(qmp, vm));
+    int pid = record.process->pid;
+    DELTAVM_ASSIGN_OR_RETURN(uint64_t ram_address, find_ram_mapping(pid, record.ram_file, ram.size()));
+    // The clone maps its image private: the pages it (or the loader) wrote are its own copies.
+    RamChanges changes;
+    DELTAVM_ASSIGN_OR_RETURN(changes.pages, private_copies(pid, ram_address, ram.size() / kPageSize));
+    changes.pages.resize(changes.pages.size() - std::min<size_t>(changes.pages.size(), options.omit_pages_for_testing));
+    DELTAVM_TRY(read_guest_pages(pid, ram_address, changes.pages, ram));
+
+    Fd stream_file(::memfd_create("deltavm-migration", MFD_CLOEXEC));
+    if (!stream_file.valid()) return errno_error("memfd_create", errno);
+    DELTAVM_TRY(set_ignore_shared(qmp, true));
+    DELTAVM_TRY(set_unlimited_bandwidth(qmp));
+    DELTAVM_TRY(migrate_to_fd(qmp, stream_file.get()));
+    auto witness_start = Clock::now();
+    struct stat st {};
+    if (::fstat(stream_file.get(), &st) != 0) return errno_error("stat migration stream", errno);
+    // Every page at most once, with a header, plus the devices: anything longer is not a stream.
+    uint64_t most = ram.size() + ram.size() / kPageSize * 300 + kMaxMachineStateBytes;
+    if (static_cast<uint64_t>(st.st_size) > most) {
+      return make_error(ErrorCode::kCorruption, "VM {}: a migration stream of {} bytes, more than {}", vm.id(),
+                        st.st_size, most);
+    }
+    DELTAVM_ASSIGN_OR_RETURN(Mapping stream, Mapping::map(stream_file.get(), static_cast<size_t>(st.st_size),
+                                                          PROT_READ, MAP_PRIVATE, 0, "migration stream"));
+    DELTAVM_ASSIGN_OR_RETURN(changes.machine_state, machine_state_witnessed(stream.bytes(), ram, vm.id()));
+    changes.witness_ms = elapsed_ms(witness_start);
+    return changes;
   }
 
   Status read_memory(const VmDirectory& vm, std::span<uint8_t> out) override {
