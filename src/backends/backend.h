@@ -65,8 +65,10 @@ class HeldControl {
 // What Backend::capture_changes takes from a paused VM.
 struct RamChanges {
   std::vector<uint64_t> pages;  // Indexes of the pages it may have changed since its load, ascending.
-  std::vector<uint8_t> machine_state;
-  double witness_ms = 0;  // Of the capture: checking the pages against the VM's whole RAM.
+  // Checks the capture, `ram` with those pages written in, against the VM's whole RAM as it
+  // was when captured (a page missed fails it: kCorruption), and gives the machine state.
+  // Reads only what the capture took, so it runs after the VM was resumed.
+  std::function<Result<std::vector<uint8_t>>(std::span<const uint8_t> ram)> check;
 };
 
 struct CaptureOptions {
@@ -104,9 +106,8 @@ class Backend {
   virtual Result<std::unique_ptr<HeldControl>> hold_control(const VmDirectory& vm);
   // A snapshot of paused `vm`, which restore() started: writes every page the VM changed since
   // then into `ram`, which holds the image it was restored from (the base file with the
-  // fill's pages over it), and returns those pages and its machine state. The capture is
-  // exact by construction and checked against the VM's whole RAM as its process holds it: a
-  // page it missed fails the capture (kCorruption), whatever else `ram` holds is left as is.
+  // fill's pages over it), and returns those pages. The capture is exact by construction, and
+  // RamChanges::check checks it against the VM's whole RAM as its process held it.
   virtual Result<RamChanges> capture_changes(const VmDirectory& vm, std::span<uint8_t> ram,
                                              const CaptureOptions& options) = 0;
   // Copies the VM's RAM from guest-physical address 0 into `out` (whose size must not exceed

@@ -49,7 +49,7 @@ nlohmann::json snapshot_json(const Snapshot& snapshot) {
           {"stored_size_bytes", snapshot.record.stored_size_bytes},
           {"prepare_ms", snapshot.prepare_ms},
           {"pause_ms", snapshot.pause_ms},
-          {"witness_ms", snapshot.witness_ms},
+          {"check_ms", snapshot.check_ms},
           {"store_ms", snapshot.store_ms}};
 }
 
@@ -95,21 +95,34 @@ Result<Snapshot> snapshot_vm(const std::string& id, const std::string& name, Sto
   start = Clock::now();
   DELTAVM_TRY(backend.pause(vm));
   Result<RamChanges> changes = backend.capture_changes(vm, ram.writable_bytes(), options.capture);
-  // A failed capture leaves the VM running, whatever was asked: nothing of it is lost.
-  Status after = options.stop && changes ? backend.stop(vm) : backend.resume(vm);
-  snapshot.pause_ms = elapsed_ms(start);
-  if (!changes) return changes.error().with_context(fmt::format("snapshot of VM {}", id));
-  if (!after) return after.error().with_context(fmt::format("VM {} after its snapshot", id));
-  if (options.stop) DELTAVM_TRY(vm.remove());
-  snapshot.witness_ms = changes->witness_ms;
+  // A capture that fails, or fails its check, leaves the VM running, whatever was asked:
+  // nothing of it is lost. Without --stop the VM runs on before the check.
+  if (!changes || !options.stop) {
+    Status resumed = backend.resume(vm);
+    snapshot.pause_ms = elapsed_ms(start);
+    if (!changes) return changes.error().with_context(fmt::format("snapshot of VM {}", id));
+    if (!resumed) return resumed.error().with_context(fmt::format("VM {} after its snapshot", id));
+  }
   snapshot.changed_pages = changes->pages.size();
+  auto check_start = Clock::now();
+  Result<std::vector<uint8_t>> state = changes->check(ram.bytes());
+  snapshot.check_ms = elapsed_ms(check_start);
+  if (options.stop) {
+    if (!state) {
+      DELTAVM_TRY(backend.resume(vm));
+    } else {
+      DELTAVM_TRY(stop_vm(id, backend, runtime));
+    }
+    snapshot.pause_ms = elapsed_ms(start);
+  }
+  if (!state) return state.error().with_context(fmt::format("snapshot of VM {}", id));
 
   start = Clock::now();
   DirtyBitmap changed(loaded->machine.memory_bytes / kPageSize);
   for (uint64_t page : changes->pages) changed.set(page);
   PutOptions put;
   put.metadata = std::move(metadata);
-  put.attachments = {{std::string(kMachineStateRole), changes->machine_state},
+  put.attachments = {{std::string(kMachineStateRole), *state},
                      {std::string(kKernelRole), kernel},
                      {std::string(kInitramfsRole), initramfs}};
   put.dirty = &changed;

@@ -27,7 +27,7 @@ struct Snapshot {
   uint64_t changed_pages = 0;  // Pages captured (the VM's own copies: a superset of what differs).
   double prepare_ms = 0;       // The template's image mapped, before the pause.
   double pause_ms = 0;         // VM paused -> running again (or stopped).
-  double witness_ms = 0;       // Within the pause: checking the capture against the whole RAM.
+  double check_ms = 0;         // After the pause: checking the capture against the whole RAM.
   double store_ms = 0;         // Diff against the template, compress, write.
 };
 
