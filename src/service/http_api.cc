@@ -325,6 +325,14 @@ void HttpApi::install_routes(Listener& server, std::optional<std::string> token)
                   return Reply{200, reply};
                 });
               }));
+  server.Post(vm + "/snapshots", route("snapshots", [&service, with_body](const httplib::Request& request) {
+                return with_body(request, [&](const json& body) {
+                  Result<SnapshotBody> parsed = parse_snapshot(body);
+                  if (!parsed) return error_reply(parsed.error());
+                  Result<Snapshot> taken = service.snapshot(request.matches[1], parsed->name, parsed->stop);
+                  return taken ? Reply{201, snapshot_json(*taken)} : error_reply(taken.error());
+                });
+              }));
   server.Get(vm + "/console", route("console", [&service](const httplib::Request& request) {
                std::string encoding = request.has_param("encoding") ? request.get_param_value("encoding") : "utf-8";
                if (encoding != "utf-8" && encoding != "base64") {

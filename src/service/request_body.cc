@@ -2,6 +2,7 @@
 
 #include "base/json_fields.h"
 #include "service/encoding.h"
+#include "templates/spec.h"
 
 namespace deltavm {
 namespace {
@@ -40,6 +41,19 @@ Result<CreateVmRequest> parse_create_vm(const json& body) {
     return make_error(ErrorCode::kInvalidArgument, "request body: field template must be a template name");
   }
   return request;
+}
+
+Result<SnapshotBody> parse_snapshot(const json& body) {
+  JsonFields fields(body, "request body", ErrorCode::kInvalidArgument);
+  SnapshotBody parsed;
+  DELTAVM_TRY(fields.text("name", parsed.name, /*required=*/true));
+  DELTAVM_TRY(fields.boolean("stop", parsed.stop));
+  DELTAVM_TRY(fields.no_other_fields());
+  if (!valid_template_name(parsed.name)) {
+    return make_error(ErrorCode::kInvalidArgument,
+                      "request body: field name must be 1 to 64 letters, digits, '-', '_' or '.'");
+  }
+  return parsed;
 }
 
 std::string shell_quote(const std::vector<std::string>& arguments) {

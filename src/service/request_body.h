@@ -43,6 +43,13 @@ struct BuildBody {
 Result<BuildBody> parse_build(const nlohmann::json& body);
 
 // PUT /v1/templates/{name}/pool: {"size": N}.
+// POST /v1/vms/{id}/snapshots: {"name": NAME, "stop": false}.
+struct SnapshotBody {
+  std::string name;
+  bool stop = false;
+};
+Result<SnapshotBody> parse_snapshot(const nlohmann::json& body);
+
 Result<uint64_t> parse_pool_size(const nlohmann::json& body);
 
 // Each argument single-quoted for /bin/sh, so that the guest runs exactly this argv.

@@ -106,6 +106,9 @@ VmService::VmService(Store& store, std::filesystem::path runtime, ServiceConfig 
   metrics_.declare("deltavm_vm_ends_total", "counter", "VMs stopped or reaped, by reason");
   metrics_.declare("deltavm_vms_adopted_total", "counter", "Running VMs found in the runtime and adopted");
   metrics_.declare("deltavm_builds_total", "counter", "Template builds finished, by result");
+  metrics_.declare("deltavm_snapshots_total", "counter", "Snapshots of running VMs, by result");
+  metrics_.declare_histogram("deltavm_snapshot_pause_seconds", "How long a snapshot kept its VM paused",
+                             kLoadSecondsBuckets);
   metrics_.declare("deltavm_vms", "gauge", "VMs by state (running, pooled, starting)");
   metrics_.declare("deltavm_pool_size", "gauge", "Warm pool size wanted, by template");
   metrics_.declare("deltavm_pool_vms", "gauge", "Warm pool VMs by template and state (ready, loading)");
@@ -441,10 +444,40 @@ Status VmService::delete_vm(const std::string& id) {
       return make_error(ErrorCode::kNotFound, "no VM {}", id);
     }
     vm = it->second;
+    if (vm->snapshotting) return make_error(ErrorCode::kConflict, "VM {} is being snapshotted", id);
     vm->state = VmState::kStopping;
   }
   stop_and_forget(vm, "deleted");
   return {};
+}
+
+Result<Snapshot> VmService::snapshot(const std::string& id, const std::string& name, bool stop) {
+  if (draining()) return make_error(ErrorCode::kUnavailable, "the service is shutting down");
+  std::shared_ptr<Vm> vm;
+  {
+    std::lock_guard lock(mutex_);
+    auto it = vms_.find(id);
+    if (it == vms_.end() || it->second->state != VmState::kRunning) {
+      return make_error(ErrorCode::kNotFound, "no VM {}", id);
+    }
+    vm = it->second;
+    if (vm->snapshotting) return make_error(ErrorCode::kConflict, "VM {} is being snapshotted", id);
+    vm->snapshotting = true;
+  }
+  Result<Snapshot> taken = [&]() -> Result<Snapshot> {
+    DELTAVM_ASSIGN_OR_RETURN(Backend * runner, backend(vm->backend_key.empty() ? "qemu" : vm->backend_key));
+    return snapshot_vm(id, name, store_, *runner, runtime_);
+  }();
+  {
+    std::lock_guard lock(mutex_);
+    vm->snapshotting = false;
+    if (taken && stop) vm->state = VmState::kStopping;
+  }
+  metrics_.add("deltavm_snapshots_total", {{"result", taken ? "stored" : error_code_id(taken.error().code)}});
+  if (!taken) return taken.error();
+  metrics_.observe("deltavm_snapshot_pause_seconds", {}, taken->pause_ms / 1000);
+  if (stop) stop_and_forget(vm, "snapshotted");
+  return taken;
 }
 
 Result<ExecResult> VmService::exec(const std::string& id, const ExecRequest& request) {
@@ -786,7 +819,8 @@ void VmService::watch_vms() {
       std::string reason;
       if (ended) {
         reason = "exited";
-      } else if (vm->state == VmState::kRunning && vm->expires_at_unix > 0 && now >= vm->expires_at_unix) {
+      } else if (vm->state == VmState::kRunning && vm->expires_at_unix > 0 && now >= vm->expires_at_unix &&
+                 !vm->snapshotting) {
         reason = "expired";
       }
       if (!reason.empty()) {

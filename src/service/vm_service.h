@@ -34,6 +34,7 @@
 #include "service/config.h"
 #include "service/metrics.h"
 #include "store/store.h"
+#include "templates/snapshot.h"
 #include "templates/spec.h"
 
 namespace deltavm {
@@ -145,6 +146,9 @@ class VmService {
   Status delete_vm(const std::string& id);
   Result<ExecResult> exec(const std::string& id, const ExecRequest& request);
   Result<ConsoleOutput> console(const std::string& id);
+  // Stores what VM `id` changed since its load as template `name` (templates/snapshot.h); the
+  // VM runs on, or with `stop` is stopped once the snapshot is stored.
+  Result<Snapshot> snapshot(const std::string& id, const std::string& name, bool stop);
 
   Result<std::vector<TemplateView>> list_templates();
   Result<TemplateView> get_template(const std::string& name);
@@ -182,6 +186,7 @@ class VmService {
     int64_t expires_at_unix = 0;
     VmTimings timings;
     uint64_t console_dropped_bytes = 0;
+    bool snapshotting = false;  // A snapshot is being taken: it is not stopped meanwhile.
     // A pool VM's control connection, held so that handing it out is one exchange.
     std::unique_ptr<HeldControl> control;
   };

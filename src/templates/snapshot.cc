@@ -55,6 +55,10 @@ nlohmann::json snapshot_json(const Snapshot& snapshot) {
 
 Result<Snapshot> snapshot_vm(const std::string& id, const std::string& name, Store& store, Backend& backend,
                              const std::filesystem::path& runtime, const SnapshotOptions& options) {
+  if (!valid_template_name(name)) {
+    return make_error(ErrorCode::kInvalidArgument, "snapshot name {:?}: expected 1 to 64 letters, digits, '-', '_' or '.'",
+                      name);
+  }
   DELTAVM_ASSIGN_OR_RETURN(VmDirectory vm, VmDirectory::open(runtime, id));
   DELTAVM_ASSIGN_OR_RETURN(VmRecord record, vm.read_record());
   if (record.backend != backend.name()) {

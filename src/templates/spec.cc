@@ -88,7 +88,9 @@ Status check_regular_file(const std::filesystem::path& path, const std::string& 
   return {};
 }
 
-bool valid_name(const std::string& name) {
+}  // namespace
+
+bool valid_template_name(const std::string& name) {
   if (name.empty() || name.size() > 64) return false;
   for (char c : name) {
     if (!((c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') || c == '-' || c == '_' ||
@@ -98,8 +100,6 @@ bool valid_name(const std::string& name) {
   }
   return true;
 }
-
-}  // namespace
 
 Result<TemplateSpec> parse_template_spec(std::string_view json_text, const std::filesystem::path& origin) {
   std::string where = origin.string();
@@ -123,13 +123,13 @@ Result<TemplateSpec> parse_template_spec(std::string_view json_text, const std::
   Checker check(document, where);
   TemplateSpec spec;
   DELTAVM_TRY(check.string("name", spec.name, true));
-  if (!valid_name(spec.name)) {
+  if (!valid_template_name(spec.name)) {
     return check.wrong("name", "1 to 64 letters, digits, '-', '_' or '.'", document["name"]);
   }
   std::string parent;
   DELTAVM_TRY(check.string("parent", parent, false));
   if (document.contains("parent")) {
-    if (!valid_name(parent)) return check.wrong("parent", "a template name", document["parent"]);
+    if (!valid_template_name(parent)) return check.wrong("parent", "a template name", document["parent"]);
     spec.parent = parent;
   }
   std::filesystem::path base_directory = origin.has_parent_path() ? origin.parent_path() : ".";

@@ -38,6 +38,9 @@ struct TemplateSpec {
 inline constexpr uint32_t kMaxTemplateMemoryMib = 3072;  // Below the PC's 32-bit PCI hole.
 inline constexpr uint64_t kMaxTemplateSpecBytes = 1 << 20;
 
+// A template name: 1 to 64 letters, digits, '-', '_' or '.'.
+bool valid_template_name(const std::string& name);
+
 Result<TemplateSpec> parse_template_spec(std::string_view json_text, const std::filesystem::path& origin);
 Result<TemplateSpec> read_template_spec(const std::filesystem::path& path);
 

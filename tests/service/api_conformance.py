@@ -345,12 +345,34 @@ def run(arguments, root):
         expect_status(client.call("GET", f"/v1/vms/{vm}/console?encoding=ebcdic"), 400, "console, bad encoding")
         expect_status(client.call("GET", "/v1/vms/ffff/console"), 404, "console, unknown vm")
 
+        # A snapshot of the cold VM, which stops it; its clone has what it wrote after the load.
+        expect_status(client.call("POST", f"/v1/vms/{cold['id']}/exec", {
+            "command": ["sh", "-c", "echo written-after-load > /tmp/after"]}), 200, "exec before snapshot")
+        snapshot = expect_status(client.call("POST", f"/v1/vms/{cold['id']}/snapshots", {"name": "web-snap", "stop": True}),
+                                 201, "snapshot")
+        expect(snapshot["parent"] == "web" and snapshot["changed_pages"] > 0, snapshot)
+        expect_status(client.call("GET", f"/v1/vms/{cold['id']}"), 404, "the snapshotted VM, stopped")
+        expect(expect_status(client.call("GET", "/v1/templates/web-snap"), 200, "snapshot template")["parent"] == "web",
+               "the snapshot is not stored against web")
+        clone = expect_status(client.call("POST", "/v1/vms", {"template": "web-snap"}), 201, "clone of the snapshot")
+        result = expect_status(client.call("POST", f"/v1/vms/{clone['id']}/exec", {"command": ["cat", "/tmp/after"]}),
+                               200, "exec in the clone")
+        expect(result["stdout"] == "written-after-load\n", result)
+        expect_status(client.call("POST", f"/v1/vms/{vm}/snapshots", {"name": "web-snap"}), 409, "snapshot, name taken")
+        expect_status(client.call("POST", "/v1/vms/ffff/snapshots", {"name": "other"}), 404, "snapshot, unknown vm")
+        for body, field in [({}, "name"), ({"name": "bad name!"}, "name"), ({"name": 5}, "name"),
+                            ({"name": "x", "stop": "yes"}, "stop"), ({"name": "x", "keep": 1}, "keep")]:
+            message = expect_status(client.call("POST", f"/v1/vms/{vm}/snapshots", body), 400, f"snapshot {body}")
+            expect(field in message["error"]["message"], f"the error does not name {field}: {message}")
+
         # Templates in use cannot be deleted.
         expect_status(client.call("DELETE", "/v1/templates/web"), 409, "delete web while VMs run from it")
         expect_status(client.call("DELETE", "/v1/templates/base"), 409, "delete base, web's parent")
         expect_status(client.call("DELETE", "/v1/templates/nope"), 404, "delete an unknown template")
-        for id in (pooled["id"], cold["id"]):
+        for id in (pooled["id"], clone["id"]):
             expect_status(client.call("DELETE", f"/v1/vms/{id}"), 204, f"delete {id}")
+        expect_status(client.call("DELETE", "/v1/templates/web"), 409, "delete web, web-snap's parent")
+        expect_status(client.call("DELETE", "/v1/templates/web-snap"), 204, "delete the snapshot")
         expect_status(client.call("DELETE", "/v1/templates/web"), 409, "delete web while it has a pool")
         expect_status(client.call("PUT", "/v1/templates/web/pool", {"size": 0}), 200, "pool size 0")
         wait_for("the pool to empty", lambda: client.call("DELETE", "/v1/templates/web")[0] == 204, 120)
