@@ -136,11 +136,14 @@ std::filesystem::path default_runtime_directory() {
 
 Status prepare_runtime_directory(const std::filesystem::path& runtime) { return check_runtime(runtime, true); }
 
-Result<VmDirectory> VmDirectory::create(const std::filesystem::path& runtime) {
+Result<VmDirectory> VmDirectory::create(const std::filesystem::path& runtime, const std::string& wanted_id) {
   DELTAVM_TRY(check_runtime(runtime, true));
+  if (!wanted_id.empty() && !valid_id(wanted_id)) {
+    return make_error(ErrorCode::kInvalidArgument, "{:?} is not a VM id (1 to 16 hex digits)", wanted_id);
+  }
   std::mt19937_64 random{std::random_device{}()};
   for (int attempt = 0; attempt < 16; ++attempt) {
-    std::string id = fmt::format("{:08x}", static_cast<uint32_t>(random()));
+    std::string id = wanted_id.empty() ? fmt::format("{:08x}", static_cast<uint32_t>(random())) : wanted_id;
     std::filesystem::path path = runtime / "vms" / id;
     // mkdir's mode is masked by the umask but never widened by it: 0700 at most, whatever it is.
     if (::mkdir(path.c_str(), 0700) == 0) {
@@ -151,6 +154,7 @@ Result<VmDirectory> VmDirectory::create(const std::filesystem::path& runtime) {
       return vm;
     }
     if (errno != EEXIST) return errno_error(fmt::format("create {}", path.string()), errno);
+    if (!wanted_id.empty()) return make_error(ErrorCode::kAlreadyExists, "VM {} exists already", id);
   }
   return make_error(ErrorCode::kIo, "could not find a free VM id under {}", runtime.string());
 }

@@ -62,8 +62,8 @@ struct VmRecord {
 
 class VmDirectory {
  public:
-  // A new directory with a fresh id under RUNTIME/vms.
-  static Result<VmDirectory> create(const std::filesystem::path& runtime);
+  // A new directory under RUNTIME/vms with a fresh id, or with `id` (kAlreadyExists if taken).
+  static Result<VmDirectory> create(const std::filesystem::path& runtime, const std::string& id = "");
   static Result<VmDirectory> open(const std::filesystem::path& runtime, const std::string& id);
   static Result<std::vector<VmDirectory>> list(const std::filesystem::path& runtime);
 

@@ -57,6 +57,30 @@ Status run_template_build(const GlobalOptions& options, const std::string& spec_
   return {};
 }
 
+Status run_template_rm(const GlobalOptions& options, const std::string& name, bool cascade) {
+  std::vector<std::string> removed;
+  DELTAVM_ASSIGN_OR_RETURN(std::optional<ServiceClient> service, connect_service(options));
+  if (service) {
+    DELTAVM_ASSIGN_OR_RETURN(nlohmann::json reply,
+                             service->call("DELETE", fmt::format("/v1/templates/{}{}", name, cascade ? "?cascade=true" : "")));
+    if (reply.is_object() && reply.contains("removed") && reply["removed"].is_array()) {
+      for (const nlohmann::json& one : reply["removed"]) {
+        if (one.is_string()) removed.push_back(one.get<std::string>());
+      }
+    }
+  } else {
+    DELTAVM_ASSIGN_OR_RETURN(Store store, open_store(options));
+    DELTAVM_ASSIGN_OR_RETURN(removed, remove_template(store, runtime_directory(options), name, cascade));
+  }
+  if (options.json) {
+    print_json({{"removed", removed}});
+  } else {
+    for (const std::string& one : removed) fmt::print("removed {}\n", one);
+    fmt::print("their objects are freed by the next deltavm store gc\n");
+  }
+  return {};
+}
+
 Status run_template_ls(const GlobalOptions& options) {
   DELTAVM_ASSIGN_OR_RETURN(Store store, open_store(options));
   DELTAVM_ASSIGN_OR_RETURN(std::vector<ImageRecord> records, store.list());
@@ -160,10 +184,84 @@ Status run_run(const GlobalOptions& options, const std::string& name, const std:
   return {};
 }
 
+// Starts the vCPUs of a VM started --paused, or loads a paused VM back under its id.
 Status run_resume(const GlobalOptions& options, const std::string& id) {
-  DELTAVM_ASSIGN_OR_RETURN(VmDirectory vm, VmDirectory::open(runtime_directory(options), id));
-  DELTAVM_ASSIGN_OR_RETURN(std::unique_ptr<Backend> backend, backend_of(vm));
-  return backend->resume(vm);
+  std::filesystem::path runtime = runtime_directory(options);
+  if (Result<VmDirectory> vm = VmDirectory::open(runtime, id); vm) {
+    DELTAVM_ASSIGN_OR_RETURN(std::unique_ptr<Backend> backend, backend_of(*vm));
+    return backend->resume(*vm);
+  }
+  DELTAVM_ASSIGN_OR_RETURN(std::optional<ServiceClient> service, connect_service(options));
+  if (service) {
+    DELTAVM_ASSIGN_OR_RETURN(nlohmann::json reply,
+                             service->call("POST", fmt::format("/v1/vms/{}/resume", id), nlohmann::json::object()));
+    if (options.json) print_json(reply);
+    else fmt::print("{}\n", id);
+    return {};
+  }
+  DELTAVM_ASSIGN_OR_RETURN(Store store, open_store(options));
+  DELTAVM_ASSIGN_OR_RETURN(std::optional<ImageRecord> image, paused_image(store, id));
+  if (!image) return make_error(ErrorCode::kNotFound, "no VM {} running or paused (see deltavm ps)", id);
+  DELTAVM_ASSIGN_OR_RETURN(Template loaded, load_template(store, image->name));
+  DELTAVM_ASSIGN_OR_RETURN(std::unique_ptr<Backend> backend, make_backend(loaded.backend));
+  DELTAVM_ASSIGN_OR_RETURN(StartedVm vm, resume_paused_vm(id, store, *backend, runtime));
+  if (options.json) {
+    print_json({{"id", vm.id}, {"template", vm.template_name}, {"total_ms", vm.total_ms}});
+  } else {
+    fmt::print("{}\n", vm.id);
+  }
+  return {};
+}
+
+Status run_pause(const GlobalOptions& options, const std::string& id) {
+  std::filesystem::path runtime = runtime_directory(options);
+  DELTAVM_ASSIGN_OR_RETURN(std::optional<ServiceClient> service, connect_service(options));
+  nlohmann::json reply;
+  if (service) {
+    DELTAVM_ASSIGN_OR_RETURN(reply, service->call("POST", fmt::format("/v1/vms/{}/pause", id), nlohmann::json::object(),
+                                                  std::chrono::seconds(600)));
+  } else {
+    DELTAVM_ASSIGN_OR_RETURN(VmDirectory vm, VmDirectory::open(runtime, id));
+    DELTAVM_ASSIGN_OR_RETURN(std::unique_ptr<Backend> backend, backend_of(vm));
+    DELTAVM_ASSIGN_OR_RETURN(Store store, open_store(options));
+    DELTAVM_ASSIGN_OR_RETURN(Snapshot snapshot, pause_vm(id, store, *backend, runtime));
+    reply = snapshot_json(snapshot);
+  }
+  if (options.json) {
+    print_json(reply);
+  } else {
+    fmt::print("paused {} into {} ({} stored); deltavm resume {} loads it back\n", id, reply.value("template", ""),
+               human_bytes(reply.value("stored_size_bytes", uint64_t{0})), id);
+  }
+  return {};
+}
+
+Status run_fork(const GlobalOptions& options, const std::string& id, uint32_t count) {
+  std::filesystem::path runtime = runtime_directory(options);
+  DELTAVM_ASSIGN_OR_RETURN(std::optional<ServiceClient> service, connect_service(options));
+  nlohmann::json reply;
+  if (service) {
+    DELTAVM_ASSIGN_OR_RETURN(reply, service->call("POST", fmt::format("/v1/vms/{}/fork", id), {{"count", count}},
+                                                  std::chrono::seconds(600)));
+  } else {
+    DELTAVM_ASSIGN_OR_RETURN(VmDirectory vm, VmDirectory::open(runtime, id));
+    DELTAVM_ASSIGN_OR_RETURN(std::unique_ptr<Backend> backend, backend_of(vm));
+    DELTAVM_ASSIGN_OR_RETURN(Store store, open_store(options));
+    DELTAVM_ASSIGN_OR_RETURN(Fork fork, fork_vm(id, count, store, *backend, runtime));
+    nlohmann::json ids = nlohmann::json::array();
+    for (const StartedVm& started : fork.vms) ids.push_back(started.id);
+    reply = {{"snapshot", snapshot_json(fork.snapshot)}, {"vms", ids}};
+  }
+  if (options.json) {
+    print_json(reply);
+    return {};
+  }
+  if (reply.contains("vms") && reply["vms"].is_array()) {
+    for (const nlohmann::json& fork_id : reply["vms"]) {
+      if (fork_id.is_string()) fmt::print("{}\n", fork_id.get<std::string>());
+    }
+  }
+  return {};
 }
 
 Status print_snapshot(const GlobalOptions& options, const nlohmann::json& snapshot) {
@@ -402,6 +500,16 @@ Status run_ps(const GlobalOptions& options) {
     table.add_row({vm.id(), record->template_name.empty() ? "?" : record->template_name,
                    record->backend.empty() ? "?" : record->backend, pid > 0 ? std::to_string(pid) : "-", state});
   }
+  // Paused VMs are images in the store, with no process.
+  if (Result<Store> store = open_store(options); store) {
+    DELTAVM_ASSIGN_OR_RETURN(std::vector<PausedVm> paused, paused_vms(*store, runtime));
+    for (const PausedVm& vm : paused) {
+      Result<Template> loaded = load_template(*store, vm.image.name);
+      std::string backend = loaded ? loaded->backend : "?";
+      rows.push_back({{"id", vm.id}, {"template", vm.image.name}, {"backend", backend}, {"pid", 0}, {"state", "paused"}});
+      table.add_row({vm.id, vm.image.name, backend, "-", "paused"});
+    }
+  }
   if (options.json)
     print_json({{"vms", rows}});
   else
@@ -426,15 +534,31 @@ Status run_stop(const GlobalOptions& options, const std::vector<std::string>& id
     DELTAVM_TRY(remove_abandoned_vms(runtime));
     DELTAVM_ASSIGN_OR_RETURN(std::vector<VmDirectory> vms, VmDirectory::list(runtime));
     for (const VmDirectory& vm : vms) targets.push_back(vm.id());
+    if (Result<Store> store = open_store(options); store) {
+      DELTAVM_ASSIGN_OR_RETURN(std::vector<PausedVm> paused, paused_vms(*store, runtime));
+      for (const PausedVm& vm : paused) targets.push_back(vm.id);
+    }
   }
   std::vector<std::string> stopped;
   std::optional<Error> first_failure;
   for (const std::string& id : targets) {
     Status status = [&]() -> Status {
       if (service) return service->call("DELETE", fmt::format("/v1/vms/{}", id)).status();
-      DELTAVM_ASSIGN_OR_RETURN(VmDirectory vm, VmDirectory::open(runtime, id));
-      DELTAVM_ASSIGN_OR_RETURN(std::unique_ptr<Backend> backend, backend_of(vm));
-      return stop_vm(id, *backend, runtime);
+      Result<VmDirectory> vm = VmDirectory::open(runtime, id);
+      Result<Store> store = open_store(options);
+      if (!vm) {
+        // A paused VM: stopping it discards its image.
+        if (!store) return vm.status();
+        DELTAVM_ASSIGN_OR_RETURN(std::optional<ImageRecord> image, paused_image(*store, id));
+        if (!image) return vm.status();
+        return release_transient_template(*store, runtime, image->name, id);
+      }
+      DELTAVM_ASSIGN_OR_RETURN(VmRecord record, vm->read_record());
+      DELTAVM_ASSIGN_OR_RETURN(std::unique_ptr<Backend> backend, backend_of(*vm));
+      DELTAVM_TRY(stop_vm(id, *backend, runtime));
+      // The image of a fork or of a resumed VM goes with the last VM loaded from it.
+      if (store) DELTAVM_TRY(release_transient_template(*store, runtime, record.template_name, id));
+      return Status();
     }();
     if (!status) {
       Error error = status.error().with_context(fmt::format("stop {}", id));
@@ -496,6 +620,16 @@ void add_vm_commands(CLI::App& app, const GlobalOptions& options, int& exit_stat
   build_command->add_option("--backend", build->backend, "qemu (default) or kvm");
   build_command->callback(
       [&options, build, finish] { finish(run_template_build(options, build->spec, build->backend)); });
+  struct RemoveArguments {
+    std::string name;
+    bool cascade = false;
+  };
+  auto remove = std::make_shared<RemoveArguments>();
+  CLI::App* remove_command = templates->add_subcommand("rm", "Remove a template (its objects go at the next store gc)");
+  remove_command->add_option("NAME", remove->name)->required();
+  remove_command->add_flag("--cascade", remove->cascade, "Also remove the templates stored against it");
+  remove_command->callback(
+      [&options, remove, finish] { finish(run_template_rm(options, remove->name, remove->cascade)); });
   templates->add_subcommand("ls", "List templates with their chains and stored sizes")->callback([&options, finish] {
     finish(run_template_ls(options));
   });
@@ -516,8 +650,25 @@ void add_vm_commands(CLI::App& app, const GlobalOptions& options, int& exit_stat
     finish(run_run(options, run->name, run->backend, run->strategy, run->kvm_memory, run->paused));
   });
 
+  auto pause_id = std::make_shared<std::string>();
+  CLI::App* pause_command =
+      app.add_subcommand("pause", "Store a running VM in the store and stop it, freeing its memory (resume loads it)");
+  pause_command->add_option("ID", *pause_id)->required();
+  pause_command->callback([&options, pause_id, finish] { finish(run_pause(options, *pause_id)); });
+
+  struct ForkArguments {
+    std::string id;
+    uint32_t count = 1;
+  };
+  auto fork = std::make_shared<ForkArguments>();
+  CLI::App* fork_command = app.add_subcommand("fork", "Snapshot a running VM and start copies of it; prints their ids");
+  fork_command->add_option("ID", fork->id)->required();
+  fork_command->add_option("--count", fork->count, "How many copies (default 1)")->check(CLI::Range(1, 64));
+  fork_command->callback([&options, fork, finish] { finish(run_fork(options, fork->id, fork->count)); });
+
   auto resume_id = std::make_shared<std::string>();
-  CLI::App* resume_command = app.add_subcommand("resume", "Start the vCPUs of a VM started with --paused");
+  CLI::App* resume_command =
+      app.add_subcommand("resume", "Load a paused VM back under its id, or start the vCPUs of one run --paused");
   resume_command->add_option("ID", *resume_id)->required();
   resume_command->callback([&options, resume_id, finish] { finish(run_resume(options, *resume_id)); });
 

@@ -596,6 +596,8 @@ Result<std::filesystem::path> Store::flat_file(const ImageRecord& record) {
   return flat_file_path(record.digest);
 }
 
+Result<std::vector<std::string>> Store::children(const std::string& name) { return catalog_.children(name); }
+
 Status Store::remove_image(const std::string& name) {
   DELTAVM_ASSIGN_OR_RETURN(StoreLock lock, StoreLock::acquire(directory_, StoreLock::Mode::kExclusive));
   DELTAVM_ASSIGN_OR_RETURN(ImageRecord record, find(name));

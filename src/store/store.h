@@ -151,6 +151,9 @@ class Store {
   Result<std::filesystem::path> flat_file(const ImageRecord& record);
   std::filesystem::path flat_file_path(const ImageDigest& digest) const;
 
+  // The images stored against `name` (its children).
+  Result<std::vector<std::string>> children(const std::string& name);
+
   // Removes an image with no children from the catalog; its object goes at the next gc.
   Status remove_image(const std::string& name);
 

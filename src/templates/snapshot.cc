@@ -10,6 +10,7 @@
 
 #include "base/json_fields.h"
 #include "base/page.h"
+#include "templates/spec.h"
 
 namespace deltavm {
 namespace {
@@ -28,14 +29,63 @@ Result<Mapping> map_image_for_capture(Store& store, const Template& loaded) {
   return Mapping::map(fd.get(), loaded.machine.memory_bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE, 0, flat.string());
 }
 
-// The snapshot's metadata: its template's (machine, backend, spec), and where it came from.
-Result<std::string> snapshot_metadata(const ImageRecord& parent, const std::string& vm_id) {
-  nlohmann::json metadata = nlohmann::json::parse(parent.metadata, nullptr, false);
-  if (metadata.is_discarded() || !metadata.is_object()) {
-    return make_error(ErrorCode::kCorruption, "template {}: its metadata is not a JSON object", parent.name);
+nlohmann::json metadata_of(const ImageRecord& record) {
+  nlohmann::json metadata = nlohmann::json::parse(record.metadata, nullptr, false);
+  return metadata.is_object() ? metadata : nlohmann::json::object();
+}
+
+// A transient template's kind and VM ("paused", "3fa2..."), if `record` is one.
+std::optional<std::pair<std::string, std::string>> transient_of(const ImageRecord& record) {
+  nlohmann::json metadata = metadata_of(record);
+  auto it = metadata.find("transient");
+  if (it == metadata.end() || !it->is_object()) return std::nullopt;
+  const nlohmann::json& transient = *it;
+  if (!transient.contains("kind") || !transient["kind"].is_string() || !transient.contains("vm") ||
+      !transient["vm"].is_string()) {
+    return std::nullopt;
   }
-  metadata["snapshot"] = {{"vm", vm_id}, {"template", parent.name}, {"taken_at_unix", std::time(nullptr)}};
+  return std::pair{transient["kind"].get<std::string>(), transient["vm"].get<std::string>()};
+}
+
+// The snapshot's metadata: its template's (machine, backend, spec), and where it came from.
+Result<std::string> snapshot_metadata(const ImageRecord& from, const std::string& vm_id,
+                                      const std::string& transient) {
+  nlohmann::json metadata = nlohmann::json::parse(from.metadata, nullptr, false);
+  if (metadata.is_discarded() || !metadata.is_object()) {
+    return make_error(ErrorCode::kCorruption, "template {}: its metadata is not a JSON object", from.name);
+  }
+  metadata["snapshot"] = {{"vm", vm_id}, {"template", from.name}, {"taken_at_unix", std::time(nullptr)}};
+  metadata.erase("transient");
+  if (!transient.empty()) metadata["transient"] = {{"kind", transient}, {"vm", vm_id}};
   return dump_json(metadata);
+}
+
+// Where in `chain` (base first, the VM's template last) the snapshot is stored against.
+Result<size_t> parent_index(const std::vector<ImageRecord>& chain, const SnapshotOptions& options) {
+  size_t top = chain.size() - 1;
+  if (options.against) {
+    for (size_t i = 0; i < chain.size(); ++i) {
+      if (chain[i].name == *options.against) return i;
+    }
+    return make_error(ErrorCode::kInvalidArgument, "{} is not an ancestor of template {}", *options.against,
+                      chain.back().name);
+  }
+  if (options.max_chain_depth > 0 && top + 1 > options.max_chain_depth) return options.max_chain_depth - 1;
+  return top;
+}
+
+// The next free name "STEM-N".
+Result<std::string> next_name(Store& store, const std::string& stem) {
+  DELTAVM_ASSIGN_OR_RETURN(std::vector<ImageRecord> records, store.list());
+  uint64_t last = 0;
+  for (const ImageRecord& record : records) {
+    if (!record.name.starts_with(stem + "-")) continue;
+    std::string suffix = record.name.substr(stem.size() + 1);
+    if (!suffix.empty() && suffix.size() < 10 && suffix.find_first_not_of("0123456789") == std::string::npos) {
+      last = std::max<uint64_t>(last, std::stoull(suffix));
+    }
+  }
+  return fmt::format("{}-{}", stem, last + 1);
 }
 
 }  // namespace
@@ -46,6 +96,7 @@ nlohmann::json snapshot_json(const Snapshot& snapshot) {
           {"vm", snapshot.vm_id},
           {"chain_depth", snapshot.record.chain_depth},
           {"changed_pages", snapshot.changed_pages},
+          {"squashed_layers", snapshot.squashed_layers},
           {"stored_size_bytes", snapshot.record.stored_size_bytes},
           {"prepare_ms", snapshot.prepare_ms},
           {"pause_ms", snapshot.pause_ms},
@@ -90,17 +141,26 @@ Result<Snapshot> snapshot_vm(const std::string& id, const std::string& name, Sto
   Snapshot snapshot;
   snapshot.vm_id = id;
   auto start = Clock::now();
+  DELTAVM_ASSIGN_OR_RETURN(size_t parent, parent_index(loaded->chain, options));
+  // The pages that may differ from the parent: what the VM changed, and what every delta
+  // between the parent and its template changed.
+  DirtyBitmap changed(loaded->machine.memory_bytes / kPageSize);
+  for (size_t layer = parent + 1; layer < loaded->chain.size(); ++layer) {
+    DELTAVM_ASSIGN_OR_RETURN(std::shared_ptr<const Delta> delta, store.read_delta_shared(loaded->chain[layer]));
+    for (const PageEdit& edit : delta->edits) changed.set(edit.page_index);
+    ++snapshot.squashed_layers;
+  }
   DELTAVM_ASSIGN_OR_RETURN(Mapping ram, map_image_for_capture(store, *loaded));
   DELTAVM_ASSIGN_OR_RETURN(std::vector<uint8_t> kernel, store.read_attachment(loaded->record(), kKernelRole));
   DELTAVM_ASSIGN_OR_RETURN(std::vector<uint8_t> initramfs, store.read_attachment(loaded->record(), kInitramfsRole));
-  DELTAVM_ASSIGN_OR_RETURN(std::string metadata, snapshot_metadata(loaded->record(), id));
+  DELTAVM_ASSIGN_OR_RETURN(std::string metadata, snapshot_metadata(loaded->record(), id, options.transient));
   snapshot.prepare_ms = elapsed_ms(start);
 
   start = Clock::now();
   DELTAVM_TRY(backend.pause(vm));
   Result<RamChanges> changes = backend.capture_changes(vm, ram.writable_bytes(), options.capture);
   // A capture that fails, or fails its check, leaves the VM running, whatever was asked:
-  // nothing of it is lost. Without --stop the VM runs on before the check.
+  // nothing of it is lost. Without `stop` the VM runs on before the check.
   if (!changes || !options.stop) {
     Status resumed = backend.resume(vm);
     snapshot.pause_ms = elapsed_ms(start);
@@ -122,7 +182,6 @@ Result<Snapshot> snapshot_vm(const std::string& id, const std::string& name, Sto
   if (!state) return state.error().with_context(fmt::format("snapshot of VM {}", id));
 
   start = Clock::now();
-  DirtyBitmap changed(loaded->machine.memory_bytes / kPageSize);
   for (uint64_t page : changes->pages) changed.set(page);
   PutOptions put;
   put.metadata = std::move(metadata);
@@ -130,9 +189,107 @@ Result<Snapshot> snapshot_vm(const std::string& id, const std::string& name, Sto
                      {std::string(kKernelRole), kernel},
                      {std::string(kInitramfsRole), initramfs}};
   put.dirty = &changed;
-  DELTAVM_ASSIGN_OR_RETURN(snapshot.record, store.put_image(name, ram.bytes(), loaded->name(), put));
+  DELTAVM_ASSIGN_OR_RETURN(snapshot.record, store.put_image(name, ram.bytes(), loaded->chain[parent].name, put));
   snapshot.store_ms = elapsed_ms(start);
   return snapshot;
+}
+
+Result<Snapshot> pause_vm(const std::string& id, Store& store, Backend& backend, const std::filesystem::path& runtime,
+                          uint32_t max_chain_depth) {
+  DELTAVM_ASSIGN_OR_RETURN(VmDirectory vm, VmDirectory::open(runtime, id));
+  DELTAVM_ASSIGN_OR_RETURN(VmRecord record, vm.read_record());
+  SnapshotOptions options;
+  options.stop = true;
+  options.max_chain_depth = max_chain_depth;
+  options.transient = "paused";
+  // A VM resumed from its paused image and paused again is stored against that image's
+  // parent, so that its previous image can go.
+  if (Result<ImageRecord> from = store.find(record.template_name); from) {
+    std::optional<std::pair<std::string, std::string>> transient = transient_of(*from);
+    if (transient && transient->first == "paused" && transient->second == id && from->parent) {
+      options.against = from->parent;
+    }
+  }
+  DELTAVM_ASSIGN_OR_RETURN(std::string name, next_name(store, "paused-" + id));
+  DELTAVM_ASSIGN_OR_RETURN(Snapshot snapshot, snapshot_vm(id, name, store, backend, runtime, options));
+  (void)release_transient_template(store, runtime, record.template_name, id);
+  return snapshot;
+}
+
+Result<std::optional<ImageRecord>> paused_image(Store& store, const std::string& id) {
+  DELTAVM_ASSIGN_OR_RETURN(std::vector<ImageRecord> records, store.list());
+  std::optional<ImageRecord> newest;
+  for (ImageRecord& record : records) {
+    std::optional<std::pair<std::string, std::string>> transient = transient_of(record);
+    if (!transient || transient->first != "paused" || transient->second != id) continue;
+    if (!newest || record.created_at_unix >= newest->created_at_unix) newest = std::move(record);
+  }
+  return newest;
+}
+
+Result<std::vector<PausedVm>> paused_vms(Store& store, const std::filesystem::path& runtime) {
+  DELTAVM_ASSIGN_OR_RETURN(std::vector<ImageRecord> records, store.list());
+  std::vector<PausedVm> paused;
+  for (ImageRecord& record : records) {
+    std::optional<std::pair<std::string, std::string>> transient = transient_of(record);
+    if (!transient || transient->first != "paused") continue;
+    if (VmDirectory::open(runtime, transient->second)) continue;  // Resumed: it runs.
+    paused.push_back({transient->second, std::move(record)});
+  }
+  return paused;
+}
+
+Result<StartedVm> resume_paused_vm(const std::string& id, Store& store, Backend& backend,
+                                   const std::filesystem::path& runtime, const StartOptions& options) {
+  DELTAVM_ASSIGN_OR_RETURN(std::optional<ImageRecord> image, paused_image(store, id));
+  if (!image) return make_error(ErrorCode::kNotFound, "no paused VM {} (see deltavm ps)", id);
+  StartOptions resumed = options;
+  resumed.id = id;
+  return start_vm(image->name, store, backend, runtime, resumed);
+}
+
+Result<Fork> fork_vm(const std::string& id, uint32_t count, Store& store, Backend& backend,
+                     const std::filesystem::path& runtime, uint32_t max_chain_depth) {
+  if (count == 0) return make_error(ErrorCode::kInvalidArgument, "a fork needs a count of at least 1");
+  SnapshotOptions options;
+  options.max_chain_depth = max_chain_depth;
+  options.transient = "fork";
+  Fork fork;
+  DELTAVM_ASSIGN_OR_RETURN(std::string name, next_name(store, "fork-" + id));
+  DELTAVM_ASSIGN_OR_RETURN(fork.snapshot, snapshot_vm(id, name, store, backend, runtime, options));
+  DELTAVM_ASSIGN_OR_RETURN(Template loaded, load_template(store, name));
+  for (uint32_t i = 0; i < count; ++i) {
+    Result<StartedVm> started = start_vm(loaded, store, backend, runtime);
+    if (!started) {
+      for (const StartedVm& vm : fork.vms) (void)stop_vm(vm.id, backend, runtime);
+      (void)release_transient_template(store, runtime, name, "");
+      return started.error().with_context(fmt::format("fork {} of {} of VM {}", i + 1, count, id));
+    }
+    fork.vms.push_back(std::move(*started));
+  }
+  return fork;
+}
+
+Status release_transient_template(Store& store, const std::filesystem::path& runtime, const std::string& name,
+                                  const std::string& stopped_id) {
+  Result<ImageRecord> record = store.find(name);
+  if (!record) return record.error().code == ErrorCode::kNotFound ? Status() : record.status();
+  std::optional<std::pair<std::string, std::string>> transient = transient_of(*record);
+  if (!transient) return {};
+  const auto& [kind, vm_id] = *transient;
+  if (kind == "paused" && vm_id != stopped_id) return {};  // Still its VM's paused image.
+  DELTAVM_ASSIGN_OR_RETURN(std::vector<std::string> children, store.children(name));
+  if (!children.empty()) return {};
+  DELTAVM_ASSIGN_OR_RETURN(std::vector<VmDirectory> vms, VmDirectory::list(runtime));
+  for (const VmDirectory& vm : vms) {
+    Result<VmRecord> other = vm.read_record();
+    if (other && other->id != stopped_id && other->template_name == name) return {};
+  }
+  Status removed = store.remove_image(name);
+  if (!removed && removed.error().code != ErrorCode::kNotFound && removed.error().code != ErrorCode::kConflict) {
+    return removed;
+  }
+  return {};
 }
 
 }  // namespace deltavm

@@ -261,7 +261,7 @@ Result<StartedVm> start_vm(const Template& loaded, Store& store, Backend& backen
   Loader loader(store);
   DELTAVM_ASSIGN_OR_RETURN(PreparedRam ram, loader.prepare(loaded.chain, options.strategy));
 
-  DELTAVM_ASSIGN_OR_RETURN(VmDirectory vm, VmDirectory::create(runtime));
+  DELTAVM_ASSIGN_OR_RETURN(VmDirectory vm, VmDirectory::create(runtime, options.id));
   VmGuard guard(backend, vm);
   // Owned while it starts: if this process dies half-way, whoever finds the VM ends it.
   DELTAVM_TRY(vm.update_record([&](VmRecord& vm_record) {
@@ -291,6 +291,34 @@ Result<StartedVm> start_vm(const std::string& name, Store& store, Backend& backe
                            const std::filesystem::path& runtime, const StartOptions& options) {
   DELTAVM_ASSIGN_OR_RETURN(Template loaded, load_template(store, name));
   return start_vm(loaded, store, backend, runtime, options);
+}
+
+Result<std::vector<std::string>> remove_template(Store& store, const std::filesystem::path& runtime,
+                                                 const std::string& name, bool cascade) {
+  DELTAVM_TRY(store.find(name).status());
+  // The template and, with cascade, every template below it: parents before children.
+  std::vector<std::string> doomed = {name};
+  for (size_t i = 0; i < doomed.size(); ++i) {
+    DELTAVM_ASSIGN_OR_RETURN(std::vector<std::string> children, store.children(doomed[i]));
+    if (!children.empty() && !cascade) {
+      return make_error(ErrorCode::kConflict, "template {} has {} template(s) stored against it ({}); --cascade removes them too",
+                        name, children.size(), fmt::join(children, ", "));
+    }
+    doomed.insert(doomed.end(), children.begin(), children.end());
+  }
+  DELTAVM_ASSIGN_OR_RETURN(std::vector<VmDirectory> vms, VmDirectory::list(runtime));
+  for (const VmDirectory& vm : vms) {
+    Result<VmRecord> record = vm.read_record();
+    if (record && std::find(doomed.begin(), doomed.end(), record->template_name) != doomed.end()) {
+      return make_error(ErrorCode::kConflict, "template {} is in use by VM {}", record->template_name, vm.id());
+    }
+  }
+  std::vector<std::string> removed;
+  for (auto it = doomed.rbegin(); it != doomed.rend(); ++it) {
+    DELTAVM_TRY(store.remove_image(*it));
+    removed.push_back(*it);
+  }
+  return removed;
 }
 
 Status stop_vm(const std::string& id, Backend& backend, const std::filesystem::path& runtime) {

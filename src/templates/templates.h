@@ -69,6 +69,7 @@ struct StartOptions {
   // while the VM starts, and the running VM belongs to the runtime.
   bool stay_owner = false;
   std::string purpose;
+  std::string id;  // The VM's id (a paused VM resumed keeps its own); empty: a fresh one.
 };
 
 // The patent's request: a new VM equivalent to template `loaded`, its RAM built from the base
@@ -79,6 +80,13 @@ Result<StartedVm> start_vm(const Template& loaded, Store& store, Backend& backen
 // load_template, then start_vm.
 Result<StartedVm> start_vm(const std::string& name, Store& store, Backend& backend,
                            const std::filesystem::path& runtime, const StartOptions& options = {});
+
+// Removes template `name` from the store (its objects go at the next gc). Refused (kConflict)
+// while other templates are stored against it, unless `cascade`: then they go first, deepest
+// first. Refused too while a VM of `runtime` runs from any template it would remove. Returns
+// the names removed.
+Result<std::vector<std::string>> remove_template(Store& store, const std::filesystem::path& runtime,
+                                                 const std::string& name, bool cascade);
 
 // Stops a VM and removes its directory.
 Status stop_vm(const std::string& id, Backend& backend, const std::filesystem::path& runtime);

@@ -136,5 +136,114 @@ TEST_F(Snapshots, AVmWhoseTemplateWasReplacedCannotBeSnapshotted) {
   EXPECT_TRUE(exec(vm, "true"));
 }
 
+TEST_F(Snapshots, PauseThenResumeKeepsProcessesOpenFilesAndCounters) {
+  VmDirectory vm = start("counter");
+  std::string id = vm.id();
+  // A process holding a file open, and the template's counter.
+  ASSERT_TRUE(exec(vm, "(exec 7>/tmp/held; echo first >&7; while true; do sleep 0.1; done) & echo $! > /tmp/holder"));
+  std::this_thread::sleep_for(std::chrono::milliseconds(500));
+  int ticks_at_pause = std::stoi(*exec(vm, "cat /run/ticks"));
+  Result<Snapshot> paused = pause_vm(id, *store_, *backend_, runtime());
+  ASSERT_TRUE(paused) << paused.error().message;
+  names_.push_back(paused->record.name);
+  EXPECT_FALSE(VmDirectory::open(runtime(), id)) << "a paused VM has no process";
+  Result<std::vector<PausedVm>> listed = paused_vms(*store_, runtime());
+  ASSERT_TRUE(listed);
+  EXPECT_EQ(std::count_if(listed->begin(), listed->end(), [&](const PausedVm& p) { return p.id == id; }), 1);
+
+  Result<StartedVm> resumed = resume_paused_vm(id, *store_, *backend_, runtime());
+  ASSERT_TRUE(resumed) << resumed.error().message;
+  EXPECT_EQ(resumed->id, id);
+  VmDirectory again = *VmDirectory::open(runtime(), id);
+  EXPECT_EQ(*exec(again, "kill -0 $(cat /tmp/holder) && ls -l /proc/$(cat /tmp/holder)/fd/7 | grep -c /tmp/held"),
+            "1\n");
+  int ticks_after = std::stoi(*exec(again, "cat /run/ticks"));
+  EXPECT_GE(ticks_after, ticks_at_pause);
+  EXPECT_LE(ticks_after, ticks_at_pause + 3) << "the counter went on while the VM was paused";
+  std::this_thread::sleep_for(std::chrono::milliseconds(600));
+  EXPECT_GT(std::stoi(*exec(again, "cat /run/ticks")), ticks_after);
+
+  // Paused again, it is stored against the same parent and its previous image goes.
+  Result<Snapshot> second = pause_vm(id, *store_, *backend_, runtime());
+  ASSERT_TRUE(second) << second.error().message;
+  names_.push_back(second->record.name);
+  EXPECT_EQ(second->record.parent, paused->record.parent);
+  EXPECT_FALSE(store_->find(paused->record.name));
+  ASSERT_TRUE(resume_paused_vm(id, *store_, *backend_, runtime()));
+  started_.push_back(id);
+  EXPECT_EQ(*exec(*VmDirectory::open(runtime(), id), "cat /tmp/held"), "first\n");
+  // Stopped, the resumed VM's image goes with it.
+  ASSERT_TRUE(stop_vm(id, *backend_, runtime()));
+  ASSERT_TRUE(release_transient_template(*store_, runtime(), second->record.name, id));
+  EXPECT_FALSE(store_->find(second->record.name));
+}
+
+TEST_F(Snapshots, ForksRunIndependentlyOfEachOtherAndOfTheOriginal) {
+  VmDirectory vm = start("counter");
+  ASSERT_TRUE(exec(vm, "echo before-fork > /tmp/shared"));
+  Result<Fork> fork = fork_vm(vm.id(), 3, *store_, *backend_, runtime());
+  ASSERT_TRUE(fork) << fork.error().message;
+  for (const StartedVm& started : fork->vms) started_.push_back(started.id);
+  names_.push_back(fork->snapshot.record.name);
+  ASSERT_EQ(fork->vms.size(), 3u);
+  std::vector<VmDirectory> forks;
+  for (const StartedVm& started : fork->vms) forks.push_back(*VmDirectory::open(runtime(), started.id));
+  for (size_t i = 0; i < forks.size(); ++i) {
+    EXPECT_EQ(*exec(forks[i], "cat /tmp/shared"), "before-fork\n");
+    ASSERT_TRUE(exec(forks[i], fmt::format("echo fork-{} > /tmp/shared", i)));
+  }
+  ASSERT_TRUE(exec(vm, "echo original > /tmp/shared"));
+  for (size_t i = 0; i < forks.size(); ++i) EXPECT_EQ(*exec(forks[i], "cat /tmp/shared"), fmt::format("fork-{}\n", i));
+  EXPECT_EQ(*exec(vm, "cat /tmp/shared"), "original\n");
+  // The fork's image goes with the last VM loaded from it.
+  for (const VmDirectory& one : forks) {
+    ASSERT_TRUE(stop_vm(one.id(), *backend_, runtime()));
+    ASSERT_TRUE(release_transient_template(*store_, runtime(), fork->snapshot.record.name, one.id()));
+    bool last = &one == &forks.back();
+    EXPECT_EQ(static_cast<bool>(store_->find(fork->snapshot.record.name)), !last);
+  }
+}
+
+TEST_F(Snapshots, PastTheMaximumDepthASnapshotIsStoredAgainstAnAncestorWithTheLayersSquashed) {
+  // counter is at depth 1: a limit of 2 lets one snapshot chain on it, and stores the next
+  // one against counter, its delta holding both the first snapshot's changes and its own.
+  VmDirectory vm = start("counter");
+  ASSERT_TRUE(exec(vm, "echo first > /tmp/first"));
+  std::string first = name("depth-first");
+  ASSERT_TRUE(snapshot_vm(vm.id(), first, *store_, *backend_, runtime(), {.max_chain_depth = 2}));
+  VmDirectory clone = start(first);
+  ASSERT_TRUE(exec(clone, "echo second > /tmp/second"));
+  std::string second = name("depth-second");
+  Result<Snapshot> snapshot = snapshot_vm(clone.id(), second, *store_, *backend_, runtime(), {.max_chain_depth = 2});
+  ASSERT_TRUE(snapshot) << snapshot.error().message;
+  EXPECT_EQ(snapshot->record.parent, "counter");
+  EXPECT_EQ(snapshot->record.chain_depth, 2u);
+  EXPECT_EQ(snapshot->squashed_layers, 1u);
+  VmDirectory grandchild = start(second);
+  EXPECT_EQ(*exec(grandchild, "cat /tmp/first /tmp/second"), "first\nsecond\n");
+  // Every image is exact (the store checks each against its digest).
+  Result<FsckReport> fsck = store_->fsck();
+  ASSERT_TRUE(fsck);
+  EXPECT_TRUE(fsck->clean());
+}
+
+TEST_F(Snapshots, RemovingATemplateOthersDependOnNeedsCascade) {
+  VmDirectory vm = start("counter");
+  std::string parent = name("cascade-parent");
+  ASSERT_TRUE(snapshot_vm(vm.id(), parent, *store_, *backend_, runtime()));
+  VmDirectory clone = start(parent);
+  std::string child = name("cascade-child");
+  ASSERT_TRUE(snapshot_vm(clone.id(), child, *store_, *backend_, runtime(), {.stop = true}));
+  Result<std::vector<std::string>> refused = remove_template(*store_, runtime(), parent, false);
+  ASSERT_FALSE(refused);
+  EXPECT_EQ(refused.error().code, ErrorCode::kConflict);
+  EXPECT_NE(refused.error().message.find(child), std::string::npos) << refused.error().message;
+  Result<std::vector<std::string>> removed = remove_template(*store_, runtime(), parent, true);
+  ASSERT_TRUE(removed) << removed.error().message;
+  EXPECT_EQ(*removed, (std::vector<std::string>{child, parent}));
+  EXPECT_FALSE(store_->find(parent));
+  EXPECT_TRUE(store_->find("counter"));
+}
+
 }  // namespace
 }  // namespace deltavm
