@@ -43,6 +43,10 @@ Result<ServiceConfig> parse_service_config(std::string_view json_text, const std
   DELTAVM_TRY(fields.unsigned_integer("max_ttl_seconds", config.max_ttl_seconds, false, uint64_t{365} * 24 * 3600));
   DELTAVM_TRY(
       fields.unsigned_integer("default_ttl_seconds", config.default_ttl_seconds, false, config.max_ttl_seconds));
+  DELTAVM_TRY(fields.boolean("auto_pause", config.auto_pause));
+  uint64_t max_chain_depth = config.max_chain_depth;
+  DELTAVM_TRY(fields.unsigned_integer("max_chain_depth", max_chain_depth, false, 1024));
+  config.max_chain_depth = static_cast<uint32_t>(max_chain_depth);
   DELTAVM_ASSIGN_OR_RETURN(const nlohmann::json* pools, fields.object("pools"));
   if (pools != nullptr) {
     for (const auto& [name, size] : pools->items()) {

@@ -24,6 +24,11 @@ struct ServiceConfig {
   // the host's CPUs only share them, and each holds its chain's decoded deltas. Default: the
   // number of CPUs, at least 2.
   uint64_t max_concurrent_loads = 2;
+  // A VM whose ttl expires is paused into the store (deltavm resume loads it back) instead
+  // of stopped.
+  bool auto_pause = false;
+  // Snapshots deeper than this are stored against an ancestor (templates/snapshot.h); 0: no limit.
+  uint32_t max_chain_depth = 8;
   // Warm pool size by template name.
   std::map<std::string, uint64_t> pools;
 };

@@ -61,6 +61,7 @@ std::string encode_bytes(const std::string& bytes, const std::string& encoding, 
 
 json vm_json(const VmView& vm) {
   return {{"id", vm.id},
+          {"state", vm.state},
           {"template", vm.template_name},
           {"backend", vm.backend},
           {"pooled", vm.pooled},
@@ -266,8 +267,14 @@ void HttpApi::install_routes(Listener& server, std::optional<std::string> token)
                 });
               }));
   server.Delete(name, route("template", [&service](const httplib::Request& request) {
-                  Status deleted = service.delete_template(request.matches[1]);
-                  return deleted ? Reply{204} : error_reply(deleted.error());
+                  std::string cascade = request.has_param("cascade") ? request.get_param_value("cascade") : "false";
+                  if (cascade != "true" && cascade != "false") {
+                    return error_reply(400, "invalid_argument",
+                                       fmt::format("query parameter cascade must be true or false, found {:?}", cascade));
+                  }
+                  Result<std::vector<std::string>> removed =
+                      service.delete_template(request.matches[1], cascade == "true");
+                  return removed ? Reply{200, json{{"removed", *removed}}} : error_reply(removed.error());
                 }));
   server.Put(name + "/pool", route("pool", [&service, with_body](const httplib::Request& request) {
                return with_body(request, [&](const json& body) {
@@ -298,7 +305,7 @@ void HttpApi::install_routes(Listener& server, std::optional<std::string> token)
                return Reply{200, json{{"vms", list}}};
              }));
   server.Get(vm, route("vm", [&service](const httplib::Request& request) {
-               Result<VmView> view = service.get_vm(request.matches[1]);
+               Result<VmView> view = service.describe_vm(request.matches[1]);
                return view ? Reply{200, vm_json(*view)} : error_reply(view.error());
              }));
   server.Delete(vm, route("vm", [&service](const httplib::Request& request) {
@@ -331,6 +338,25 @@ void HttpApi::install_routes(Listener& server, std::optional<std::string> token)
                   if (!parsed) return error_reply(parsed.error());
                   Result<Snapshot> taken = service.snapshot(request.matches[1], parsed->name, parsed->stop);
                   return taken ? Reply{201, snapshot_json(*taken)} : error_reply(taken.error());
+                });
+              }));
+  server.Post(vm + "/pause", route("pause", [&service](const httplib::Request& request) {
+                Result<Snapshot> paused = service.pause(request.matches[1]);
+                return paused ? Reply{200, snapshot_json(*paused)} : error_reply(paused.error());
+              }));
+  server.Post(vm + "/resume", route("resume", [&service](const httplib::Request& request) {
+                Result<VmView> resumed = service.resume(request.matches[1]);
+                return resumed ? Reply{200, vm_json(*resumed)} : error_reply(resumed.error());
+              }));
+  server.Post(vm + "/fork", route("fork", [&service, with_body](const httplib::Request& request) {
+                return with_body(request, [&](const json& body) {
+                  Result<uint64_t> count = parse_fork(body);
+                  if (!count) return error_reply(count.error());
+                  Result<VmService::Forked> forked = service.fork(request.matches[1], *count);
+                  if (!forked) return error_reply(forked.error());
+                  json vms = json::array();
+                  for (const VmView& view : forked->vms) vms.push_back(vm_json(view));
+                  return Reply{201, json{{"snapshot", snapshot_json(forked->snapshot)}, {"vms", vms}}};
                 });
               }));
   server.Get(vm + "/console", route("console", [&service](const httplib::Request& request) {

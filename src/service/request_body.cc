@@ -2,6 +2,7 @@
 
 #include "base/json_fields.h"
 #include "service/encoding.h"
+#include "service/vm_service.h"
 #include "templates/spec.h"
 
 namespace deltavm {
@@ -54,6 +55,17 @@ Result<SnapshotBody> parse_snapshot(const json& body) {
                       "request body: field name must be 1 to 64 letters, digits, '-', '_' or '.'");
   }
   return parsed;
+}
+
+Result<uint64_t> parse_fork(const json& body) {
+  JsonFields fields(body, "request body", ErrorCode::kInvalidArgument);
+  uint64_t count = 1;
+  DELTAVM_TRY(fields.unsigned_integer("count", count, false, kMaxForks));
+  DELTAVM_TRY(fields.no_other_fields());
+  if (count == 0) {
+    return make_error(ErrorCode::kInvalidArgument, "request body: field count must be from 1 to {}, found 0", kMaxForks);
+  }
+  return count;
 }
 
 std::string shell_quote(const std::vector<std::string>& arguments) {

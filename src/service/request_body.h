@@ -50,6 +50,9 @@ struct SnapshotBody {
 };
 Result<SnapshotBody> parse_snapshot(const nlohmann::json& body);
 
+// POST /v1/vms/{id}/fork: {"count": N}, N from 1 to kMaxForks (default 1).
+Result<uint64_t> parse_fork(const nlohmann::json& body);
+
 Result<uint64_t> parse_pool_size(const nlohmann::json& body);
 
 // Each argument single-quoted for /bin/sh, so that the guest runs exactly this argv.

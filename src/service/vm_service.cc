@@ -255,6 +255,10 @@ void VmService::stop_and_forget(const std::shared_ptr<Vm>& vm, const std::string
     auto it = vms_.find(vm->id);
     if (it != vms_.end() && it->second == vm) vms_.erase(it);
   }
+  // The image of a fork or of a resumed VM goes with the last VM loaded from it.
+  if (Status released = release_transient_template(store_, runtime_, vm->template_name, vm->id); !released) {
+    log_event("VM {}: its template {} stays: {}", vm->id, vm->template_name, released.error().message);
+  }
   changed_.notify_all();
 }
 
@@ -343,7 +347,8 @@ std::optional<VmView> VmService::take_from_pool(const CreateVmRequest& request, 
   return *view;
 }
 
-Result<VmView> VmService::start_cold(const CreateVmRequest& request, int64_t expires_at_unix, Clock::time_point start) {
+Result<VmView> VmService::start_cold(const CreateVmRequest& request, int64_t expires_at_unix, Clock::time_point start,
+                                     const std::string& id) {
   Result<Template> found = load_template(store_, request.template_name);
   if (!found) {
     if (found.error().code == ErrorCode::kNotFound) {
@@ -376,7 +381,8 @@ Result<VmView> VmService::start_cold(const CreateVmRequest& request, int64_t exp
 
   DELTAVM_ASSIGN_OR_RETURN(Reservation reservation, reserve(loaded.machine.memory_bytes, /*may_evict=*/true));
   load_turns_.acquire();
-  Result<StartedVm> started = start_vm(loaded, store_, *runner, runtime_, {.strategy = *strategy, .stay_owner = true});
+  Result<StartedVm> started =
+      start_vm(loaded, store_, *runner, runtime_, {.strategy = *strategy, .stay_owner = true, .id = id});
   load_turns_.release();
   if (!started) {
     release(reservation);
@@ -417,13 +423,44 @@ Result<VmView> VmService::start_cold(const CreateVmRequest& request, int64_t exp
   return view_of(*vm);
 }
 
+namespace {
+
+VmView paused_view(Store& store, const PausedVm& paused) {
+  VmView view;
+  view.id = paused.id;
+  view.state = "paused";
+  view.template_name = paused.image.name;
+  view.backend = "qemu";
+  if (Result<Template> loaded = load_template(store, paused.image.name); loaded) {
+    view.backend = loaded->backend;
+    view.memory_bytes = loaded->machine.memory_bytes;
+  }
+  view.created_at_unix = paused.image.created_at_unix;
+  return view;
+}
+
+}  // namespace
+
 std::vector<VmView> VmService::list_vms() {
-  std::lock_guard lock(mutex_);
   std::vector<VmView> views;
-  for (const auto& [id, vm] : vms_) {
-    if (vm->state == VmState::kRunning) views.push_back(view_of(*vm));
+  {
+    std::lock_guard lock(mutex_);
+    for (const auto& [id, vm] : vms_) {
+      if (vm->state == VmState::kRunning) views.push_back(view_of(*vm));
+    }
+  }
+  if (Result<std::vector<PausedVm>> paused = paused_vms(store_, runtime_); paused) {
+    for (const PausedVm& vm : *paused) views.push_back(paused_view(store_, vm));
   }
   return views;
+}
+
+Result<VmView> VmService::describe_vm(const std::string& id) {
+  Result<VmView> running = get_vm(id);
+  if (running) return running;
+  DELTAVM_ASSIGN_OR_RETURN(std::optional<ImageRecord> image, paused_image(store_, id));
+  if (!image || VmDirectory::open(runtime_, id)) return running;
+  return paused_view(store_, PausedVm{id, *image});
 }
 
 Result<VmView> VmService::get_vm(const std::string& id) {
@@ -437,13 +474,24 @@ Result<VmView> VmService::get_vm(const std::string& id) {
 
 Status VmService::delete_vm(const std::string& id) {
   std::shared_ptr<Vm> vm;
+  bool known = false;
   {
     std::lock_guard lock(mutex_);
     auto it = vms_.find(id);
-    if (it == vms_.end() || it->second->state != VmState::kRunning) {
-      return make_error(ErrorCode::kNotFound, "no VM {}", id);
+    known = it != vms_.end() && it->second->state == VmState::kRunning;
+    if (known) vm = it->second;
+  }
+  if (!known) {
+    // A paused VM: deleting it discards its image.
+    Result<VmView> paused = describe_vm(id);
+    if (paused && paused->state == "paused") {
+      return release_transient_template(store_, runtime_, paused->template_name, id);
     }
-    vm = it->second;
+    return make_error(ErrorCode::kNotFound, "no VM {}", id);
+  }
+  {
+    std::lock_guard lock(mutex_);
+    if (vm->state != VmState::kRunning) return make_error(ErrorCode::kNotFound, "no VM {}", id);
     if (vm->snapshotting) return make_error(ErrorCode::kConflict, "VM {} is being snapshotted", id);
     vm->state = VmState::kStopping;
   }
@@ -451,22 +499,24 @@ Status VmService::delete_vm(const std::string& id) {
   return {};
 }
 
-Result<Snapshot> VmService::snapshot(const std::string& id, const std::string& name, bool stop) {
+Result<std::shared_ptr<VmService::Vm>> VmService::begin_snapshot(const std::string& id) {
   if (draining()) return make_error(ErrorCode::kUnavailable, "the service is shutting down");
-  std::shared_ptr<Vm> vm;
-  {
-    std::lock_guard lock(mutex_);
-    auto it = vms_.find(id);
-    if (it == vms_.end() || it->second->state != VmState::kRunning) {
-      return make_error(ErrorCode::kNotFound, "no VM {}", id);
-    }
-    vm = it->second;
-    if (vm->snapshotting) return make_error(ErrorCode::kConflict, "VM {} is being snapshotted", id);
-    vm->snapshotting = true;
+  std::lock_guard lock(mutex_);
+  auto it = vms_.find(id);
+  if (it == vms_.end() || it->second->state != VmState::kRunning) {
+    return make_error(ErrorCode::kNotFound, "no running VM {}", id);
   }
+  std::shared_ptr<Vm> vm = it->second;
+  if (vm->snapshotting) return make_error(ErrorCode::kConflict, "VM {} is being snapshotted", id);
+  vm->snapshotting = true;
+  return vm;
+}
+
+Result<Snapshot> VmService::snapshot(const std::string& id, const std::string& name, bool stop) {
+  DELTAVM_ASSIGN_OR_RETURN(std::shared_ptr<Vm> vm, begin_snapshot(id));
   Result<Snapshot> taken = [&]() -> Result<Snapshot> {
     DELTAVM_ASSIGN_OR_RETURN(Backend * runner, backend(vm->backend_key.empty() ? "qemu" : vm->backend_key));
-    return snapshot_vm(id, name, store_, *runner, runtime_);
+    return snapshot_vm(id, name, store_, *runner, runtime_, {.max_chain_depth = config_.max_chain_depth});
   }();
   {
     std::lock_guard lock(mutex_);
@@ -478,6 +528,94 @@ Result<Snapshot> VmService::snapshot(const std::string& id, const std::string& n
   metrics_.observe("deltavm_snapshot_pause_seconds", {}, taken->pause_ms / 1000);
   if (stop) stop_and_forget(vm, "snapshotted");
   return taken;
+}
+
+Result<Snapshot> VmService::pause(const std::string& id) {
+  DELTAVM_ASSIGN_OR_RETURN(std::shared_ptr<Vm> vm, begin_snapshot(id));
+  std::unique_ptr<HeldControl> control;
+  Result<Snapshot> taken = [&]() -> Result<Snapshot> {
+    DELTAVM_ASSIGN_OR_RETURN(Backend * runner, backend(vm->backend_key.empty() ? "qemu" : vm->backend_key));
+    return pause_vm(id, store_, *runner, runtime_, config_.max_chain_depth);
+  }();
+  {
+    std::lock_guard lock(mutex_);
+    vm->snapshotting = false;
+    // Paused, the VM has no process: it is forgotten here and listed from the store.
+    if (taken) {
+      vm->state = VmState::kStopping;
+      vms_.erase(id);
+    }
+  }
+  metrics_.add("deltavm_snapshots_total", {{"result", taken ? "stored" : error_code_id(taken.error().code)}});
+  if (!taken) return taken.error();
+  metrics_.observe("deltavm_snapshot_pause_seconds", {}, taken->pause_ms / 1000);
+  metrics_.add("deltavm_vm_ends_total", {{"reason", "paused"}});
+  changed_.notify_all();
+  return taken;
+}
+
+Result<VmView> VmService::resume(const std::string& id) {
+  Clock::time_point start = Clock::now();
+  if (draining()) return make_error(ErrorCode::kUnavailable, "the service is shutting down");
+  if (VmDirectory::open(runtime_, id)) return make_error(ErrorCode::kConflict, "VM {} is running, not paused", id);
+  DELTAVM_ASSIGN_OR_RETURN(std::optional<ImageRecord> image, paused_image(store_, id));
+  if (!image) return make_error(ErrorCode::kNotFound, "no paused VM {}", id);
+  CreateVmRequest request;
+  request.template_name = image->name;
+  uint64_t ttl = config_.default_ttl_seconds;
+  int64_t expires_at_unix = ttl > 0 ? now_unix() + static_cast<int64_t>(ttl) : 0;
+  DELTAVM_ASSIGN_OR_RETURN(VmView view, start_cold(request, expires_at_unix, start, id));
+  metrics_.add("deltavm_loads_total", {{"template", view.template_name}, {"backend", view.backend}, {"pooled", "false"}});
+  metrics_.observe("deltavm_load_seconds", {{"pooled", "false"}}, view.timings.total_ms / 1000);
+  return view;
+}
+
+Result<VmService::Forked> VmService::fork(const std::string& id, uint64_t count) {
+  if (count == 0 || count > kMaxForks) {
+    return make_error(ErrorCode::kInvalidArgument, "field count must be an integer from 1 to {}, found {}", kMaxForks,
+                      count);
+  }
+  DELTAVM_ASSIGN_OR_RETURN(std::shared_ptr<Vm> vm, begin_snapshot(id));
+  Forked forked;
+  Result<Snapshot> taken = [&]() -> Result<Snapshot> {
+    DELTAVM_ASSIGN_OR_RETURN(Backend * runner, backend(vm->backend_key.empty() ? "qemu" : vm->backend_key));
+    // The forks' image: "fork-ID-N", the first N free.
+    for (int attempt = 0;; ++attempt) {
+      Result<std::vector<ImageRecord>> records = store_.list();
+      if (!records) return records.error();
+      uint64_t next = 1;
+      for (const ImageRecord& record : *records) {
+        if (record.name.starts_with(fmt::format("fork-{}-", id))) ++next;
+      }
+      Result<Snapshot> attempted =
+          snapshot_vm(id, fmt::format("fork-{}-{}", id, next), store_, *runner, runtime_,
+                      {.max_chain_depth = config_.max_chain_depth, .transient = "fork"});
+      if (attempted || attempted.error().code != ErrorCode::kAlreadyExists || attempt == 8) return attempted;
+    }
+  }();
+  {
+    std::lock_guard lock(mutex_);
+    vm->snapshotting = false;
+  }
+  metrics_.add("deltavm_snapshots_total", {{"result", taken ? "stored" : error_code_id(taken.error().code)}});
+  if (!taken) return taken.error();
+  forked.snapshot = *taken;
+  CreateVmRequest request;
+  request.template_name = taken->record.name;
+  uint64_t ttl = config_.default_ttl_seconds;
+  int64_t expires_at_unix = ttl > 0 ? now_unix() + static_cast<int64_t>(ttl) : 0;
+  for (uint64_t i = 0; i < count; ++i) {
+    Result<VmView> started = start_cold(request, expires_at_unix, Clock::now());
+    if (!started) {
+      for (const VmView& view : forked.vms) (void)delete_vm(view.id);
+      (void)release_transient_template(store_, runtime_, taken->record.name, "");
+      return started.error().with_context(fmt::format("fork {} of {}", i + 1, count));
+    }
+    metrics_.add("deltavm_loads_total",
+                 {{"template", started->template_name}, {"backend", started->backend}, {"pooled", "false"}});
+    forked.vms.push_back(std::move(*started));
+  }
+  return forked;
 }
 
 Result<ExecResult> VmService::exec(const std::string& id, const ExecRequest& request) {
@@ -558,30 +696,50 @@ Result<std::vector<TemplateView>> VmService::list_templates() {
   return views;
 }
 
-Status VmService::delete_template(const std::string& name) {
-  DELTAVM_TRY(get_template(name).status());
-  {
-    std::lock_guard lock(mutex_);
-    for (const auto& [id, vm] : vms_) {
-      if (vm->template_name == name && vm->state != VmState::kPooled) {
-        return make_error(ErrorCode::kConflict, "template {} is in use by VM {}", name, id);
-      }
-    }
-    if (auto pool = pools_.find(name); pool != pools_.end() && pool->second.size > 0) {
-      return make_error(ErrorCode::kConflict, "template {} has a warm pool of {}; set its size to 0 first", name,
-                        pool->second.size);
-    }
-    if (auto pool = pools_.find(name);
-        pool != pools_.end() && (pool->second.loading > 0 || !pool->second.ready.empty())) {
-      return make_error(ErrorCode::kConflict, "template {}: its warm pool is still being emptied; try again", name);
-    }
-    for (const auto& [id, build] : builds_) {
-      if (!build->finished && build->view.template_name == name) {
-        return make_error(ErrorCode::kConflict, "template {} is being built (build {})", name, id);
-      }
+Status VmService::check_template_unused(const std::string& name) const {
+  for (const auto& [id, vm] : vms_) {
+    if (vm->template_name == name && vm->state != VmState::kPooled) {
+      return make_error(ErrorCode::kConflict, "template {} is in use by VM {}", name, id);
     }
   }
-  return store_.remove_image(name);
+  if (auto pool = pools_.find(name); pool != pools_.end() && pool->second.size > 0) {
+    return make_error(ErrorCode::kConflict, "template {} has a warm pool of {}; set its size to 0 first", name,
+                      pool->second.size);
+  }
+  if (auto pool = pools_.find(name);
+      pool != pools_.end() && (pool->second.loading > 0 || !pool->second.ready.empty())) {
+    return make_error(ErrorCode::kConflict, "template {}: its warm pool is still being emptied; try again", name);
+  }
+  for (const auto& [id, build] : builds_) {
+    if (!build->finished && build->view.template_name == name) {
+      return make_error(ErrorCode::kConflict, "template {} is being built (build {})", name, id);
+    }
+  }
+  return {};
+}
+
+Result<std::vector<std::string>> VmService::delete_template(const std::string& name, bool cascade) {
+  DELTAVM_TRY(get_template(name).status());
+  // The template and, with cascade, every template below it: parents before children.
+  std::vector<std::string> doomed = {name};
+  for (size_t i = 0; i < doomed.size(); ++i) {
+    DELTAVM_ASSIGN_OR_RETURN(std::vector<std::string> children, store_.children(doomed[i]));
+    if (!children.empty() && !cascade) {
+      return make_error(ErrorCode::kConflict, "template {} has {} template(s) stored against it ({}); cascade=true removes them too",
+                        name, children.size(), fmt::join(children, ", "));
+    }
+    doomed.insert(doomed.end(), children.begin(), children.end());
+  }
+  {
+    std::lock_guard lock(mutex_);
+    for (const std::string& one : doomed) DELTAVM_TRY(check_template_unused(one));
+  }
+  std::vector<std::string> removed;
+  for (auto it = doomed.rbegin(); it != doomed.rend(); ++it) {
+    DELTAVM_TRY(store_.remove_image(*it));
+    removed.push_back(*it);
+  }
+  return removed;
 }
 
 Status VmService::set_pool_size(const std::string& name, uint64_t size) {
@@ -831,6 +989,22 @@ void VmService::watch_vms() {
           vm->state = VmState::kStopping;
         }
         if (ended) log_event("VM {} ({}) ended: {}", vm->id, vm->template_name, *ended);
+        if (reason == "expired" && config_.auto_pause) {
+          {
+            std::lock_guard lock(mutex_);
+            vm->state = VmState::kRunning;  // pause() takes it from here.
+          }
+          Result<Snapshot> paused = pause(vm->id);
+          if (paused) {
+            log_event("VM {} ({}) expired: paused into {}", vm->id, vm->template_name, paused->record.name);
+            continue;
+          }
+          log_event("VM {} ({}) expired: could not pause it ({}); stopping it", vm->id, vm->template_name,
+                    paused.error().message);
+          std::lock_guard lock(mutex_);
+          if (vm->state != VmState::kRunning) continue;
+          vm->state = VmState::kStopping;
+        }
         stop_and_forget(vm, reason);
         continue;
       }

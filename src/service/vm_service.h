@@ -60,6 +60,7 @@ struct VmTimings {
 
 struct VmView {
   std::string id;
+  std::string state = "running";  // Or "paused": stored, with no process (deltavm resume).
   std::string template_name;
   std::string backend;
   bool pooled = false;  // Taken from a warm pool.
@@ -106,6 +107,9 @@ struct ConsoleOutput {
   uint64_t dropped_bytes = 0;  // Output older than the bytes kept (kMaxConsoleBytes).
 };
 
+// The most VMs one fork loads.
+inline constexpr uint64_t kMaxForks = 64;
+
 // The console output kept per VM; beyond it the oldest output is dropped.
 inline constexpr uint64_t kMaxConsoleBytes = 1 << 20;
 
@@ -149,11 +153,24 @@ class VmService {
   // Stores what VM `id` changed since its load as template `name` (templates/snapshot.h); the
   // VM runs on, or with `stop` is stopped once the snapshot is stored.
   Result<Snapshot> snapshot(const std::string& id, const std::string& name, bool stop);
+  // Pauses running VM `id` into the store and stops it; resume() loads it back under its id.
+  Result<Snapshot> pause(const std::string& id);
+  Result<VmView> resume(const std::string& id);
+  // A snapshot of VM `id`, then `count` VMs loaded from it (all or none).
+  struct Forked {
+    Snapshot snapshot;
+    std::vector<VmView> vms;
+  };
+  Result<Forked> fork(const std::string& id, uint64_t count);
+  // A running or paused VM.
+  Result<VmView> describe_vm(const std::string& id);
 
   Result<std::vector<TemplateView>> list_templates();
   Result<TemplateView> get_template(const std::string& name);
-  // Refused (kConflict) while a VM, a pool or a child template depends on it.
-  Status delete_template(const std::string& name);
+  // Refused (kConflict) while a VM, a pool or a child template depends on it; with `cascade`
+  // the templates stored against it go too (each refused while a VM or a pool uses it).
+  // Returns the names removed.
+  Result<std::vector<std::string>> delete_template(const std::string& name, bool cascade);
   Status set_pool_size(const std::string& name, uint64_t size);
   // Starts building `spec` in the background; returns the build's id.
   Result<std::string> start_build(const TemplateSpec& spec, const std::string& backend);
@@ -212,8 +229,13 @@ class VmService {
   // A pooled VM of `name`, resumed and now the caller's, or nullopt if the pool has none.
   std::optional<VmView> take_from_pool(const CreateVmRequest& request, int64_t expires_at_unix,
                                        std::chrono::steady_clock::time_point start);
+  // `id`: the id of a paused VM being resumed; empty: a fresh one.
   Result<VmView> start_cold(const CreateVmRequest& request, int64_t expires_at_unix,
-                            std::chrono::steady_clock::time_point start);
+                            std::chrono::steady_clock::time_point start, const std::string& id = "");
+  // Refused (kConflict) while a VM, a pool or a build uses template `name`. REQUIRES: mutex_.
+  Status check_template_unused(const std::string& name) const;
+  // Marks running VM `id` as being snapshotted (kConflict if it already is).
+  Result<std::shared_ptr<Vm>> begin_snapshot(const std::string& id);
   // Stops a VM the caller has marked kStopping (or never listed) and forgets it.
   void stop_and_forget(const std::shared_ptr<Vm>& vm, const std::string& reason);
   VmView view_of(const Vm& vm) const;

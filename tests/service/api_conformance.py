@@ -365,6 +365,37 @@ def run(arguments, root):
             message = expect_status(client.call("POST", f"/v1/vms/{vm}/snapshots", body), 400, f"snapshot {body}")
             expect(field in message["error"]["message"], f"the error does not name {field}: {message}")
 
+        # Pause and resume under the same id; fork.
+        paused = expect_status(client.call("POST", f"/v1/vms/{clone['id']}/pause"), 200, "pause")
+        expect(paused["template"].startswith(f"paused-{clone['id']}-"), paused)
+        state = expect_status(client.call("GET", f"/v1/vms/{clone['id']}"), 200, "a paused VM")
+        expect(state["state"] == "paused" and state["pid"] == 0, state)
+        listed = expect_status(client.call("GET", "/v1/vms"), 200, "vms with a paused one")["vms"]
+        expect([v["state"] for v in listed if v["id"] == clone["id"]] == ["paused"], listed)
+        expect_status(client.call("POST", f"/v1/vms/{clone['id']}/exec", {"command": ["true"]}), 404, "exec, paused")
+        resumed = expect_status(client.call("POST", f"/v1/vms/{clone['id']}/resume"), 200, "resume")
+        expect(resumed["id"] == clone["id"] and resumed["state"] == "running", resumed)
+        result = expect_status(client.call("POST", f"/v1/vms/{clone['id']}/exec", {"command": ["cat", "/tmp/after"]}),
+                               200, "exec after resume")
+        expect(result["stdout"] == "written-after-load\n", result)
+        expect_status(client.call("POST", f"/v1/vms/{clone['id']}/resume"), 409, "resume a running VM")
+        expect_status(client.call("POST", "/v1/vms/ffff/pause"), 404, "pause, unknown vm")
+        expect_status(client.call("POST", "/v1/vms/ffff/resume"), 404, "resume, unknown vm")
+        forked = expect_status(client.call("POST", f"/v1/vms/{clone['id']}/fork", {"count": 1}), 201, "fork")
+        expect(len(forked["vms"]) == 1, forked)
+        fork_id, fork_template = forked["vms"][0]["id"], forked["snapshot"]["template"]
+        result = expect_status(client.call("POST", f"/v1/vms/{fork_id}/exec", {"command": ["cat", "/tmp/after"]}),
+                               200, "exec in the fork")
+        expect(result["stdout"] == "written-after-load\n", result)
+        for body, field in [({"count": 0}, "count"), ({"count": 65}, "count"), ({"count": "2"}, "count"),
+                            ({"count": 1, "name": "x"}, "name")]:
+            message = expect_status(client.call("POST", f"/v1/vms/{clone['id']}/fork", body), 400, f"fork {body}")
+            expect(field in message["error"]["message"], f"the error does not name {field}: {message}")
+        expect_status(client.call("POST", "/v1/vms/ffff/fork", {}), 404, "fork, unknown vm")
+        expect_status(client.call("DELETE", f"/v1/vms/{fork_id}"), 204, "delete the fork")
+        expect_status(client.call("GET", f"/v1/templates/{fork_template}"), 404, "the fork's image, gone with it")
+        expect_status(client.call("DELETE", "/v1/templates/web?cascade=maybe"), 400, "delete, bad cascade")
+
         # Templates in use cannot be deleted.
         expect_status(client.call("DELETE", "/v1/templates/web"), 409, "delete web while VMs run from it")
         expect_status(client.call("DELETE", "/v1/templates/base"), 409, "delete base, web's parent")
@@ -372,10 +403,11 @@ def run(arguments, root):
         for id in (pooled["id"], clone["id"]):
             expect_status(client.call("DELETE", f"/v1/vms/{id}"), 204, f"delete {id}")
         expect_status(client.call("DELETE", "/v1/templates/web"), 409, "delete web, web-snap's parent")
-        expect_status(client.call("DELETE", "/v1/templates/web-snap"), 204, "delete the snapshot")
+        removed = expect_status(client.call("DELETE", "/v1/templates/web-snap"), 200, "delete the snapshot")
+        expect(removed["removed"] == ["web-snap"], removed)
         expect_status(client.call("DELETE", "/v1/templates/web"), 409, "delete web while it has a pool")
         expect_status(client.call("PUT", "/v1/templates/web/pool", {"size": 0}), 200, "pool size 0")
-        wait_for("the pool to empty", lambda: client.call("DELETE", "/v1/templates/web")[0] == 204, 120)
+        wait_for("the pool to empty", lambda: client.call("DELETE", "/v1/templates/web")[0] == 200, 120)
         expect_status(client.call("GET", "/v1/templates/web"), 404, "web, deleted")
         text = expect_status(client.call("GET", "/metrics"), 200, "metrics").decode()
         expect(re.search(r'deltavm_loads_total\{[^}]*pooled="true"[^}]*\} 1', text), text)
