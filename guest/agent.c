@@ -13,7 +13,9 @@
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <linux/random.h>
 #include <string.h>
+#include <sys/ioctl.h>
 #include <sys/signalfd.h>
 #include <sys/wait.h>
 #include <termios.h>
@@ -253,10 +255,44 @@ static void write_stdin(struct Command* command) {
   if (command->in_closing) close_fd(&command->in_fd);
 }
 
+// A new identity after a load (see the N frame): the host's clock, and entropy the kernel's
+// random number generator is reseeded with before anyone reads it again.
+static void take_identity(uint64_t id, const unsigned char* payload, size_t length) {
+  if (length != 8 + AGENT_IDENTITY_ENTROPY_BYTES) {
+    send_failure(id, "an identity frame must hold 8 + 32 bytes");
+    return;
+  }
+  uint64_t realtime_ns = agent_get_u64(payload);
+  struct timespec now = {(time_t)(realtime_ns / 1000000000u), (long)(realtime_ns % 1000000000u)};
+  if (clock_settime(CLOCK_REALTIME, &now) != 0) {
+    send_failure(id, strerror(errno));
+    return;
+  }
+  struct {
+    struct rand_pool_info info;
+    unsigned char bytes[AGENT_IDENTITY_ENTROPY_BYTES];
+  } entropy;
+  entropy.info.entropy_count = AGENT_IDENTITY_ENTROPY_BYTES * 8;
+  entropy.info.buf_size = AGENT_IDENTITY_ENTROPY_BYTES;
+  memcpy(entropy.bytes, payload + 8, AGENT_IDENTITY_ENTROPY_BYTES);
+  int random = open("/dev/urandom", O_WRONLY | O_CLOEXEC);
+  int failed = random < 0 || ioctl(random, RNDADDENTROPY, &entropy.info) != 0 || ioctl(random, RNDRESEEDCRNG) != 0;
+  int error = errno;
+  if (random >= 0) close(random);
+  explicit_bzero(&entropy, sizeof entropy);
+  if (failed) {
+    send_failure(id, strerror(error));
+    return;
+  }
+  unsigned char status[12] = {0};
+  send_frame('S', id, status, sizeof status);
+}
+
 static void handle_frame(char kind, uint64_t id, const unsigned char* payload, size_t length) {
   switch (kind) {
     case 'X': start_command(id, payload, length); break;
     case 'I': add_stdin(id, payload, length); break;
+    case 'N': take_identity(id, payload, length); break;
     case 'K': {
       struct Command* command = find_command(id);
       if (command != NULL && !command->exited) {

@@ -24,8 +24,14 @@
  *              of its own. At most AGENT_MAX_COMMAND_BYTES.
  *   I stdin    bytes for the command's stdin; an empty I frame closes it.
  *   K cancel   kill the command's whole process group.
+ *   N identity u64 the host's wall clock (CLOCK_REALTIME, nanoseconds since the epoch), then
+ *              AGENT_IDENTITY_ENTROPY_BYTES random bytes. Sent on every load of a VM (a clone,
+ *              a fork, a resumed VM): the guest sets its clock, adds the bytes to the kernel's
+ *              entropy pool and reseeds its random number generator at once, so that clones of
+ *              one snapshot neither share random numbers nor run on the snapshot's clock.
+ *              Answered, under the frame's id, by S (exit code 0) or F.
  * Guest to host:
- *   R ready    sent once when the agent starts; payload "deltavm-agent 2".
+ *   R ready    sent once when the agent starts; payload "deltavm-agent 3" (2: before N).
  *   O, E       a chunk of the command's stdout / stderr (at most AGENT_MAX_CHUNK_BYTES).
  *   S status   i32 exit code (-1 if a signal ended it), u32 signal (0 if none), u32 flags
  *              (AGENT_STATUS_*). The last frame of a command.
@@ -44,7 +50,10 @@
 
 #define AGENT_MAGIC "DVA2"
 #define AGENT_HEADER_BYTES 28
-#define AGENT_READY_TEXT "deltavm-agent 2"
+#define AGENT_READY_TEXT "deltavm-agent 3"
+/* The protocol version: 3 added N. A template records the version of the agent it holds. */
+#define AGENT_PROTOCOL_VERSION 3
+#define AGENT_IDENTITY_ENTROPY_BYTES 32
 
 /* MAX_ARG_STRLEN: the longest single argument execve takes (sh -c COMMAND). Longer scripts
  * go through stdin (sh -s). */

@@ -3,7 +3,9 @@
 #include <fcntl.h>
 #include <poll.h>
 #include <sys/file.h>
+#include <sys/random.h>
 #include <sys/socket.h>
+#include <time.h>
 #include <unistd.h>
 
 #include <cstring>
@@ -102,6 +104,25 @@ Result<uint64_t> AgentConnection::start(const ExecRequest& request, Deadline dea
     }
     DELTAVM_TRY(send_frame('I', id, {}, deadline));  // End of stdin.
   }
+  return id;
+}
+
+static_assert(kAgentProtocolVersion == AGENT_PROTOCOL_VERSION);
+
+Result<uint64_t> AgentConnection::start_identity(Deadline deadline) {
+  uint64_t id = fresh_id();
+  unsigned char payload[8 + AGENT_IDENTITY_ENTROPY_BYTES];
+  timespec now {};
+  ::clock_gettime(CLOCK_REALTIME, &now);
+  uint64_t realtime_ns = static_cast<uint64_t>(now.tv_sec) * 1000000000u + static_cast<uint64_t>(now.tv_nsec);
+  for (int i = 0; i < 8; ++i) payload[i] = static_cast<unsigned char>(realtime_ns >> (8 * i));
+  if (::getrandom(payload + 8, AGENT_IDENTITY_ENTROPY_BYTES, 0) != AGENT_IDENTITY_ENTROPY_BYTES) {
+    return errno_error("getrandom", errno);
+  }
+  pending_[id].started = Clock::now();
+  Status sent = send_frame('N', id, std::string_view(reinterpret_cast<const char*>(payload), sizeof payload), deadline);
+  ::explicit_bzero(payload, sizeof payload);
+  DELTAVM_TRY(sent);
   return id;
 }
 
@@ -228,10 +249,11 @@ Result<ExecResult> AgentConnection::wait(uint64_t id, Deadline deadline) {
   return std::move(pending.result);
 }
 
-Result<ExecResult> agent_exec(const std::filesystem::path& agent_socket, const ExecRequest& request) {
-  Deadline deadline = request_deadline(request.timeout);
-  // Waiting for the channel counts against the command's own time, without the answer's grace.
-  Deadline lock_deadline = request.timeout.count() > 0 ? deadline_after(request.timeout) : Deadline::max();
+namespace {
+
+// The VM's exec channel, held: commands of different host processes never interleave on the
+// one serial channel.
+Result<Fd> lock_channel(const std::filesystem::path& agent_socket, Deadline lock_deadline) {
   std::filesystem::path lock_path = agent_socket;
   lock_path += ".lock";
   DELTAVM_ASSIGN_OR_RETURN(Fd lock, open_file(lock_path, O_RDWR | O_CREAT, 0600));
@@ -243,9 +265,32 @@ Result<ExecResult> agent_exec(const std::filesystem::path& agent_socket, const E
     }
     std::this_thread::sleep_for(std::chrono::milliseconds(5));
   }
+  return lock;
+}
+
+}  // namespace
+
+Result<ExecResult> agent_exec(const std::filesystem::path& agent_socket, const ExecRequest& request) {
+  Deadline deadline = request_deadline(request.timeout);
+  // Waiting for the channel counts against the command's own time, without the answer's grace.
+  Deadline lock_deadline = request.timeout.count() > 0 ? deadline_after(request.timeout) : Deadline::max();
+  DELTAVM_ASSIGN_OR_RETURN(Fd lock, lock_channel(agent_socket, lock_deadline));
   DELTAVM_ASSIGN_OR_RETURN(AgentConnection connection, AgentConnection::connect(agent_socket, deadline));
   DELTAVM_ASSIGN_OR_RETURN(uint64_t id, connection.start(request, deadline));
   return connection.wait(id, deadline);
+}
+
+Status agent_refresh_identity(const std::filesystem::path& agent_socket, std::chrono::milliseconds timeout) {
+  Deadline deadline = deadline_after(timeout);
+  DELTAVM_ASSIGN_OR_RETURN(Fd lock, lock_channel(agent_socket, deadline));
+  DELTAVM_ASSIGN_OR_RETURN(AgentConnection connection, AgentConnection::connect(agent_socket, deadline));
+  DELTAVM_ASSIGN_OR_RETURN(uint64_t id, connection.start_identity(deadline));
+  Result<ExecResult> answer = connection.wait(id, deadline);
+  if (!answer) return answer.error().with_context("giving the guest a new identity (clock and entropy)");
+  if (answer->exit_status != 0) {
+    return make_error(ErrorCode::kIo, "the guest agent refused a new identity (status {})", answer->exit_status);
+  }
+  return {};
 }
 
 Result<ExecResult> agent_exec(const std::filesystem::path& agent_socket, std::string_view command,

@@ -22,6 +22,9 @@
 namespace deltavm {
 
 inline constexpr size_t kMaxCommandBytes = 131071;
+// The agent protocol this tree's agent speaks (guest/agent_protocol.h); a template records the
+// version of the agent its initramfs holds. 3 added the identity frame.
+inline constexpr uint32_t kAgentProtocolVersion = 3;
 inline constexpr size_t kMaxStdinBytes = 16 << 20;
 inline constexpr size_t kMaxOutputBytes = 16 << 20;  // Per stream, per command.
 
@@ -95,6 +98,9 @@ class AgentConnection {
   static Result<AgentConnection> connect(const std::filesystem::path& agent_socket, Deadline deadline);
 
   Result<uint64_t> start(const ExecRequest& request, Deadline deadline);
+  // Sends the guest a new identity (an N frame: the host's clock and fresh entropy); wait()
+  // collects its answer like a command's.
+  Result<uint64_t> start_identity(Deadline deadline);
   // Waits for command `id` to end. At the deadline the command is cancelled in the guest and
   // the error says it timed out.
   Result<ExecResult> wait(uint64_t id, Deadline deadline);
@@ -117,6 +123,11 @@ class AgentConnection {
 // sends the command and waits for its answer. The lock keeps commands of different host
 // processes from interleaving on the one serial channel.
 Result<ExecResult> agent_exec(const std::filesystem::path& agent_socket, const ExecRequest& request);
+// Gives the guest the host's wall clock and fresh entropy, its random number generator
+// reseeded at once (the N frame of guest/agent_protocol.h): what every load of a VM does
+// before the VM is handed out, so that clones of one snapshot share neither random numbers
+// nor a stale clock. Needs an agent of protocol version 3 or later.
+Status agent_refresh_identity(const std::filesystem::path& agent_socket, std::chrono::milliseconds timeout);
 // The same, for a command without stdin.
 Result<ExecResult> agent_exec(const std::filesystem::path& agent_socket, std::string_view command,
                               std::chrono::milliseconds timeout);

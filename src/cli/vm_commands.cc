@@ -177,6 +177,7 @@ Status run_run(const GlobalOptions& options, const std::string& name, const std:
                 {"launch_ms", vm.restore.launch_ms},
                 {"fill_ms", vm.restore.fill_ms},
                 {"state_ms", vm.restore.state_ms},
+                {"identity_ms", vm.identity_ms},
                 {"total_ms", vm.total_ms}});
   } else {
     fmt::print("{}\n", vm.id);
@@ -189,7 +190,12 @@ Status run_resume(const GlobalOptions& options, const std::string& id) {
   std::filesystem::path runtime = runtime_directory(options);
   if (Result<VmDirectory> vm = VmDirectory::open(runtime, id); vm) {
     DELTAVM_ASSIGN_OR_RETURN(std::unique_ptr<Backend> backend, backend_of(*vm));
-    return backend->resume(*vm);
+    DELTAVM_TRY(backend->resume(*vm));
+    // Loaded --paused, it runs now: it takes its own identity as every load does.
+    DELTAVM_ASSIGN_OR_RETURN(VmRecord record, vm->read_record());
+    DELTAVM_ASSIGN_OR_RETURN(Store store, open_store(options));
+    DELTAVM_ASSIGN_OR_RETURN(Template loaded, load_template(store, record.template_name));
+    return refresh_identity(loaded, *vm).status();
   }
   DELTAVM_ASSIGN_OR_RETURN(std::optional<ServiceClient> service, connect_service(options));
   if (service) {

@@ -75,7 +75,8 @@ json vm_json(const VmView& vm) {
             {"launch_ms", vm.timings.launch_ms},
             {"fill_ms", vm.timings.fill_ms},
             {"state_ms", vm.timings.state_ms},
-            {"resume_ms", vm.timings.resume_ms}}}};
+            {"resume_ms", vm.timings.resume_ms},
+            {"identity_ms", vm.timings.identity_ms}}}};
 }
 
 json pool_json(const PoolView& pool) {

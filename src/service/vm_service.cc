@@ -321,6 +321,11 @@ std::optional<VmView> VmService::take_from_pool(const CreateVmRequest& request, 
     if (!normal) log_event("VM {} keeps its pool priority: {}", vm->id, normal.error().message);
     DELTAVM_TRY(resumed);
     double resume_ms = elapsed_ms(resume_start);
+    Clock::time_point identity_start = Clock::now();
+    if (vm->refresh_identity) {
+      DELTAVM_TRY(agent_refresh_identity(directory.agent_socket(), std::chrono::seconds(30)));
+    }
+    double identity_ms = vm->refresh_identity ? elapsed_ms(identity_start) : 0.0;
     // Only now is the VM the requester's: until the record says so, a service that dies
     // leaves it abandoned (owned, purpose "pool") and the next one ends it.
     DELTAVM_TRY(directory.update_record([&](VmRecord& record) {
@@ -334,6 +339,7 @@ std::optional<VmView> VmService::take_from_pool(const CreateVmRequest& request, 
     vm->created_at_unix = now_unix();
     vm->expires_at_unix = expires_at_unix;
     vm->timings.resume_ms = resume_ms;
+    vm->timings.identity_ms = identity_ms;
     vm->timings.total_ms = elapsed_ms(start);
     return view_of(*vm);
   }();
@@ -400,6 +406,7 @@ Result<VmView> VmService::start_cold(const CreateVmRequest& request, int64_t exp
   vm->timings.launch_ms = started->restore.launch_ms;
   vm->timings.fill_ms = started->restore.fill_ms;
   vm->timings.state_ms = started->restore.state_ms;
+  vm->timings.identity_ms = started->identity_ms;
   Status recorded = [&]() -> Status {
     DELTAVM_ASSIGN_OR_RETURN(VmDirectory directory, VmDirectory::open(runtime_, vm->id));
     return directory.update_record([&](VmRecord& record) {
@@ -913,6 +920,7 @@ void VmService::refill_pools() {
       vm->timings.fill_ms = started->restore.fill_ms;
       vm->timings.state_ms = started->restore.state_ms;
       vm->control = std::move(control);
+      vm->refresh_identity = loaded.agent_protocol >= 3;
       if (Result<VmDirectory> directory = VmDirectory::open(runtime_, vm->id)) {
         if (Result<VmRecord> record = directory->read_record(); record && record->process) {
           vm->pid = record->process->pid;

@@ -56,6 +56,7 @@ struct VmTimings {
   double fill_ms = 0;
   double state_ms = 0;
   double resume_ms = 0;  // Pooled VMs: starting the paused vCPUs.
+  double identity_ms = 0;  // Giving the guest the host's clock and fresh entropy (templates/templates.h).
 };
 
 struct VmView {
@@ -204,6 +205,8 @@ class VmService {
     VmTimings timings;
     uint64_t console_dropped_bytes = 0;
     bool snapshotting = false;  // A snapshot is being taken: it is not stopped meanwhile.
+    // A pool VM: its template's agent takes a new identity when the VM is handed out.
+    bool refresh_identity = false;
     // A pool VM's control connection, held so that handing it out is one exchange.
     std::unique_ptr<HeldControl> control;
   };

@@ -22,6 +22,9 @@ double elapsed_ms(Clock::time_point start) {
 }
 
 constexpr std::string_view kReadyMarker = "DELTAVM-READY";
+// A guest that was running when captured answers at once once it runs again; under TCG, with
+// the host busy, allow it a while.
+constexpr auto kIdentityTimeout = std::chrono::seconds(30);
 constexpr std::string_view kSetupFailedMarker = "DELTAVM-SETUP-FAILED";
 
 std::string last_lines(const std::string& text, size_t count) {
@@ -77,7 +80,8 @@ nlohmann::json machine_json(const MachineSpec& machine) {
 }
 
 // The machine and backend a template's metadata records, every field checked.
-Status read_metadata(const ImageRecord& record, MachineSpec& machine, std::string& backend) {
+Status read_metadata(const ImageRecord& record, MachineSpec& machine, std::string& backend,
+                     uint32_t& agent_protocol) {
   nlohmann::json metadata = nlohmann::json::parse(record.metadata, nullptr, false);
   if (metadata.is_discarded() || !metadata.is_object() || !metadata.contains("machine")) {
     return make_error(ErrorCode::kInvalidArgument, "image {} is not a template (no machine in its metadata)",
@@ -86,6 +90,9 @@ Status read_metadata(const ImageRecord& record, MachineSpec& machine, std::strin
   JsonFields fields(metadata, fmt::format("image {}: metadata", record.name), ErrorCode::kCorruption);
   backend = "qemu";  // Templates from before backends were recorded.
   DELTAVM_TRY(fields.text("backend", backend));
+  uint64_t protocol = 2;  // Templates from before the agent's protocol was recorded.
+  DELTAVM_TRY(fields.unsigned_integer("agent_protocol", protocol, false, 1000));
+  agent_protocol = static_cast<uint32_t>(protocol);
   DELTAVM_ASSIGN_OR_RETURN(const nlohmann::json* m, fields.object("machine", true));
   JsonFields machine_fields(*m, fmt::format("image {}: metadata machine", record.name), ErrorCode::kCorruption);
   uint64_t vcpus = 1;
@@ -214,7 +221,8 @@ Result<TemplateBuild> build_template(const TemplateSpec& spec, Store& store, Bac
   PutOptions options;
   options.metadata = dump_json(nlohmann::json{{"template", nlohmann::json::parse(effective.to_json(), nullptr, false)},
                                               {"machine", machine_json(machine)},
-                                              {"backend", backend.name()}});
+                                              {"backend", backend.name()},
+                                              {"agent_protocol", kAgentProtocolVersion}});
   options.attachments = {{std::string(kMachineStateRole), state},
                          {std::string(kKernelRole), kernel},
                          {std::string(kInitramfsRole), initramfs}};
@@ -235,7 +243,7 @@ Result<TemplateBuild> build_template(const TemplateSpec& spec, Store& store, Bac
 Result<Template> load_template(Store& store, const std::string& name) {
   Template loaded;
   DELTAVM_ASSIGN_OR_RETURN(loaded.chain, store.chain(name));
-  DELTAVM_TRY(read_metadata(loaded.record(), loaded.machine, loaded.backend));
+  DELTAVM_TRY(read_metadata(loaded.record(), loaded.machine, loaded.backend, loaded.agent_protocol));
   return loaded;
 }
 
@@ -281,6 +289,9 @@ Result<StartedVm> start_vm(const Template& loaded, Store& store, Backend& backen
                            backend.restore(
                                machine, ram.flat_file(), [&ram](GuestMemoryWriter& writer) { return ram.fill(writer); },
                                state, vm, options.leave_paused));
+  if (!options.leave_paused) {
+    DELTAVM_ASSIGN_OR_RETURN(started.identity_ms, refresh_identity(loaded, vm));
+  }
   if (!options.stay_owner) DELTAVM_TRY(vm.update_record([](VmRecord& vm_record) { vm_record.owner.reset(); }));
   started.total_ms = elapsed_ms(start);
   guard.release();
@@ -319,6 +330,13 @@ Result<std::vector<std::string>> remove_template(Store& store, const std::filesy
     removed.push_back(*it);
   }
   return removed;
+}
+
+Result<double> refresh_identity(const Template& loaded, const VmDirectory& vm) {
+  if (loaded.agent_protocol < 3) return 0.0;
+  auto start = Clock::now();
+  DELTAVM_TRY(agent_refresh_identity(vm.agent_socket(), kIdentityTimeout));
+  return elapsed_ms(start);
 }
 
 Status stop_vm(const std::string& id, Backend& backend, const std::filesystem::path& runtime) {

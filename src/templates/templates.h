@@ -40,6 +40,7 @@ struct StartedVm {
   RamStrategy strategy;
   double prepare_ms = 0;  // Chain read, verified and squashed; flat file mapped.
   RestoreTimings restore;
+  double identity_ms = 0;  // Giving the guest the host's clock and fresh entropy.
   double total_ms = 0;
 };
 
@@ -49,6 +50,8 @@ struct Template {
   std::vector<ImageRecord> chain;
   MachineSpec machine;  // Without kernel and initramfs: add_boot_files adds them.
   std::string backend;  // The backend whose machine state the template holds.
+  // The protocol of the agent in its initramfs (2 for templates from before it was recorded).
+  uint32_t agent_protocol = 2;
 
   const ImageRecord& record() const { return chain.back(); }
   const std::string& name() const { return chain.back().name; }
@@ -74,7 +77,7 @@ struct StartOptions {
 
 // The patent's request: a new VM equivalent to template `loaded`, its RAM built from the base
 // and the chain, its machine state loaded, running when this returns (or paused, as `options`
-// say). On any failure nothing is left running and the VM's directory is removed.
+// say). A VM that runs has been given its own identity (refresh_identity). On any failure nothing is left running and the VM's directory is removed.
 Result<StartedVm> start_vm(const Template& loaded, Store& store, Backend& backend, const std::filesystem::path& runtime,
                            const StartOptions& options = {});
 // load_template, then start_vm.
@@ -87,6 +90,11 @@ Result<StartedVm> start_vm(const std::string& name, Store& store, Backend& backe
 // the names removed.
 Result<std::vector<std::string>> remove_template(Store& store, const std::filesystem::path& runtime,
                                                  const std::string& name, bool cascade);
+
+// Gives VM `vm`, just loaded from `loaded` and running, the host's clock and fresh entropy
+// (agent_refresh_identity), so that no two loads of one image share random numbers and none
+// runs on the image's clock. Templates whose agent predates it are left as they are.
+Result<double> refresh_identity(const Template& loaded, const VmDirectory& vm);
 
 // Stops a VM and removes its directory.
 Status stop_vm(const std::string& id, Backend& backend, const std::filesystem::path& runtime);

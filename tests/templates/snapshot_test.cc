@@ -5,6 +5,8 @@
 
 #include <unistd.h>
 
+#include <ctime>
+#include <set>
 #include <thread>
 
 #include "backends/agent_client.h"
@@ -202,6 +204,26 @@ TEST_F(Snapshots, ForksRunIndependentlyOfEachOtherAndOfTheOriginal) {
     bool last = &one == &forks.back();
     EXPECT_EQ(static_cast<bool>(store_->find(fork->snapshot.record.name)), !last);
   }
+}
+
+TEST_F(Snapshots, FiveForksEachHaveTheirOwnEntropyAndTheHostsClock) {
+  VmDirectory vm = start("counter");
+  Result<Fork> fork = fork_vm(vm.id(), 5, *store_, *backend_, runtime());
+  ASSERT_TRUE(fork) << fork.error().message;
+  for (const StartedVm& started : fork->vms) started_.push_back(started.id);
+  names_.push_back(fork->snapshot.record.name);
+  std::set<std::string> uuids;
+  for (const StartedVm& started : fork->vms) {
+    VmDirectory one = *VmDirectory::open(runtime(), started.id);
+    EXPECT_GT(started.identity_ms, 0);
+    std::string uuid = *exec(one, "cat /proc/sys/kernel/random/uuid");
+    uuids.insert(uuid);
+    // The template's clock is fixed at 2024-01-01 (deterministic profile): a fork runs on the host's.
+    int64_t guest = std::stoll(*exec(one, "date +%s"));
+    int64_t host = std::time(nullptr);
+    EXPECT_LE(std::llabs(guest - host), 1) << "fork " << started.id << ": guest clock " << guest << ", host " << host;
+  }
+  EXPECT_EQ(uuids.size(), 5u) << "forks of one snapshot drew the same random numbers";
 }
 
 TEST_F(Snapshots, PastTheMaximumDepthASnapshotIsStoredAgainstAnAncestorWithTheLayersSquashed) {
