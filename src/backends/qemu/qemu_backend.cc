@@ -501,17 +501,24 @@ class QemuBackend : public Backend {
     DELTAVM_TRY(require_paused(qmp, vm));
     int pid = record.process->pid;
     DELTAVM_ASSIGN_OR_RETURN(uint64_t ram_address, find_ram_mapping(pid, record.ram_file, ram.size()));
-    // The clone maps its image private: the pages it (or the loader) wrote are its own copies.
-    RamChanges changes;
-    DELTAVM_ASSIGN_OR_RETURN(changes.pages, private_copies(pid, ram_address, ram.size() / kPageSize));
-    DELTAVM_TRY(omit_changed_pages(pid, ram_address, options.omit_pages_for_testing, changes.pages, ram));
-    DELTAVM_TRY(read_guest_pages(pid, ram_address, changes.pages, ram));
-
+    // QEMU streams the machine state (and every RAM page: the witness) from its migration
+    // thread while this one reads the pages the clone changed: both only read a paused VM.
     Fd stream_file(::memfd_create("deltavm-migration", MFD_CLOEXEC));
     if (!stream_file.valid()) return errno_error("memfd_create", errno);
     DELTAVM_TRY(set_ignore_shared(qmp, true));
     DELTAVM_TRY(set_unlimited_bandwidth(qmp));
-    DELTAVM_TRY(migrate_to_fd(qmp, stream_file.get()));
+    DELTAVM_TRY(qmp.send_fd("deltavm-state", stream_file.get()));
+    DELTAVM_TRY(qmp.execute("migrate", {{"uri", "fd:deltavm-state"}}));
+    // The clone maps its image private: the pages it (or the loader) wrote are its own copies.
+    RamChanges changes;
+    Status read = [&]() -> Status {
+      DELTAVM_ASSIGN_OR_RETURN(changes.pages, private_copies(pid, ram_address, ram.size() / kPageSize));
+      DELTAVM_TRY(omit_changed_pages(pid, ram_address, options.omit_pages_for_testing, changes.pages, ram));
+      return read_guest_pages(pid, ram_address, changes.pages, ram);
+    }();
+    Status migrated = qmp.wait_for_migration(kMigrationTimeout);
+    DELTAVM_TRY(read);
+    DELTAVM_TRY(migrated);
     struct stat st {};
     if (::fstat(stream_file.get(), &st) != 0) return errno_error("stat migration stream", errno);
     // Every page at most once, with a header, plus the devices: anything longer is not a stream.
@@ -591,6 +598,7 @@ Status save_stock_snapshot(const VmDirectory& vm, const std::filesystem::path& s
   DELTAVM_ASSIGN_OR_RETURN(QmpClient qmp, QmpClient::connect(vm.control_socket(), deadline_after(kLaunchTimeout)));
   DELTAVM_TRY(qmp.execute("stop"));
   DELTAVM_TRY(set_ignore_shared(qmp, false));
+  DELTAVM_TRY(set_unlimited_bandwidth(qmp));
   DELTAVM_ASSIGN_OR_RETURN(Fd file, open_file(stream, O_WRONLY | O_CREAT | O_TRUNC, 0600));
   return migrate_to_fd(qmp, file.get());
 }

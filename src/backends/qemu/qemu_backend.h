@@ -23,7 +23,8 @@ std::unique_ptr<Backend> make_qemu_backend();
 
 // QEMU's stock snapshot with RAM inside the migration stream: what bench/restore compares
 // deltavm's loads against. save pauses the VM and writes the stream to `stream`; restore
-// starts a VM on anonymous RAM from it.
+// starts a VM on anonymous RAM from it. The migration runs at full speed (QEMU's default
+// max-bandwidth, 32 MiB/s, would make it take seconds).
 Status save_stock_snapshot(const VmDirectory& vm, const std::filesystem::path& stream);
 Result<RestoreTimings> restore_stock_snapshot(const MachineSpec& machine, const std::filesystem::path& stream,
                                               const VmDirectory& vm);
