@@ -7,9 +7,9 @@
 // pause: per round two VMs are loaded from TEMPLATE and made to change a given percentage of
 // their pages (a file of random bytes in the guest's tmpfs); one is snapshotted, the other
 // captured in full by QEMU's stock snapshot (RAM inside the migration stream: the whole of guest
-// memory and the machine state, what `virsh save` and `savevm` do), in alternate order. Reported, medians over the rounds: the
-// time each kept the VM paused (paused -> running again), the snapshot's stored bytes, and the
-// zstd size of the pages that differ from the template (what any delta must hold at least).
+// memory and the machine state, what `virsh save` and `savevm` do), in alternate order. Reported, medians over the
+// rounds: the time each kept the VM paused (paused -> running again), the snapshot's stored bytes, and the zstd size of
+// the pages that differ from the template (what any delta must hold at least).
 //
 // depth: a chain of snapshots is grown by snapshotting a VM loaded from the previous one, up
 // to the deepest depth asked, once with no depth limit and once under the default limit (8);
@@ -196,7 +196,8 @@ std::vector<DepthRow> measure_depth(Store& store, Backend& backend, const std::f
       VmDirectory clone_vm = check(VmDirectory::open(runtime, clone.id), "vm");
       std::string answer = exec_or_fail(clone_vm, "cat /tmp/generation");
       row.load_ms.push_back(ms_since(start));
-      if (answer != fmt::format("{}\n", generation)) fail(fmt::format("depth {}: the clone says {}", generation, answer));
+      if (answer != fmt::format("{}\n", generation))
+        fail(fmt::format("depth {}: the clone says {}", generation, answer));
       check(stop_vm(clone.id, backend, runtime), "stop");
     }
     fmt::print(stderr, "  depth {} ({}): stored at depth {}, load -> answer {:.1f} ms\n", generation, policy,
@@ -270,7 +271,8 @@ int main(int argc, char** argv) {
     std::vector<std::string> made;
     std::vector<DepthRow> rows;
     for (uint32_t max_depth : {0u, kDefaultMaxChainDepth}) {
-      std::vector<DepthRow> more = measure_depth(store, *backend, runtime, template_name, depths, max_depth, rounds, made);
+      std::vector<DepthRow> more =
+          measure_depth(store, *backend, runtime, template_name, depths, max_depth, rounds, made);
       rows.insert(rows.end(), more.begin(), more.end());
     }
     fmt::print("\nload (request -> first answer) against snapshot depth above {} ({} rounds, medians)\n", template_name,

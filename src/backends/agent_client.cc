@@ -112,7 +112,7 @@ static_assert(kAgentProtocolVersion == AGENT_PROTOCOL_VERSION);
 Result<uint64_t> AgentConnection::start_identity(Deadline deadline) {
   uint64_t id = fresh_id();
   unsigned char payload[8 + AGENT_IDENTITY_ENTROPY_BYTES];
-  timespec now {};
+  timespec now{};
   ::clock_gettime(CLOCK_REALTIME, &now);
   uint64_t realtime_ns = static_cast<uint64_t>(now.tv_sec) * 1000000000u + static_cast<uint64_t>(now.tv_nsec);
   for (int i = 0; i < 8; ++i) payload[i] = static_cast<unsigned char>(realtime_ns >> (8 * i));

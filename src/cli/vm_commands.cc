@@ -61,8 +61,9 @@ Status run_template_rm(const GlobalOptions& options, const std::string& name, bo
   std::vector<std::string> removed;
   DELTAVM_ASSIGN_OR_RETURN(std::optional<ServiceClient> service, connect_service(options));
   if (service) {
-    DELTAVM_ASSIGN_OR_RETURN(nlohmann::json reply,
-                             service->call("DELETE", fmt::format("/v1/templates/{}{}", name, cascade ? "?cascade=true" : "")));
+    DELTAVM_ASSIGN_OR_RETURN(
+        nlohmann::json reply,
+        service->call("DELETE", fmt::format("/v1/templates/{}{}", name, cascade ? "?cascade=true" : "")));
     if (reply.is_object() && reply.contains("removed") && reply["removed"].is_array()) {
       for (const nlohmann::json& one : reply["removed"]) {
         if (one.is_string()) removed.push_back(one.get<std::string>());
@@ -201,8 +202,10 @@ Status run_resume(const GlobalOptions& options, const std::string& id) {
   if (service) {
     DELTAVM_ASSIGN_OR_RETURN(nlohmann::json reply,
                              service->call("POST", fmt::format("/v1/vms/{}/resume", id), nlohmann::json::object()));
-    if (options.json) print_json(reply);
-    else fmt::print("{}\n", id);
+    if (options.json)
+      print_json(reply);
+    else
+      fmt::print("{}\n", id);
     return {};
   }
   DELTAVM_ASSIGN_OR_RETURN(Store store, open_store(options));
@@ -286,9 +289,9 @@ Status print_snapshot(const GlobalOptions& options, const nlohmann::json& snapsh
 Status run_snapshot(const GlobalOptions& options, const std::string& id, const std::string& name, bool stop) {
   DELTAVM_ASSIGN_OR_RETURN(std::optional<ServiceClient> service, connect_service(options));
   if (service) {
-    DELTAVM_ASSIGN_OR_RETURN(nlohmann::json reply, service->call("POST", fmt::format("/v1/vms/{}/snapshots", id),
-                                                                 {{"name", name}, {"stop", stop}},
-                                                                 std::chrono::seconds(600)));
+    DELTAVM_ASSIGN_OR_RETURN(nlohmann::json reply,
+                             service->call("POST", fmt::format("/v1/vms/{}/snapshots", id),
+                                           {{"name", name}, {"stop", stop}}, std::chrono::seconds(600)));
     return print_snapshot(options, reply);
   }
   std::filesystem::path runtime = runtime_directory(options);
@@ -512,7 +515,8 @@ Status run_ps(const GlobalOptions& options) {
     for (const PausedVm& vm : paused) {
       Result<Template> loaded = load_template(*store, vm.image.name);
       std::string backend = loaded ? loaded->backend : "?";
-      rows.push_back({{"id", vm.id}, {"template", vm.image.name}, {"backend", backend}, {"pid", 0}, {"state", "paused"}});
+      rows.push_back(
+          {{"id", vm.id}, {"template", vm.image.name}, {"backend", backend}, {"pid", 0}, {"state", "paused"}});
       table.add_row({vm.id, vm.image.name, backend, "-", "paused"});
     }
   }

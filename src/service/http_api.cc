@@ -267,16 +267,16 @@ void HttpApi::install_routes(Listener& server, std::optional<std::string> token)
                   return Reply{202, json{{"build_id", *id}, {"template", parsed->spec.name}, {"state", "building"}}};
                 });
               }));
-  server.Delete(name, route("template", [&service](const httplib::Request& request) {
-                  std::string cascade = request.has_param("cascade") ? request.get_param_value("cascade") : "false";
-                  if (cascade != "true" && cascade != "false") {
-                    return error_reply(400, "invalid_argument",
-                                       fmt::format("query parameter cascade must be true or false, found {:?}", cascade));
-                  }
-                  Result<std::vector<std::string>> removed =
-                      service.delete_template(request.matches[1], cascade == "true");
-                  return removed ? Reply{200, json{{"removed", *removed}}} : error_reply(removed.error());
-                }));
+  server.Delete(
+      name, route("template", [&service](const httplib::Request& request) {
+        std::string cascade = request.has_param("cascade") ? request.get_param_value("cascade") : "false";
+        if (cascade != "true" && cascade != "false") {
+          return error_reply(400, "invalid_argument",
+                             fmt::format("query parameter cascade must be true or false, found {:?}", cascade));
+        }
+        Result<std::vector<std::string>> removed = service.delete_template(request.matches[1], cascade == "true");
+        return removed ? Reply{200, json{{"removed", *removed}}} : error_reply(removed.error());
+      }));
   server.Put(name + "/pool", route("pool", [&service, with_body](const httplib::Request& request) {
                return with_body(request, [&](const json& body) {
                  Result<uint64_t> size = parse_pool_size(body);

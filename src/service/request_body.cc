@@ -63,7 +63,8 @@ Result<uint64_t> parse_fork(const json& body) {
   DELTAVM_TRY(fields.unsigned_integer("count", count, false, kMaxForks));
   DELTAVM_TRY(fields.no_other_fields());
   if (count == 0) {
-    return make_error(ErrorCode::kInvalidArgument, "request body: field count must be from 1 to {}, found 0", kMaxForks);
+    return make_error(ErrorCode::kInvalidArgument, "request body: field count must be from 1 to {}, found 0",
+                      kMaxForks);
   }
   return count;
 }

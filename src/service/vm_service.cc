@@ -572,7 +572,8 @@ Result<VmView> VmService::resume(const std::string& id) {
   uint64_t ttl = config_.default_ttl_seconds;
   int64_t expires_at_unix = ttl > 0 ? now_unix() + static_cast<int64_t>(ttl) : 0;
   DELTAVM_ASSIGN_OR_RETURN(VmView view, start_cold(request, expires_at_unix, start, id));
-  metrics_.add("deltavm_loads_total", {{"template", view.template_name}, {"backend", view.backend}, {"pooled", "false"}});
+  metrics_.add("deltavm_loads_total",
+               {{"template", view.template_name}, {"backend", view.backend}, {"pooled", "false"}});
   metrics_.observe("deltavm_load_seconds", {{"pooled", "false"}}, view.timings.total_ms / 1000);
   return view;
 }
@@ -594,9 +595,8 @@ Result<VmService::Forked> VmService::fork(const std::string& id, uint64_t count)
       for (const ImageRecord& record : *records) {
         if (record.name.starts_with(fmt::format("fork-{}-", id))) ++next;
       }
-      Result<Snapshot> attempted =
-          snapshot_vm(id, fmt::format("fork-{}-{}", id, next), store_, *runner, runtime_,
-                      {.max_chain_depth = config_.max_chain_depth, .transient = "fork"});
+      Result<Snapshot> attempted = snapshot_vm(id, fmt::format("fork-{}-{}", id, next), store_, *runner, runtime_,
+                                               {.max_chain_depth = config_.max_chain_depth, .transient = "fork"});
       if (attempted || attempted.error().code != ErrorCode::kAlreadyExists || attempt == 8) return attempted;
     }
   }();
@@ -732,8 +732,9 @@ Result<std::vector<std::string>> VmService::delete_template(const std::string& n
   for (size_t i = 0; i < doomed.size(); ++i) {
     DELTAVM_ASSIGN_OR_RETURN(std::vector<std::string> children, store_.children(doomed[i]));
     if (!children.empty() && !cascade) {
-      return make_error(ErrorCode::kConflict, "template {} has {} template(s) stored against it ({}); cascade=true removes them too",
-                        name, children.size(), fmt::join(children, ", "));
+      return make_error(ErrorCode::kConflict,
+                        "template {} has {} template(s) stored against it ({}); cascade=true removes them too", name,
+                        children.size(), fmt::join(children, ", "));
     }
     doomed.insert(doomed.end(), children.begin(), children.end());
   }

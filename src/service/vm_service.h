@@ -55,7 +55,7 @@ struct VmTimings {
   double launch_ms = 0;
   double fill_ms = 0;
   double state_ms = 0;
-  double resume_ms = 0;  // Pooled VMs: starting the paused vCPUs.
+  double resume_ms = 0;    // Pooled VMs: starting the paused vCPUs.
   double identity_ms = 0;  // Giving the guest the host's clock and fresh entropy (templates/templates.h).
 };
 

@@ -48,8 +48,7 @@ std::optional<std::pair<std::string, std::string>> transient_of(const ImageRecor
 }
 
 // The snapshot's metadata: its template's (machine, backend, spec), and where it came from.
-Result<std::string> snapshot_metadata(const ImageRecord& from, const std::string& vm_id,
-                                      const std::string& transient) {
+Result<std::string> snapshot_metadata(const ImageRecord& from, const std::string& vm_id, const std::string& transient) {
   nlohmann::json metadata = nlohmann::json::parse(from.metadata, nullptr, false);
   if (metadata.is_discarded() || !metadata.is_object()) {
     return make_error(ErrorCode::kCorruption, "template {}: its metadata is not a JSON object", from.name);
@@ -107,8 +106,8 @@ nlohmann::json snapshot_json(const Snapshot& snapshot) {
 Result<Snapshot> snapshot_vm(const std::string& id, const std::string& name, Store& store, Backend& backend,
                              const std::filesystem::path& runtime, const SnapshotOptions& options) {
   if (!valid_template_name(name)) {
-    return make_error(ErrorCode::kInvalidArgument, "snapshot name {:?}: expected 1 to 64 letters, digits, '-', '_' or '.'",
-                      name);
+    return make_error(ErrorCode::kInvalidArgument,
+                      "snapshot name {:?}: expected 1 to 64 letters, digits, '-', '_' or '.'", name);
   }
   DELTAVM_ASSIGN_OR_RETURN(VmDirectory vm, VmDirectory::open(runtime, id));
   DELTAVM_ASSIGN_OR_RETURN(VmRecord record, vm.read_record());
@@ -125,17 +124,15 @@ Result<Snapshot> snapshot_vm(const std::string& id, const std::string& name, Sto
   }
   Result<Template> loaded = load_template(store, record.template_name);
   if (!loaded) {
-    return loaded.error().with_context(
-        fmt::format("VM {} was loaded from template {}, which the snapshot is stored against", id,
-                    record.template_name));
+    return loaded.error().with_context(fmt::format(
+        "VM {} was loaded from template {}, which the snapshot is stored against", id, record.template_name));
   }
   // A template removed and built again under the same name is another image: the VM's pages
   // are changes against the image it was loaded from, and no other.
   if (!record.image_digest.empty() && record.image_digest != loaded->record().digest.hex()) {
     return make_error(ErrorCode::kConflict,
                       "VM {} was loaded from template {} as image {}; the store's {} is now image {}", id,
-                      record.template_name, record.image_digest, record.template_name,
-                      loaded->record().digest.hex());
+                      record.template_name, record.image_digest, record.template_name, loaded->record().digest.hex());
   }
 
   Snapshot snapshot;

@@ -44,7 +44,7 @@ struct SnapshotOptions {
 struct Snapshot {
   ImageRecord record;
   std::string vm_id;
-  uint64_t changed_pages = 0;  // Pages captured (the VM's own copies: a superset of what differs).
+  uint64_t changed_pages = 0;    // Pages captured (the VM's own copies: a superset of what differs).
   uint64_t squashed_layers = 0;  // Deltas between the parent and the VM's template folded in.
   double prepare_ms = 0;         // The template's image mapped, before the pause.
   double pause_ms = 0;           // VM paused -> running again (or stopped).

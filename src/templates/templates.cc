@@ -80,8 +80,7 @@ nlohmann::json machine_json(const MachineSpec& machine) {
 }
 
 // The machine and backend a template's metadata records, every field checked.
-Status read_metadata(const ImageRecord& record, MachineSpec& machine, std::string& backend,
-                     uint32_t& agent_protocol) {
+Status read_metadata(const ImageRecord& record, MachineSpec& machine, std::string& backend, uint32_t& agent_protocol) {
   nlohmann::json metadata = nlohmann::json::parse(record.metadata, nullptr, false);
   if (metadata.is_discarded() || !metadata.is_object() || !metadata.contains("machine")) {
     return make_error(ErrorCode::kInvalidArgument, "image {} is not a template (no machine in its metadata)",
@@ -312,8 +311,9 @@ Result<std::vector<std::string>> remove_template(Store& store, const std::filesy
   for (size_t i = 0; i < doomed.size(); ++i) {
     DELTAVM_ASSIGN_OR_RETURN(std::vector<std::string> children, store.children(doomed[i]));
     if (!children.empty() && !cascade) {
-      return make_error(ErrorCode::kConflict, "template {} has {} template(s) stored against it ({}); --cascade removes them too",
-                        name, children.size(), fmt::join(children, ", "));
+      return make_error(ErrorCode::kConflict,
+                        "template {} has {} template(s) stored against it ({}); --cascade removes them too", name,
+                        children.size(), fmt::join(children, ", "));
     }
     doomed.insert(doomed.end(), children.begin(), children.end());
   }

@@ -77,7 +77,8 @@ struct StartOptions {
 
 // The patent's request: a new VM equivalent to template `loaded`, its RAM built from the base
 // and the chain, its machine state loaded, running when this returns (or paused, as `options`
-// say). A VM that runs has been given its own identity (refresh_identity). On any failure nothing is left running and the VM's directory is removed.
+// say). A VM that runs has been given its own identity (refresh_identity). On any failure nothing is left running and
+// the VM's directory is removed.
 Result<StartedVm> start_vm(const Template& loaded, Store& store, Backend& backend, const std::filesystem::path& runtime,
                            const StartOptions& options = {});
 // load_template, then start_vm.

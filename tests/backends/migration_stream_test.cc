@@ -57,7 +57,13 @@ std::vector<uint8_t> sample_stream(std::vector<uint8_t>* expected_stripped) {
   };
   both([](StreamWriter& s) {
     s.u8(0x01).be32(2).name("ram").be32(0).be32(4);
-    s.be64((kRamBytes + kPageSize) | 0x04).name("ram").be64(kRamBytes).be64(0).name("pc.rom").be64(kPageSize).be64(0xc0000);
+    s.be64((kRamBytes + kPageSize) | 0x04)
+        .name("ram")
+        .be64(kRamBytes)
+        .be64(0)
+        .name("pc.rom")
+        .be64(kPageSize)
+        .be64(0xc0000);
     s.be64(0x10).u8(0x7e).be32(2);
     s.u8(0x02).be32(2);
   });

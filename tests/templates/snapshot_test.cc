@@ -67,8 +67,9 @@ Backend* Snapshots::backend_ = nullptr;
 
 TEST_F(Snapshots, FilesAndProcessesMadeAfterTheLoadLiveInTheClonesAndTheVmRunsOn) {
   VmDirectory vm = start("counter");
-  ASSERT_TRUE(exec(vm, "head -c 2000000 /dev/urandom > /tmp/after-load; md5sum /tmp/after-load > /tmp/sum; "
-                       "(while true; do sleep 0.1; done) & echo $! > /tmp/pid"));
+  ASSERT_TRUE(exec(vm,
+                   "head -c 2000000 /dev/urandom > /tmp/after-load; md5sum /tmp/after-load > /tmp/sum; "
+                   "(while true; do sleep 0.1; done) & echo $! > /tmp/pid"));
   std::string sum = *exec(vm, "cat /tmp/sum");
   std::string snapshot_name = name("snap");
   Result<Snapshot> snapshot = snapshot_vm(vm.id(), snapshot_name, *store_, *backend_, runtime());

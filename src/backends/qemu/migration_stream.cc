@@ -148,10 +148,11 @@ class RamStripper {
         return malformed(reader_, "a RAM record continuing no block");
       }
       auto length = lengths_.find(*current_);
-      if (length == lengths_.end()) return malformed(reader_, fmt::format("a page of unknown RAM block {:?}", *current_));
+      if (length == lengths_.end())
+        return malformed(reader_, fmt::format("a page of unknown RAM block {:?}", *current_));
       if (address >= length->second) {
-        return malformed(reader_, fmt::format("page {:#x} beyond RAM block {:?} ({} bytes)", address, *current_,
-                                              length->second));
+        return malformed(
+            reader_, fmt::format("page {:#x} beyond RAM block {:?} ({} bytes)", address, *current_, length->second));
       }
       StreamPage page{address, nullptr, 0};
       if (kind == kFlagZero) {
@@ -183,8 +184,7 @@ class RamStripper {
       if (length > remaining) return malformed(reader_, fmt::format("RAM block {:?} longer than the total", name));
       if (ignore_shared_) DELTAVM_TRY(reader_.be64("a RAM block's address").status());
       if (name == block_ && length != block_bytes_) {
-        return malformed(reader_,
-                         fmt::format("RAM block {:?} of {} bytes; the VM has {}", name, length, block_bytes_));
+        return malformed(reader_, fmt::format("RAM block {:?} of {} bytes; the VM has {}", name, length, block_bytes_));
       }
       lengths_[name] = length;
       remaining -= length;
@@ -270,8 +270,9 @@ Result<std::vector<uint8_t>> strip_ram_pages(std::span<const uint8_t> stream, st
   if (!ram.saw_block_list()) return malformed(reader, "no RAM block list before the devices' sections");
   size_t rest = stream.size() - (reader.offset() - 1);
   if (out.size() + rest > limit) {
-    return make_error(ErrorCode::kInvalidArgument, "migration stream: {} bytes without RAM pages, more than the {} allowed",
-                      out.size() + rest, limit);
+    return make_error(ErrorCode::kInvalidArgument,
+                      "migration stream: {} bytes without RAM pages, more than the {} allowed", out.size() + rest,
+                      limit);
   }
   out.insert(out.end(), stream.end() - static_cast<ptrdiff_t>(rest), stream.end());
   return out;

@@ -251,7 +251,8 @@ Status read_guest_pages(int pid, uint64_t ram_address, std::span<const uint64_t>
                         ram.size());
     }
     local.push_back({ram.data() + offset, run * kPageSize});
-    remote.push_back({reinterpret_cast<void*>(ram_address + offset), run * kPageSize});  // NOLINT(performance-no-int-to-ptr)
+    remote.push_back(
+        {reinterpret_cast<void*>(ram_address + offset), run * kPageSize});  // NOLINT(performance-no-int-to-ptr)
     if (local.size() == kBatch) DELTAVM_TRY(flush());
     i += run;
   }
@@ -266,7 +267,8 @@ Status omit_changed_pages(int pid, uint64_t ram_address, uint64_t count, std::ve
   for (size_t i = pages.size(); i > 0 && count > 0; --i) {
     uint64_t index = pages[i - 1];
     iovec local{page.data(), kPageSize};
-    iovec remote{reinterpret_cast<void*>(ram_address + index * kPageSize), kPageSize};  // NOLINT(performance-no-int-to-ptr)
+    iovec remote{reinterpret_cast<void*>(ram_address + index * kPageSize),
+                 kPageSize};  // NOLINT(performance-no-int-to-ptr)
     if (::process_vm_readv(pid, &local, 1, &remote, 1, 0) != static_cast<ssize_t>(kPageSize)) {
       return errno_error(fmt::format("process_vm_readv from qemu {}", pid), errno);
     }
@@ -292,9 +294,9 @@ Result<std::vector<uint8_t>> machine_state_witnessed(std::span<const uint8_t> st
   uint64_t differing_count = 0;
   auto visit = [&](const StreamPage& page) -> Status {
     const uint8_t* expected = ram.data() + page.offset;
-    bool equal = page.bytes != nullptr ? std::equal(page.bytes, page.bytes + kPageSize, expected)
-                                       : std::all_of(expected, expected + kPageSize,
-                                                     [&](uint8_t byte) { return byte == page.fill; });
+    bool equal = page.bytes != nullptr
+                     ? std::equal(page.bytes, page.bytes + kPageSize, expected)
+                     : std::all_of(expected, expected + kPageSize, [&](uint8_t byte) { return byte == page.fill; });
     uint64_t index = page.offset / kPageSize;
     seen[index] = true;
     if (!equal) {
@@ -527,8 +529,8 @@ class QemuBackend : public Backend {
       return make_error(ErrorCode::kCorruption, "VM {}: a migration stream of {} bytes, more than {}", vm.id(),
                         st.st_size, most);
     }
-    DELTAVM_ASSIGN_OR_RETURN(Mapping stream, Mapping::map(stream_file.get(), static_cast<size_t>(st.st_size),
-                                                          PROT_READ, MAP_PRIVATE, 0, "migration stream"));
+    DELTAVM_ASSIGN_OR_RETURN(Mapping stream, Mapping::map(stream_file.get(), static_cast<size_t>(st.st_size), PROT_READ,
+                                                          MAP_PRIVATE, 0, "migration stream"));
     changes.check = [stream = std::make_shared<Mapping>(std::move(stream)),
                      id = vm.id()](std::span<const uint8_t> captured) {
       return machine_state_witnessed(stream->bytes(), captured, id);
