@@ -21,12 +21,37 @@ double elapsed_ms(Clock::time_point start) {
   return std::chrono::duration<double, std::milli>(Clock::now() - start).count();
 }
 
-// The template's whole image, mapped private and writable: the capture writes the VM's pages
-// over it, and the flat file underneath stays as the store verified it.
+// Writes the loader's pages into a mapping of this process.
+class MappingWriter : public GuestMemoryWriter {
+ public:
+  explicit MappingWriter(std::span<uint8_t> memory) : memory_(memory) {}
+  Status write_pages(std::span<const PageWrite> pages) override {
+    for (const PageWrite& page : pages) {
+      if (page.guest_physical_address + kPageSize > memory_.size()) {
+        return make_error(ErrorCode::kInvalidArgument, "page at {:#x} is outside the {} bytes of RAM",
+                          page.guest_physical_address, memory_.size());
+      }
+      std::copy_n(page.bytes, kPageSize, memory_.data() + page.guest_physical_address);
+    }
+    return {};
+  }
+
+ private:
+  std::span<uint8_t> memory_;
+};
+
+// The image the VM was loaded from, built as its load built it: the base's flat file mapped
+// private and writable, the chain's pages written over it (no flat file of the template is
+// made). The capture then writes the VM's pages over it; the file stays as the store verified it.
 Result<Mapping> map_image_for_capture(Store& store, const Template& loaded) {
-  DELTAVM_ASSIGN_OR_RETURN(std::filesystem::path flat, store.flat_file(loaded.record()));
-  DELTAVM_ASSIGN_OR_RETURN(Fd fd, open_file(flat, O_RDONLY | O_CLOEXEC));
-  return Mapping::map(fd.get(), loaded.machine.memory_bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE, 0, flat.string());
+  Loader loader(store);
+  DELTAVM_ASSIGN_OR_RETURN(PreparedRam prepared, loader.prepare(loaded.chain, RamStrategy::kBasePlusDeltas));
+  DELTAVM_ASSIGN_OR_RETURN(Fd fd, open_file(prepared.flat_file(), O_RDONLY | O_CLOEXEC));
+  DELTAVM_ASSIGN_OR_RETURN(Mapping ram, Mapping::map(fd.get(), loaded.machine.memory_bytes, PROT_READ | PROT_WRITE,
+                                                     MAP_PRIVATE, 0, prepared.flat_file().string()));
+  MappingWriter writer(ram.writable_bytes());
+  DELTAVM_TRY(prepared.fill(writer));
+  return ram;
 }
 
 nlohmann::json metadata_of(const ImageRecord& record) {

@@ -16,6 +16,8 @@
 #include <algorithm>
 #include <cstring>
 
+#include <xxhash.h>
+
 #include "base/page.h"
 
 namespace deltavm::vmm {
@@ -69,6 +71,12 @@ class UserfaultServer {
   }
 
   const UserfaultStats& stats() const { return stats_; }
+
+  // Where first touches of `page` are served from: the overlay's page, else the base's.
+  const uint8_t* source_of(uint64_t page) const {
+    const uint8_t* source = overlay_.find(page);
+    return source != nullptr ? source : base_ + page * kPage;
+  }
 
   // Called once if a first touch cannot be served (the guest's vCPU then waits forever in the
   // fault; the machine must fail instead). A failure before the call is reported at once.
@@ -172,6 +180,29 @@ GuestMemory::~GuestMemory() = default;
 
 void GuestMemory::on_failure(std::function<void(std::string)> report) {
   if (server_) server_->on_failure(std::move(report));
+}
+
+std::pair<uint64_t, uint64_t> GuestMemory::digest() const {
+  XXH3_state_t* state = XXH3_createState();
+  XXH3_128bits_reset(state);
+  size_t pages = ram_.size() / kPage;
+  std::vector<unsigned char> resident;
+  // Which pages a userfault load has served: the others are not touched (that would fault
+  // them in, copying the base into this process for nothing). mincore cannot tell a swapped
+  // out page from one never served: such a page is read from its source, and a digest that
+  // then differs fails the capture it checks, never passes a wrong one.
+  if (server_) {
+    resident.resize(pages);
+    if (::mincore(ram_.data(), ram_.size(), resident.data()) != 0) resident.assign(pages, 1);
+  }
+  for (size_t page = 0; page < pages; ++page) {
+    bool in_ram = !server_ || (resident[page] & 1) != 0;
+    const uint8_t* bytes = in_ram ? ram_.data() + page * kPage : server_->source_of(page);
+    XXH3_128bits_update(state, bytes, kPage);
+  }
+  XXH128_hash_t hash = XXH3_128bits_digest(state);
+  XXH3_freeState(state);
+  return {hash.high64, hash.low64};
 }
 
 const UserfaultStats* GuestMemory::userfault_stats() const { return server_ ? &server_->stats() : nullptr; }

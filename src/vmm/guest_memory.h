@@ -58,6 +58,10 @@ class GuestMemory {
   static Result<Fd> create_userfaultfd();
 
   std::span<uint8_t> bytes() const { return {ram_.data(), ram_.size()}; }
+  // The XXH3-128 (high, low) of the RAM as the guest sees it. A userfault load's pages not
+  // served yet are read from where they would be served from, not faulted in. REQUIRES: no
+  // vCPU runs.
+  std::pair<uint64_t, uint64_t> digest() const;
   const UserfaultStats* userfault_stats() const;
   // Reports a failure to provide guest memory (a userfault that cannot be served), once. Memory
   // that cannot fail never calls it.

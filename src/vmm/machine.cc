@@ -327,7 +327,15 @@ Result<std::vector<uint64_t>> Machine::take_dirty_log() {
   if (!options_.log_dirty) {
     return make_error(ErrorCode::kInvalidArgument, "dirty-page logging is off for this machine");
   }
-  return vm_.take_dirty_log(0, memory_.bytes().size() / kPageSize);
+  DELTAVM_ASSIGN_OR_RETURN(std::vector<uint64_t> log, vm_.take_dirty_log(0, memory_.bytes().size() / kPageSize));
+  dirty_since_start_.resize(log.size(), 0);
+  for (size_t i = 0; i < log.size(); ++i) dirty_since_start_[i] |= log[i];
+  return log;
+}
+
+Result<std::vector<uint64_t>> Machine::dirty_since_start() {
+  DELTAVM_TRY(take_dirty_log().status());
+  return dirty_since_start_;
 }
 
 // The devices' state, in machine state format version 1's encoding: a Linux guest's two UARTs

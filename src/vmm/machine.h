@@ -94,6 +94,9 @@ class Machine {
   // Pages the guest wrote since the previous call (or since the machine was created), as a
   // little-endian bitmap with one bit per page. REQUIRES: options.log_dirty.
   Result<std::vector<uint64_t>> take_dirty_log();
+  // Pages the guest wrote since the machine was created: every take_dirty_log so far, and the
+  // log since, together. REQUIRES: options.log_dirty.
+  Result<std::vector<uint64_t>> dirty_since_start();
   std::span<uint8_t> memory() const { return memory_.bytes(); }
   const GuestMemory& guest_memory() const { return memory_; }
 
@@ -116,6 +119,7 @@ class Machine {
   GuestMemory memory_;
   GuestKind kind_;
   MachineOptions options_;
+  std::vector<uint64_t> dirty_since_start_;  // What take_dirty_log has returned, together.
   std::vector<uint32_t> msr_indices_;
   std::string cpu_vendor_;
   std::vector<Vcpu> vcpus_;

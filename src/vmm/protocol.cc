@@ -155,11 +155,15 @@ json to_json(const SaveRequest& r) {
   put(out, "state", r.state);
   put(out, "dirty", r.dirty);
   put(out, "ram", r.ram);
+  put(out, "changes", r.changes);
+  if (r.digest) out["digest"] = true;
   return out;
 }
 Status from_json(JsonFields& fields, SaveRequest& r) {
   DELTAVM_TRY(fields.text("state", r.state));
   DELTAVM_TRY(fields.text("dirty", r.dirty));
+  DELTAVM_TRY(fields.text("changes", r.changes));
+  DELTAVM_TRY(fields.boolean("digest", r.digest));
   return fields.text("ram", r.ram);
 }
 
@@ -250,10 +254,18 @@ json to_json(const SaveReply& r) {
   json out = json::object();
   put(out, "state_bytes", r.state_bytes);
   put(out, "dirty_pages", r.dirty_pages);
+  put(out, "changed_pages", r.changed_pages);
+  put(out, "ram_digest", r.ram_digest);
   return out;
 }
 Status from_json(JsonFields& fields, SaveReply& r) {
   DELTAVM_TRY(fields.unsigned_integer("state_bytes", r.state_bytes));
+  DELTAVM_TRY(fields.unsigned_integer("changed_pages", r.changed_pages));
+  DELTAVM_TRY(fields.text("ram_digest", r.ram_digest));
+  if (r.ram_digest && (r.ram_digest->size() != 32 ||
+                       r.ram_digest->find_first_not_of("0123456789abcdef") != std::string::npos)) {
+    return make_error(ErrorCode::kCorruption, "save reply: ram_digest must be 32 lowercase hex digits");
+  }
   return fields.unsigned_integer("dirty_pages", r.dirty_pages);
 }
 

@@ -87,11 +87,16 @@ struct WaitRequest {
   bool operator==(const WaitRequest&) const = default;
 };
 // Writes what it names, from a paused machine: its state, its dirty bitmap since the last one,
-// a copy of its RAM.
+// a copy of its RAM; `changes`: the pages the guest wrote since the machine started (its dirty
+// log since then: a bitmap of ceil(pages / 8) bytes, then each page it sets, in order);
+// `digest`: the XXH3-128 of its whole RAM in the reply, read without faulting in what a lazy
+// load has not served (the witness a snapshot's capture is checked against).
 struct SaveRequest {
   std::optional<std::string> state;
   std::optional<std::string> dirty;
   std::optional<std::string> ram;
+  std::optional<std::string> changes;
+  bool digest = false;
   bool operator==(const SaveRequest&) const = default;
 };
 // What the guest wrote to serial port `port` (0 or 1), the last MiB.
@@ -151,6 +156,8 @@ struct StatusReply {
 struct SaveReply {
   std::optional<uint64_t> state_bytes;
   std::optional<uint64_t> dirty_pages;
+  std::optional<uint64_t> changed_pages;
+  std::optional<std::string> ram_digest;  // 32 hex digits, high 64 bits first.
   bool operator==(const SaveReply&) const = default;
 };
 struct SerialOutputReply {

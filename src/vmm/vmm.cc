@@ -242,6 +242,27 @@ Result<Reply> Vmm::handle(const SaveRequest& request) {
     DELTAVM_ASSIGN_OR_RETURN(std::filesystem::path path, writable(*request.ram, "ram"));
     DELTAVM_TRY(write_scratch_file(path, machine_->memory()));
   }
+  if (request.changes) {
+    DELTAVM_ASSIGN_OR_RETURN(std::filesystem::path path, writable(*request.changes, "changes"));
+    DELTAVM_ASSIGN_OR_RETURN(std::vector<uint64_t> log, machine_->dirty_since_start());
+    std::span<const uint8_t> memory = machine_->memory();
+    uint64_t pages = page_count(memory.size());
+    const auto* bitmap = reinterpret_cast<const uint8_t*>(log.data());
+    std::vector<uint8_t> bytes(bitmap, bitmap + (pages + 7) / 8);
+    uint64_t changed = 0;
+    for (uint64_t page = 0; page < pages; ++page) {
+      if (((log[page / 64] >> (page % 64)) & 1) == 0) continue;
+      bytes.insert(bytes.end(), memory.begin() + static_cast<ptrdiff_t>(page * kPageSize),
+                   memory.begin() + static_cast<ptrdiff_t>((page + 1) * kPageSize));
+      ++changed;
+    }
+    DELTAVM_TRY(write_scratch_file(path, bytes));
+    reply.changed_pages = changed;
+  }
+  if (request.digest) {
+    auto [high, low] = machine_->guest_memory().digest();
+    reply.ram_digest = fmt::format("{:016x}{:016x}", high, low);
+  }
   return Reply(reply);
 }
 

@@ -197,6 +197,23 @@ grep -l '^Name:.deltavm-vmm' /proc/[0-9]*/status 2>/dev/null | while read -r sta
 done
 deltavm exec --timeout 300 "$id" -- cat /tmp/page
 deltavm exec --timeout 300 "$id" -- sh -c 'echo $((6 * 7))'
+# Snapshots on the kvm backend: the dirty log since the load, checked against the VMM's digest
+# of the whole RAM; then pause/resume under the same id, and forks with their own identity.
+deltavm exec --timeout 300 "$id" -- sh -c 'echo after-load > /tmp/after; (while true; do sleep 1; done) >/dev/null 2>&1 & echo $! > /tmp/loop'
+deltavm --json snapshot "$id" web-snap | grep -E '"(pause_ms|changed_pages|parent)"'
+deltavm exec --timeout 300 "$id" -- echo original-runs-on
+clone=$(deltavm run web-snap)
+deltavm exec --timeout 300 "$clone" -- sh -c 'cat /tmp/after; kill -0 $(cat /tmp/loop) && echo loop-alive'
+deltavm pause "$clone"
+deltavm ps | grep paused
+deltavm resume "$clone"
+deltavm exec --timeout 300 "$clone" -- sh -c 'cat /tmp/after; kill -0 $(cat /tmp/loop) && echo resumed-alive'
+deltavm fork "$id" --count 2 > /tmp/forks
+for f in $(cat /tmp/forks); do deltavm exec --timeout 300 "$f" -- cat /proc/sys/kernel/random/uuid; done | sort -u | wc -l | sed 's/^/distinct uuids /'
+deltavm stop --all
+deltavm template rm web-snap
+deltavm store gc
+id=$(deltavm run web)
 deltavm stop "$id"
 id=$(deltavm run base --kvm-memory eager)
 deltavm exec --timeout 300 "$id" -- echo base-answers
@@ -244,6 +261,18 @@ echo service-stopped
   EXPECT_NE(flow->stdout_bytes.find("served-by-kvm\n42\n"), std::string::npos)
       << flow->stdout_bytes << flow->stderr_bytes;
   EXPECT_NE(flow->stdout_bytes.find("base-answers\n"), std::string::npos) << flow->stdout_bytes << flow->stderr_bytes;
+  // A snapshot of a kvm VM carries what the VM did after its load; pause/resume keeps it.
+  EXPECT_TRUE(std::regex_search(flow->stdout_bytes, std::regex(R"("parent": "web")")))
+      << flow->stdout_bytes << flow->stderr_bytes;
+  EXPECT_NE(flow->stdout_bytes.find("original-runs-on\nafter-load\nloop-alive\n"), std::string::npos)
+      << flow->stdout_bytes << flow->stderr_bytes;
+  EXPECT_NE(flow->stdout_bytes.find("after-load\nresumed-alive\n"), std::string::npos)
+      << flow->stdout_bytes << flow->stderr_bytes;
+  EXPECT_NE(flow->stdout_bytes.find("distinct uuids 2\n"), std::string::npos) << flow->stdout_bytes << flow->stderr_bytes;
+  std::smatch pause;
+  if (std::regex_search(flow->stdout_bytes, pause, std::regex(R"("pause_ms": ([0-9.]+))"))) {
+    std::printf("kvm snapshot pause inside the harness: %s ms\n", pause[1].str().c_str());
+  }
   // The port I/O storm: the guest and its VMM lived through it and the VMM stayed within the
   // memory its cgroup would give it (128 MiB of RAM + 256 MiB; the harness has no cgroups).
   EXPECT_NE(flow->stdout_bytes.find("storm-survived\n"), std::string::npos) << flow->stdout_bytes << flow->stderr_bytes;

@@ -324,6 +324,50 @@ TEST_P(KvmMicroGuestStrategy, RestoredFromDeltaChainEndsWithUninterruptedChecksu
   }
 }
 
+// What a snapshot takes from the VMM: the pages written since the restore, and a digest of the
+// whole RAM read without faulting in what a lazy load has not served. Applied over the image
+// the VM was restored from, the pages give exactly the RAM the VM has (checked against a full
+// copy taken afterwards), and the digest is that RAM's.
+TEST_P(KvmMicroGuestStrategy, ChangesSinceTheRestoreAndTheRamDigestAreExact) {
+  std::filesystem::path directory = chain->root / fmt::format("changes-{}", memory_strategy_name(GetParam()));
+  ScopedDirectory cleanup{directory};
+  Result<RestoreFiles> files = prepare_restore("c3", directory);
+  ASSERT_TRUE(files) << files.error().message;
+  Result<VmmProcess> vmm = VmmProcess::launch(vmm_binary(), directory, readable_inputs());
+  ASSERT_TRUE(vmm) << vmm.error().message;
+  RestoreRequest request = restore_request(*files, GetParam());
+  request.start.log_dirty = true;
+  request.start.pause_at_checkpoint = 4;
+  ASSERT_TRUE(vmm->call<StatusReply>(request));
+  Result<StatusReply> status = vmm->call<StatusReply>(WaitRequest{}, kRunTimeout);
+  ASSERT_TRUE(status) << status.error().message;
+  ASSERT_EQ(checkpoint_of(*status), 4u) << describe(*status);
+  // An earlier take of the dirty log does not hide its pages from the changes since the start.
+  std::filesystem::path dirty = directory / "dirty", changes = directory / "changes", ram = directory / "ram";
+  ASSERT_TRUE(vmm->call<SaveReply>(SaveRequest{.dirty = dirty.string()}));
+  Result<SaveReply> saved = vmm->call<SaveReply>(SaveRequest{.changes = changes.string(), .digest = true});
+  ASSERT_TRUE(saved) << saved.error().message;
+  ASSERT_TRUE(saved->ram_digest && saved->changed_pages);
+  ASSERT_TRUE(vmm->call<SaveReply>(SaveRequest{.ram = ram.string()}));
+
+  Result<Mapping> actual = Mapping::map_file_readonly(ram);
+  Result<Mapping> expected = chain->store->get_image("c3");
+  Result<Mapping> captured = Mapping::map_anonymous(kMemoryBytes);
+  Result<Mapping> listed = Mapping::map_file_readonly(changes);
+  ASSERT_TRUE(actual && expected && captured && listed);
+  std::copy_n(expected->data(), kMemoryBytes, captured->data());
+  uint64_t pages = page_count(kMemoryBytes), bitmap_bytes = (pages + 7) / 8, next = 0;
+  ASSERT_EQ(listed->size(), bitmap_bytes + *saved->changed_pages * kPageSize);
+  for (uint64_t page = 0; page < pages; ++page) {
+    if (((listed->data()[page / 8] >> (page % 8)) & 1) == 0) continue;
+    std::copy_n(listed->data() + bitmap_bytes + next++ * kPageSize, kPageSize, captured->data() + page * kPageSize);
+  }
+  EXPECT_EQ(next, *saved->changed_pages);
+  EXPECT_TRUE(std::equal(actual->data(), actual->data() + kMemoryBytes, captured->data()))
+      << "the pages written since the restore, over the restored image, are not the VM's RAM";
+  EXPECT_EQ(*saved->ram_digest, digest_image(actual->bytes()).hex());
+}
+
 INSTANTIATE_TEST_SUITE_P(Strategies, KvmMicroGuestStrategy,
                          ::testing::Values(MemoryStrategy::kEager, MemoryStrategy::kPrivate,
                                            MemoryStrategy::kUserfault),
