@@ -170,7 +170,7 @@ TEST_F(NestedKvm, KvmBackendSuitePassesInsideHarness) {
   std::smatch passed;
   ASSERT_TRUE(std::regex_search(suite->stdout_bytes, passed, std::regex(R"(\[  PASSED  \] (\d+) tests?)")))
       << suite->stdout_bytes;
-  EXPECT_EQ(passed[1], "12") << suite->stdout_bytes;
+  EXPECT_EQ(passed[1], "15") << suite->stdout_bytes;
   EXPECT_EQ(suite->stdout_bytes.find("SKIPPED"), std::string::npos) << suite->stdout_bytes;
 }
 
