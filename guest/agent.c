@@ -9,11 +9,11 @@
 #define _GNU_SOURCE
 #include <errno.h>
 #include <fcntl.h>
+#include <linux/random.h>
 #include <poll.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
-#include <linux/random.h>
 #include <string.h>
 #include <sys/ioctl.h>
 #include <sys/signalfd.h>

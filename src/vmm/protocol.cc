@@ -262,8 +262,8 @@ Status from_json(JsonFields& fields, SaveReply& r) {
   DELTAVM_TRY(fields.unsigned_integer("state_bytes", r.state_bytes));
   DELTAVM_TRY(fields.unsigned_integer("changed_pages", r.changed_pages));
   DELTAVM_TRY(fields.text("ram_digest", r.ram_digest));
-  if (r.ram_digest && (r.ram_digest->size() != 32 ||
-                       r.ram_digest->find_first_not_of("0123456789abcdef") != std::string::npos)) {
+  if (r.ram_digest &&
+      (r.ram_digest->size() != 32 || r.ram_digest->find_first_not_of("0123456789abcdef") != std::string::npos)) {
     return make_error(ErrorCode::kCorruption, "save reply: ram_digest must be 32 lowercase hex digits");
   }
   return fields.unsigned_integer("dirty_pages", r.dirty_pages);

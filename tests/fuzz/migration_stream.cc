@@ -25,8 +25,7 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
     }
     return {};
   };
-  deltavm::Result<std::vector<uint8_t>> stripped =
-      deltavm::strip_ram_pages(stream, "ram", block_bytes, kLimit, visit);
+  deltavm::Result<std::vector<uint8_t>> stripped = deltavm::strip_ram_pages(stream, "ram", block_bytes, kLimit, visit);
   if (stripped && (stripped->size() > kLimit || stripped->size() > stream.size())) std::abort();
   return 0;
 }

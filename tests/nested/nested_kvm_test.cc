@@ -268,7 +268,8 @@ echo service-stopped
       << flow->stdout_bytes << flow->stderr_bytes;
   EXPECT_NE(flow->stdout_bytes.find("after-load\nresumed-alive\n"), std::string::npos)
       << flow->stdout_bytes << flow->stderr_bytes;
-  EXPECT_NE(flow->stdout_bytes.find("distinct uuids 2\n"), std::string::npos) << flow->stdout_bytes << flow->stderr_bytes;
+  EXPECT_NE(flow->stdout_bytes.find("distinct uuids 2\n"), std::string::npos)
+      << flow->stdout_bytes << flow->stderr_bytes;
   std::smatch pause;
   if (std::regex_search(flow->stdout_bytes, pause, std::regex(R"("pause_ms": ([0-9.]+))"))) {
     std::printf("kvm snapshot pause inside the harness: %s ms\n", pause[1].str().c_str());

@@ -267,8 +267,9 @@ Status omit_changed_pages(int pid, uint64_t ram_address, uint64_t count, std::ve
   for (size_t i = pages.size(); i > 0 && count > 0; --i) {
     uint64_t index = pages[i - 1];
     iovec local{page.data(), kPageSize};
-    iovec remote{reinterpret_cast<void*>(ram_address + index * kPageSize),
-                 kPageSize};  // NOLINT(performance-no-int-to-ptr)
+    // An address in QEMU's address space, never dereferenced here.
+    void* address = reinterpret_cast<void*>(ram_address + index * kPageSize);  // NOLINT(performance-no-int-to-ptr)
+    iovec remote{address, kPageSize};
     if (::process_vm_readv(pid, &local, 1, &remote, 1, 0) != static_cast<ssize_t>(kPageSize)) {
       return errno_error(fmt::format("process_vm_readv from qemu {}", pid), errno);
     }
