@@ -267,6 +267,37 @@ TEST_F(Service, VmPastItsTtlIsStoppedAndReaped) {
   EXPECT_NE(metrics.find("deltavm_vm_ends_total{reason=\"expired\"} 1"), std::string::npos) << metrics;
 }
 
+// auto_pause: a VM past its ttl is paused into the store instead of stopped, listed as paused
+// with no process, and resumed under its id with what it held; deleting it then discards its
+// image.
+TEST_F(Service, WithAutoPauseAVmPastItsTtlIsPausedAndResumesWithItsState) {
+  serve({{"auto_pause", true}});
+  ServiceClient c = client();
+  json vm = call(c, "POST", "/v1/vms", {{"template", "base"}, {"ttl_seconds", 2}});
+  std::string id = vm["id"];
+  call(c, "POST", "/v1/vms/" + id + "/exec", {{"command", {"sh", "-c", "echo kept > /tmp/kept"}}});
+  json state;
+  for (auto deadline = std::chrono::steady_clock::now() + 60s; std::chrono::steady_clock::now() < deadline;) {
+    state = call(c, "GET", "/v1/vms/" + id);
+    if (state["state"] == "paused") break;
+    std::this_thread::sleep_for(200ms);
+  }
+  ASSERT_EQ(state["state"], "paused") << state.dump() << leftovers();
+  EXPECT_EQ(state["pid"], 0);
+  EXPECT_FALSE(std::filesystem::exists(runtime_ / "vms" / id));
+  EXPECT_TRUE(vm_processes().empty()) << leftovers();
+  json resumed = call(c, "POST", "/v1/vms/" + id + "/resume");
+  EXPECT_EQ(resumed["id"], id);
+  EXPECT_EQ(resumed["expires_at_unix"], 0) << "a resumed VM takes the default ttl (none here)";
+  json answer = call(c, "POST", "/v1/vms/" + id + "/exec", {{"command", {"cat", "/tmp/kept"}}});
+  EXPECT_EQ(answer["stdout"], "kept\n");
+  std::string image = resumed["template"];
+  EXPECT_EQ(c.request("DELETE", "/v1/vms/" + id)->status, 204);
+  EXPECT_EQ(c.request("GET", "/v1/templates/" + image)->status, 404) << "the paused image outlived its VM";
+  std::string metrics = c.request("GET", "/metrics")->body;
+  EXPECT_NE(metrics.find("deltavm_vm_ends_total{reason=\"paused\"} 1"), std::string::npos) << metrics;
+}
+
 // kill -9 while clients are loading VMs: the next service adopts every VM that still runs
 // (listed, exec works, its ttl still holds), ends what the dead one was loading or held in its
 // pool, and no QEMU is left without a VM the service knows.

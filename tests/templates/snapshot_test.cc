@@ -250,6 +250,24 @@ TEST_F(Snapshots, PastTheMaximumDepthASnapshotIsStoredAgainstAnAncestorWithTheLa
   EXPECT_TRUE(fsck->clean());
 }
 
+TEST_F(Snapshots, TwentyGenerationsOfSnapshotsStayWithinTheDefaultDepthAndKeepEveryChange) {
+  std::string previous = "counter";
+  for (int generation = 1; generation <= 20; ++generation) {
+    VmDirectory vm = start(previous);
+    ASSERT_TRUE(exec(vm, fmt::format("echo {} > /tmp/generation-{}", generation, generation)));
+    std::string next = name(fmt::format("generation-{}", generation));
+    Result<Snapshot> snapshot = snapshot_vm(vm.id(), next, *store_, *backend_, runtime(), {.stop = true});
+    ASSERT_TRUE(snapshot) << "generation " << generation << ": " << snapshot.error().message;
+    started_.pop_back();
+    EXPECT_LE(snapshot->record.chain_depth, kDefaultMaxChainDepth);
+    previous = next;
+  }
+  EXPECT_EQ(store_->find(previous)->chain_depth, kDefaultMaxChainDepth);
+  VmDirectory last = start(previous);
+  EXPECT_EQ(*exec(last, "cat /tmp/generation-1 /tmp/generation-7 /tmp/generation-8 /tmp/generation-20"),
+            "1\n7\n8\n20\n");
+}
+
 TEST_F(Snapshots, RemovingATemplateOthersDependOnNeedsCascade) {
   VmDirectory vm = start("counter");
   std::string parent = name("cascade-parent");
