@@ -4,7 +4,8 @@
 #     web template with a worker initialised as well (chain base <- web <- worker);
 #  2. shows the chain and the stored sizes next to the full images and to three
 #     zstd-compressed full images;
-#  3. loads a new VM equivalent to the third template, runs commands in it, prints timings;
+#  3. loads a new VM equivalent to the third template, runs commands in it, prints timings,
+#     then snapshots it while it runs into a fourth template and loads a VM from that;
 #  4. starts the service (deltavm serve) with a warm pool of 'worker', creates a VM from the
 #     pool over the HTTP API, runs a command in it, shows an excerpt of the metrics, stops it;
 #  5. runs the benchmarks: bench-delta (deltavm vs xdelta3 vs zstd --patch-from),
@@ -73,7 +74,18 @@ awk -v a="$answered" '
     printf "%-52s %8.1f\n", "machine state loaded, vCPUs started", state;
     printf "%-52s %8.1f\n", "request -> VM running", total;
     printf "%-52s %8.1f\n", "first command answered (deltavm exec)", a }' "$scratch/run.json"
-"${deltavm[@]}" stop "$id"
+
+echo
+echo "== 3b. snapshot: what the running VM changed since its load, stored as a new template"
+echo "\$ deltavm exec $id -- sh -c 'echo written-after-the-load > /tmp/live; sleep 1000 &'"
+"${deltavm[@]}" exec "$id" -- sh -c 'echo written-after-the-load > /tmp/live; sleep 1000 >/dev/null 2>&1 &'
+echo "\$ deltavm snapshot $id worker-live"
+"${deltavm[@]}" snapshot "$id" worker-live
+clone=$("${deltavm[@]}" run worker-live)
+echo "\$ deltavm exec $clone -- sh -c 'cat /tmp/live; ps | grep -c \"[s]leep 1000\"'    # loaded from the snapshot"
+"${deltavm[@]}" exec "$clone" -- sh -c 'cat /tmp/live; ps | grep -c "[s]leep 1000"'
+"${deltavm[@]}" template ls
+"${deltavm[@]}" stop "$clone" "$id"
 
 echo
 echo "== 4. the service: deltavm serve with a warm pool of 2 'worker' VMs"
