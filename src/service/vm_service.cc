@@ -587,18 +587,7 @@ Result<VmService::Forked> VmService::fork(const std::string& id, uint64_t count)
   Forked forked;
   Result<Snapshot> taken = [&]() -> Result<Snapshot> {
     DELTAVM_ASSIGN_OR_RETURN(Backend * runner, backend(vm->backend_key.empty() ? "qemu" : vm->backend_key));
-    // The forks' image: "fork-ID-N", the first N free.
-    for (int attempt = 0;; ++attempt) {
-      Result<std::vector<ImageRecord>> records = store_.list();
-      if (!records) return records.error();
-      uint64_t next = 1;
-      for (const ImageRecord& record : *records) {
-        if (record.name.starts_with(fmt::format("fork-{}-", id))) ++next;
-      }
-      Result<Snapshot> attempted = snapshot_vm(id, fmt::format("fork-{}-{}", id, next), store_, *runner, runtime_,
-                                               {.max_chain_depth = config_.max_chain_depth, .transient = "fork"});
-      if (attempted || attempted.error().code != ErrorCode::kAlreadyExists || attempt == 8) return attempted;
-    }
+    return snapshot_for_fork(id, store_, *runner, runtime_, config_.max_chain_depth);
   }();
   {
     std::lock_guard lock(mutex_);
@@ -727,17 +716,7 @@ Status VmService::check_template_unused(const std::string& name) const {
 
 Result<std::vector<std::string>> VmService::delete_template(const std::string& name, bool cascade) {
   DELTAVM_TRY(get_template(name).status());
-  // The template and, with cascade, every template below it: parents before children.
-  std::vector<std::string> doomed = {name};
-  for (size_t i = 0; i < doomed.size(); ++i) {
-    DELTAVM_ASSIGN_OR_RETURN(std::vector<std::string> children, store_.children(doomed[i]));
-    if (!children.empty() && !cascade) {
-      return make_error(ErrorCode::kConflict,
-                        "template {} has {} template(s) stored against it ({}); cascade=true removes them too", name,
-                        children.size(), fmt::join(children, ", "));
-    }
-    doomed.insert(doomed.end(), children.begin(), children.end());
-  }
+  DELTAVM_ASSIGN_OR_RETURN(std::vector<std::string> doomed, templates_to_remove(store_, name, cascade));
   {
     std::lock_guard lock(mutex_);
     for (const std::string& one : doomed) DELTAVM_TRY(check_template_unused(one));

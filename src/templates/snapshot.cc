@@ -270,15 +270,21 @@ Result<StartedVm> resume_paused_vm(const std::string& id, Store& store, Backend&
   return start_vm(image->name, store, backend, runtime, resumed);
 }
 
-Result<Fork> fork_vm(const std::string& id, uint32_t count, Store& store, Backend& backend,
-                     const std::filesystem::path& runtime, uint32_t max_chain_depth) {
-  if (count == 0) return make_error(ErrorCode::kInvalidArgument, "a fork needs a count of at least 1");
+Result<Snapshot> snapshot_for_fork(const std::string& id, Store& store, Backend& backend,
+                                   const std::filesystem::path& runtime, uint32_t max_chain_depth) {
   SnapshotOptions options;
   options.max_chain_depth = max_chain_depth;
   options.transient = "fork";
-  Fork fork;
   DELTAVM_ASSIGN_OR_RETURN(std::string name, next_name(store, "fork-" + id));
-  DELTAVM_ASSIGN_OR_RETURN(fork.snapshot, snapshot_vm(id, name, store, backend, runtime, options));
+  return snapshot_vm(id, name, store, backend, runtime, options);
+}
+
+Result<Fork> fork_vm(const std::string& id, uint32_t count, Store& store, Backend& backend,
+                     const std::filesystem::path& runtime, uint32_t max_chain_depth) {
+  if (count == 0) return make_error(ErrorCode::kInvalidArgument, "a fork needs a count of at least 1");
+  Fork fork;
+  DELTAVM_ASSIGN_OR_RETURN(fork.snapshot, snapshot_for_fork(id, store, backend, runtime, max_chain_depth));
+  const std::string& name = fork.snapshot.record.name;
   DELTAVM_ASSIGN_OR_RETURN(Template loaded, load_template(store, name));
   for (uint32_t i = 0; i < count; ++i) {
     Result<StartedVm> started = start_vm(loaded, store, backend, runtime);

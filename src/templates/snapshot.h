@@ -84,6 +84,11 @@ struct Fork {
   std::vector<StartedVm> vms;
 };
 
+// Snapshots VM `id` (which runs on) into a transient fork template, "fork-ID-N" with the first
+// N past those stored, for VMs to be loaded from.
+Result<Snapshot> snapshot_for_fork(const std::string& id, Store& store, Backend& backend,
+                                   const std::filesystem::path& runtime, uint32_t max_chain_depth);
+
 // Snapshots VM `id` (which runs on) and loads `count` VMs from the snapshot. If a load fails,
 // the forks already loaded are stopped and the error returned.
 Result<Fork> fork_vm(const std::string& id, uint32_t count, Store& store, Backend& backend,

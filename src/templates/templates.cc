@@ -303,20 +303,24 @@ Result<StartedVm> start_vm(const std::string& name, Store& store, Backend& backe
   return start_vm(loaded, store, backend, runtime, options);
 }
 
-Result<std::vector<std::string>> remove_template(Store& store, const std::filesystem::path& runtime,
-                                                 const std::string& name, bool cascade) {
+Result<std::vector<std::string>> templates_to_remove(Store& store, const std::string& name, bool cascade) {
   DELTAVM_TRY(store.find(name).status());
-  // The template and, with cascade, every template below it: parents before children.
   std::vector<std::string> doomed = {name};
   for (size_t i = 0; i < doomed.size(); ++i) {
     DELTAVM_ASSIGN_OR_RETURN(std::vector<std::string> children, store.children(doomed[i]));
     if (!children.empty() && !cascade) {
       return make_error(ErrorCode::kConflict,
-                        "template {} has {} template(s) stored against it ({}); --cascade removes them too", name,
+                        "template {} has {} template(s) stored against it ({}); cascade removes them too", name,
                         children.size(), fmt::join(children, ", "));
     }
     doomed.insert(doomed.end(), children.begin(), children.end());
   }
+  return doomed;
+}
+
+Result<std::vector<std::string>> remove_template(Store& store, const std::filesystem::path& runtime,
+                                                 const std::string& name, bool cascade) {
+  DELTAVM_ASSIGN_OR_RETURN(std::vector<std::string> doomed, templates_to_remove(store, name, cascade));
   DELTAVM_ASSIGN_OR_RETURN(std::vector<VmDirectory> vms, VmDirectory::list(runtime));
   for (const VmDirectory& vm : vms) {
     Result<VmRecord> record = vm.read_record();

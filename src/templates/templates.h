@@ -85,6 +85,10 @@ Result<StartedVm> start_vm(const Template& loaded, Store& store, Backend& backen
 Result<StartedVm> start_vm(const std::string& name, Store& store, Backend& backend,
                            const std::filesystem::path& runtime, const StartOptions& options = {});
 
+// Template `name` and, with `cascade`, every template stored against it, parents first.
+// Without `cascade`, kConflict if others are stored against it.
+Result<std::vector<std::string>> templates_to_remove(Store& store, const std::string& name, bool cascade);
+
 // Removes template `name` from the store (its objects go at the next gc). Refused (kConflict)
 // while other templates are stored against it, unless `cascade`: then they go first, deepest
 // first. Refused too while a VM of `runtime` runs from any template it would remove. Returns
