@@ -286,8 +286,23 @@ Status print_snapshot(const GlobalOptions& options, const nlohmann::json& snapsh
   return {};
 }
 
-Status run_snapshot(const GlobalOptions& options, const std::string& id, const std::string& name, bool stop) {
+struct SnapshotArguments {
+  std::string id, name;
+  bool stop = false;
+  // Fault injection for tests: this many changed pages left out of the capture, which the
+  // witness must then refuse. Direct only; the service takes no such field.
+  uint64_t omit_changed_pages_for_testing = 0;
+};
+
+Status run_snapshot(const GlobalOptions& options, const SnapshotArguments& arguments) {
+  const std::string& id = arguments.id;
+  const std::string& name = arguments.name;
+  bool stop = arguments.stop;
   DELTAVM_ASSIGN_OR_RETURN(std::optional<ServiceClient> service, connect_service(options));
+  if (service && arguments.omit_changed_pages_for_testing > 0) {
+    return make_error(ErrorCode::kInvalidArgument,
+                      "--omit-changed-pages-for-testing works only where no service serves the store");
+  }
   if (service) {
     DELTAVM_ASSIGN_OR_RETURN(nlohmann::json reply,
                              service->call("POST", fmt::format("/v1/vms/{}/snapshots", id),
@@ -298,7 +313,9 @@ Status run_snapshot(const GlobalOptions& options, const std::string& id, const s
   DELTAVM_ASSIGN_OR_RETURN(VmDirectory vm, VmDirectory::open(runtime, id));
   DELTAVM_ASSIGN_OR_RETURN(std::unique_ptr<Backend> backend, backend_of(vm));
   DELTAVM_ASSIGN_OR_RETURN(Store store, open_store(options));
-  DELTAVM_ASSIGN_OR_RETURN(Snapshot snapshot, snapshot_vm(id, name, store, *backend, runtime, {.stop = stop}));
+  SnapshotOptions snapshot_options{.stop = stop};
+  snapshot_options.capture.omit_pages_for_testing = arguments.omit_changed_pages_for_testing;
+  DELTAVM_ASSIGN_OR_RETURN(Snapshot snapshot, snapshot_vm(id, name, store, *backend, runtime, snapshot_options));
   return print_snapshot(options, snapshot_json(snapshot));
 }
 
@@ -682,18 +699,17 @@ void add_vm_commands(CLI::App& app, const GlobalOptions& options, int& exit_stat
   resume_command->add_option("ID", *resume_id)->required();
   resume_command->callback([&options, resume_id, finish] { finish(run_resume(options, *resume_id)); });
 
-  struct SnapshotArguments {
-    std::string id, name;
-    bool stop = false;
-  };
   auto snapshot = std::make_shared<SnapshotArguments>();
   CLI::App* snapshot_command =
       app.add_subcommand("snapshot", "Store what a running VM changed since its load as a new template");
   snapshot_command->add_option("ID", snapshot->id)->required();
   snapshot_command->add_option("NAME", snapshot->name, "The new template's name")->required();
   snapshot_command->add_flag("--stop", snapshot->stop, "Stop the VM after the capture instead of resuming it");
-  snapshot_command->callback(
-      [&options, snapshot, finish] { finish(run_snapshot(options, snapshot->id, snapshot->name, snapshot->stop)); });
+  snapshot_command
+      ->add_option("--omit-changed-pages-for-testing", snapshot->omit_changed_pages_for_testing,
+                   "Fault injection: leave this many changed pages out of the capture")
+      ->group("");
+  snapshot_command->callback([&options, snapshot, finish] { finish(run_snapshot(options, *snapshot)); });
 
   struct ExecArguments {
     std::string id;

@@ -201,6 +201,10 @@ deltavm exec --timeout 300 "$id" -- sh -c 'echo $((6 * 7))'
 # of the whole RAM; then pause/resume under the same id, and forks with their own identity.
 deltavm exec --timeout 300 "$id" -- sh -c 'echo after-load > /tmp/after; (while true; do sleep 1; done) >/dev/null 2>&1 & echo $! > /tmp/loop'
 deltavm --json snapshot "$id" web-snap | grep -E '"(pause_ms|changed_pages|parent)"'
+# A capture that misses a changed page is refused by the VMM's digest; nothing is stored.
+if deltavm snapshot "$id" web-missed --omit-changed-pages-for-testing 1 2>/tmp/missed; then echo missed-stored; fi
+grep -o 'a changed page was missed' /tmp/missed || cat /tmp/missed
+echo "web-missed stored: $(deltavm template ls | grep -c web-missed)"
 deltavm exec --timeout 300 "$id" -- echo original-runs-on
 clone=$(deltavm run web-snap)
 deltavm exec --timeout 300 "$clone" -- sh -c 'cat /tmp/after; kill -0 $(cat /tmp/loop) && echo loop-alive'
@@ -263,6 +267,8 @@ echo service-stopped
   EXPECT_NE(flow->stdout_bytes.find("base-answers\n"), std::string::npos) << flow->stdout_bytes << flow->stderr_bytes;
   // A snapshot of a kvm VM carries what the VM did after its load; pause/resume keeps it.
   EXPECT_TRUE(std::regex_search(flow->stdout_bytes, std::regex(R"("parent": "web")")))
+      << flow->stdout_bytes << flow->stderr_bytes;
+  EXPECT_NE(flow->stdout_bytes.find("a changed page was missed\nweb-missed stored: 0\n"), std::string::npos)
       << flow->stdout_bytes << flow->stderr_bytes;
   EXPECT_NE(flow->stdout_bytes.find("original-runs-on\nafter-load\nloop-alive\n"), std::string::npos)
       << flow->stdout_bytes << flow->stderr_bytes;
