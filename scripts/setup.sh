@@ -6,11 +6,12 @@ set -euo pipefail
 packages=(
   build-essential cmake ninja-build pkg-config
   libzstd-dev liblz4-dev libxxhash-dev libcli11-dev nlohmann-json3-dev libsqlite3-dev libfmt-dev
-  libcpp-httplib-dev libssl-dev libseccomp-dev
+  libcpp-httplib-dev libssl-dev libseccomp-dev libcurl4-openssl-dev libtinyxml2-dev
   libgtest-dev libgmock-dev libbenchmark-dev
   zstd xdelta3 qemu-system-x86 busybox-static cpio curl
   clang-format clang-tidy python3-jsonschema python3-yaml
   clang libclang-rt-14-dev
+  swift swift-proxy swift-object swift-container swift-account memcached
 )
 
 missing=()
