@@ -26,6 +26,7 @@ Result<std::optional<ServiceClient>> connect_service(const GlobalOptions& option
 // Each adds its subcommands to `app`; a subcommand sets `exit_status` when it runs.
 void add_image_commands(CLI::App& app, const GlobalOptions& options, int& exit_status);
 void add_store_commands(CLI::App& app, const GlobalOptions& options, int& exit_status);
+void add_remote_commands(CLI::App& app, const GlobalOptions& options, int& exit_status);
 void add_vm_commands(CLI::App& app, const GlobalOptions& options, int& exit_status);
 void add_service_commands(CLI::App& app, const GlobalOptions& options, int& exit_status);
 

@@ -22,6 +22,7 @@ int run(int argc, char** argv) {
   int exit_status = 0;
   deltavm::cli::add_image_commands(app, options, exit_status);
   deltavm::cli::add_store_commands(app, options, exit_status);
+  deltavm::cli::add_remote_commands(app, options, exit_status);
   deltavm::cli::add_vm_commands(app, options, exit_status);
   deltavm::cli::add_service_commands(app, options, exit_status);
   try {

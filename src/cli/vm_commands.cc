@@ -14,6 +14,7 @@
 #include "service/encoding.h"
 #include "service/http_api.h"
 #include "service/request_body.h"
+#include "store/remote.h"
 #include "templates/initramfs.h"
 #include "templates/snapshot.h"
 #include "templates/templates.h"
@@ -155,6 +156,13 @@ Status run_run(const GlobalOptions& options, const std::string& name, const std:
     if (service) return run_through_service(*service, options, name, backend_name, strategy_name, kvm_memory);
   }
   DELTAVM_ASSIGN_OR_RETURN(Store store, open_store(options));
+  // A template known only on a remote is fetched (verified) first.
+  DELTAVM_ASSIGN_OR_RETURN(std::optional<PullReport> pulled,
+                           pull_if_missing(store, name, ::isatty(STDERR_FILENO) != 0));
+  if (pulled) {
+    fmt::print(stderr, "pulled {}: {} image(s), {} objects ({})\n", name, pulled->import.added.size(),
+               pulled->import.objects_fetched, human_bytes(pulled->import.bytes_fetched));
+  }
   DELTAVM_ASSIGN_OR_RETURN(Template loaded, load_template(store, name));
   // By default, the backend that captured the template.
   std::string chosen = backend_name.empty() ? loaded.backend : backend_name;

@@ -16,6 +16,7 @@
 #include "backends/cgroups.h"
 #include "backends/kvm/kvm_backend.h"
 #include "base/file.h"
+#include "store/remote.h"
 #include "templates/templates.h"
 
 namespace deltavm {
@@ -355,6 +356,8 @@ std::optional<VmView> VmService::take_from_pool(const CreateVmRequest& request, 
 
 Result<VmView> VmService::start_cold(const CreateVmRequest& request, int64_t expires_at_unix, Clock::time_point start,
                                      const std::string& id) {
+  // A template known only on one of the store's remotes is fetched (verified) first.
+  DELTAVM_TRY(pull_if_missing(store_, request.template_name).status());
   Result<Template> found = load_template(store_, request.template_name);
   if (!found) {
     if (found.error().code == ErrorCode::kNotFound) {

@@ -11,8 +11,8 @@
 namespace deltavm {
 namespace {
 
-// 1: images, attachments. 2: flat_files (seals of the flat-file cache).
-constexpr int kSchemaVersion = 2;
+// 1: images, attachments. 2: flat_files (seals of the flat-file cache). 3: remotes.
+constexpr int kSchemaVersion = 3;
 
 constexpr const char* kSchema = R"sql(
 CREATE TABLE IF NOT EXISTS images (
@@ -46,6 +46,16 @@ CREATE TABLE IF NOT EXISTS flat_files (
   inode      INTEGER NOT NULL,
   mtime_ns   INTEGER NOT NULL,
   ctime_ns   INTEGER NOT NULL
+);
+)sql";
+
+// Where the store pushes and pulls; never credentials.
+constexpr const char* kRemotesSchema = R"sql(
+CREATE TABLE IF NOT EXISTS remotes (
+  name     TEXT PRIMARY KEY,
+  url      TEXT NOT NULL,
+  endpoint TEXT NOT NULL,
+  region   TEXT NOT NULL
 );
 )sql";
 
@@ -167,9 +177,10 @@ Result<Catalog> Catalog::open(const std::filesystem::path& path) {
                       "catalog {} is an SQLite database but not a deltavm catalog (schema version {})", path.string(),
                       found);
   }
-  if (found < kSchemaVersion) {  // Version 1 gains the flat-file seals.
+  if (found < kSchemaVersion) {  // Version 1 gains the flat-file seals, 1 and 2 the remotes.
     DELTAVM_TRY(execute(db, "BEGIN IMMEDIATE"));
     Status migrated = execute(db, kFlatFilesSchema);
+    if (migrated) migrated = execute(db, kRemotesSchema);
     if (migrated) migrated = execute(db, fmt::format("PRAGMA user_version = {}", kSchemaVersion).c_str());
     if (!migrated) {
       (void)execute(db, "ROLLBACK");
@@ -194,6 +205,7 @@ Status Catalog::create(const std::filesystem::path& path) {
     DELTAVM_TRY(execute(db, "BEGIN IMMEDIATE"));
     DELTAVM_TRY(execute(db, kSchema));
     DELTAVM_TRY(execute(db, kFlatFilesSchema));
+    DELTAVM_TRY(execute(db, kRemotesSchema));
     DELTAVM_TRY(execute(db, fmt::format("PRAGMA user_version = {}", kSchemaVersion).c_str()));
     DELTAVM_TRY(execute(db, "COMMIT"));
   }
@@ -413,6 +425,42 @@ Status Catalog::remove_flat_file(const ImageDigest& digest) {
   if (!statement.ok()) return sqlite_error(db_, "prepare remove flat file");
   statement.bind(1, digest.hex());
   if (statement.step() != SQLITE_DONE) return sqlite_error(db_, fmt::format("remove flat file {}", digest));
+  return {};
+}
+
+Result<std::vector<RemoteRecord>> Catalog::list_remotes() {
+  Statement statement(db_, "SELECT name, url, endpoint, region FROM remotes ORDER BY name");
+  if (!statement.ok()) return sqlite_error(db_, "prepare list remotes");
+  std::vector<RemoteRecord> remotes;
+  int rc;
+  while ((rc = statement.step()) == SQLITE_ROW) {
+    remotes.push_back({statement.text(0), statement.text(1), statement.text(2), statement.text(3)});
+  }
+  if (rc != SQLITE_DONE) return sqlite_error(db_, "list remotes");
+  return remotes;
+}
+
+Status Catalog::insert_remote(const RemoteRecord& remote) {
+  Statement statement(db_, "INSERT INTO remotes (name, url, endpoint, region) VALUES (?1, ?2, ?3, ?4)");
+  if (!statement.ok()) return sqlite_error(db_, "prepare add remote");
+  statement.bind(1, remote.name);
+  statement.bind(2, remote.url);
+  statement.bind(3, remote.endpoint);
+  statement.bind(4, remote.region);
+  int rc = statement.step();
+  if (rc == SQLITE_CONSTRAINT) {
+    return make_error(ErrorCode::kAlreadyExists, "a remote named {} exists already", remote.name);
+  }
+  if (rc != SQLITE_DONE) return sqlite_error(db_, fmt::format("add remote {}", remote.name));
+  return {};
+}
+
+Status Catalog::remove_remote(const std::string& name) {
+  Statement statement(db_, "DELETE FROM remotes WHERE name = ?1");
+  if (!statement.ok()) return sqlite_error(db_, "prepare remove remote");
+  statement.bind(1, name);
+  if (statement.step() != SQLITE_DONE) return sqlite_error(db_, fmt::format("remove remote {}", name));
+  if (sqlite3_changes(db_) == 0) return make_error(ErrorCode::kNotFound, "no remote named {}", name);
   return {};
 }
 

@@ -65,6 +65,14 @@ struct FlatFileSeal {
   int64_t ctime_ns = 0;
 };
 
+// A remote the store pushes to and pulls from (store/remote.h): where, never credentials.
+struct RemoteRecord {
+  std::string name;
+  std::string url;  // s3://BUCKET[/PREFIX]
+  std::string endpoint;
+  std::string region;
+};
+
 class Catalog {
  public:
   // Opens an existing catalog. A missing, empty or unreadable file, or one that is not a
@@ -91,6 +99,10 @@ class Catalog {
   Result<std::vector<FlatFileSeal>> list_flat_files();
   Status put_flat_file(const FlatFileSeal& seal);
   Status remove_flat_file(const ImageDigest& digest);
+
+  Result<std::vector<RemoteRecord>> list_remotes();
+  Status insert_remote(const RemoteRecord& remote);  // kAlreadyExists for a name in use.
+  Status remove_remote(const std::string& name);     // kNotFound for an unknown name.
 
  private:
   explicit Catalog(sqlite3* db) : db_(db) {}

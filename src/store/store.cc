@@ -487,9 +487,14 @@ Result<Mapping> Store::get_image(const std::string& name) {
 
 Result<Mapping> Store::rebuild_image(const std::string& name) {
   DELTAVM_ASSIGN_OR_RETURN(std::vector<ImageRecord> records, chain(name));
+  return rebuild_chain(records, records.size() - 1);
+}
+
+Result<Mapping> Store::rebuild_chain(const std::vector<ImageRecord>& records, size_t check_from) {
   DELTAVM_ASSIGN_OR_RETURN(Mapping memory, Mapping::map_anonymous(records.back().image_size_bytes));
   std::optional<ImageDigest> previous_target;
-  for (const ImageRecord& record : records) {
+  for (size_t i = 0; i < records.size(); ++i) {
+    const ImageRecord& record = records[i];
     DELTAVM_ASSIGN_OR_RETURN(Delta delta, read_delta(record));
     if (previous_target && delta.base_digest && *delta.base_digest != *previous_target) {
       return make_error(ErrorCode::kCorruption, "image {}: its delta applies to image {} but its parent is image {}",
@@ -497,13 +502,123 @@ Result<Mapping> Store::rebuild_image(const std::string& name) {
     }
     DELTAVM_TRY(apply_delta(delta, memory.writable_bytes()));
     previous_target = record.digest;
-  }
-  ImageDigest digest = digest_image(memory.bytes());
-  if (digest != records.back().digest) {
-    return make_error(ErrorCode::kCorruption, "image {}: rebuilt image has digest {}, catalog says {}", name, digest,
-                      records.back().digest);
+    if (i < check_from) continue;
+    ImageDigest digest = digest_image(memory.bytes());
+    if (digest != record.digest) {
+      return make_error(ErrorCode::kCorruption, "image {}: rebuilt image has digest {}, its record says {}",
+                        record.name, digest, record.digest);
+    }
   }
   return memory;
+}
+
+namespace {
+
+// The shape of a chain handed to import_chain: base first, each image the parent of the next,
+// depths counting up, one size, names and roles the store accepts.
+Status check_chain_shape(const std::vector<ImageRecord>& records) {
+  if (records.empty()) return make_error(ErrorCode::kInvalidArgument, "an empty chain");
+  if (records.size() > kMaxChainDepth) {
+    return make_error(ErrorCode::kInvalidArgument, "a chain of {} images (at most {})", records.size(), kMaxChainDepth);
+  }
+  for (size_t i = 0; i < records.size(); ++i) {
+    const ImageRecord& record = records[i];
+    DELTAVM_TRY(check_name(record.name));
+    DELTAVM_TRY(check_image_size(record.image_size_bytes, fmt::format("image {}", record.name)));
+    std::optional<std::string> parent = i == 0 ? std::nullopt : std::optional(records[i - 1].name);
+    if (record.parent != parent || record.chain_depth != i) {
+      return make_error(ErrorCode::kInvalidArgument,
+                        "image {}: parent {} at depth {}, but the chain puts it after {} at depth {}", record.name,
+                        record.parent.value_or("(none)"), record.chain_depth, parent.value_or("(none)"), i);
+    }
+    if (record.image_size_bytes != records[0].image_size_bytes) {
+      return make_error(ErrorCode::kInvalidArgument, "image {} is {} bytes but its chain's base is {} bytes",
+                        record.name, record.image_size_bytes, records[0].image_size_bytes);
+    }
+  }
+  return {};
+}
+
+}  // namespace
+
+Result<ImportReport> Store::import_chain(const std::vector<ImageRecord>& records, const FetchObject& fetch) {
+  DELTAVM_TRY(check_chain_shape(records));
+  ImportReport report;
+  // The images held here already: the chain's first ones, and the very images of the chain.
+  // The chain to rebuild: the local records of the images held here (the same images, maybe
+  // stored differently), then the new ones.
+  std::vector<ImageRecord> rebuilt = records;
+  auto held = [&](size_t i) -> Result<bool> {
+    const ImageRecord& record = records[i];
+    DELTAVM_ASSIGN_OR_RETURN(std::optional<ImageRecord> local, catalog_.find(record.name));
+    if (!local) return false;
+    if (local->digest != record.digest || local->parent != record.parent) {
+      return make_error(ErrorCode::kConflict,
+                        "image {} here is not the image of that name being imported (digest {} here, {} there): "
+                        "remove one or rename",
+                        record.name, local->digest, record.digest);
+    }
+    rebuilt[i] = *local;
+    return true;
+  };
+  size_t first_new = records.size();
+  for (size_t i = 0; i < records.size(); ++i) {
+    DELTAVM_ASSIGN_OR_RETURN(bool here, held(i));
+    if (here && first_new < i) {
+      return make_error(ErrorCode::kCorruption, "image {} is here but its parent {} is not", records[i].name,
+                        records[i - 1].name);
+    }
+    if (!here && first_new == records.size()) first_new = i;
+    if (here) report.present.push_back(records[i].name);
+  }
+  if (first_new == records.size()) return report;
+
+  // The objects the new images lack, fetched outside the lock (a transfer can be long); each
+  // is checked against its id before it is written, and written whole or not at all.
+  for (size_t i = first_new; i < records.size(); ++i) {
+    std::vector<std::pair<ObjectId, uint64_t>> objects = {{records[i].object_id, records[i].stored_size_bytes}};
+    for (const Attachment& attachment : records[i].attachments) {
+      objects.emplace_back(attachment.object_id, attachment.size_bytes);
+    }
+    for (const auto& [id, size] : objects) {
+      if (map_object(id, size)) continue;
+      DELTAVM_ASSIGN_OR_RETURN(std::vector<uint8_t> bytes, fetch(id, size));
+      if (bytes.size() != size || ObjectId::of(bytes) != id) {
+        return make_error(ErrorCode::kCorruption,
+                          "object {} of image {}: the {} bytes fetched hash to {}, expected {} bytes: refused", id,
+                          records[i].name, bytes.size(), ObjectId::of(bytes), size);
+      }
+      DELTAVM_TRY(put_object(bytes).status());
+      ++report.objects_fetched;
+      report.bytes_fetched += size;
+    }
+  }
+
+  // Under the exclusive lock (no gc can take the fetched objects meanwhile): every new image
+  // rebuilt and checked against its digest, then all recorded.
+  DELTAVM_ASSIGN_OR_RETURN(StoreLock lock, StoreLock::acquire(directory_, StoreLock::Mode::kExclusive));
+  DELTAVM_TRY(rebuild_chain(rebuilt, first_new).status());
+  for (size_t i = first_new; i < records.size(); ++i) {
+    // Another process may have imported it meanwhile: the same image is fine.
+    DELTAVM_ASSIGN_OR_RETURN(bool here, held(i));
+    if (here) {
+      report.present.push_back(records[i].name);
+      continue;
+    }
+    DELTAVM_TRY(catalog_.insert(records[i]));
+    report.added.push_back(records[i].name);
+  }
+  return report;
+}
+
+Status Store::add_remote(const RemoteRecord& remote) {
+  DELTAVM_ASSIGN_OR_RETURN(StoreLock lock, StoreLock::acquire(directory_, StoreLock::Mode::kExclusive));
+  return catalog_.insert_remote(remote);
+}
+
+Status Store::remove_remote(const std::string& name) {
+  DELTAVM_ASSIGN_OR_RETURN(StoreLock lock, StoreLock::acquire(directory_, StoreLock::Mode::kExclusive));
+  return catalog_.remove_remote(name);
 }
 
 std::filesystem::path Store::flat_file_path(const ImageDigest& digest) const {

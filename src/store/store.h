@@ -93,6 +93,17 @@ struct PutOptions {
   std::function<void(uint64_t pages_done, uint64_t pages_total)> progress;
 };
 
+// What import_chain did.
+struct ImportReport {
+  std::vector<std::string> added;    // Images recorded, base first.
+  std::vector<std::string> present;  // Images that were here already.
+  uint64_t objects_fetched = 0;
+  uint64_t bytes_fetched = 0;
+};
+
+// The bytes of an object another store holds, by id and size; import_chain verifies them.
+using FetchObject = std::function<Result<std::vector<uint8_t>>(const ObjectId& id, uint64_t size_bytes)>;
+
 // How alike two images are: the fraction of sampled pages equal at the same address.
 struct Similarity {
   std::string name;
@@ -151,6 +162,22 @@ class Store {
   Result<std::filesystem::path> flat_file(const ImageRecord& record);
   std::filesystem::path flat_file_path(const ImageDigest& digest) const;
 
+  // Adds a chain another store holds (records base first, each the parent of the next) to
+  // this one. Images held here already must be the same images (name, parent and digest), else
+  // the import is refused. The objects the new images lack are taken from `fetch` and checked
+  // against their ids; then, under the exclusive lock, the chain is rebuilt and every new
+  // image's digest checked before any is recorded. So an image is recorded only whole and
+  // verified, and nothing that failed a check is ever referenced.
+  Result<ImportReport> import_chain(const std::vector<ImageRecord>& records, const FetchObject& fetch);
+  // An object's bytes, mapped, after checking them against its id and size.
+  Result<Mapping> read_object(const ObjectId& object_id, uint64_t size_bytes) {
+    return map_object(object_id, size_bytes);
+  }
+
+  Result<std::vector<RemoteRecord>> remotes() { return catalog_.list_remotes(); }
+  Status add_remote(const RemoteRecord& remote);
+  Status remove_remote(const std::string& name);
+
   // The images stored against `name` (its children).
   Result<std::vector<std::string>> children(const std::string& name);
 
@@ -179,6 +206,9 @@ class Store {
   Result<std::shared_ptr<const std::vector<uint8_t>>> reference_of(const ImageRecord& record);
   // get_image without taking the lock. REQUIRES: the caller holds the store lock.
   Result<Mapping> rebuild_image(const std::string& name);
+  // The image of records.back(), rebuilt from the chain `records` (base first); the digest of
+  // every image from records[check_from] on is checked. REQUIRES: the store lock.
+  Result<Mapping> rebuild_chain(const std::vector<ImageRecord>& records, size_t check_from);
   // True if the flat file of `digest` exists and matches its seal. REQUIRES: the store lock.
   Result<bool> flat_file_is_sealed(const ImageDigest& digest, uint64_t size_bytes);
   // Verifies an unsealed flat file whole, or writes it anew, then seals it. REQUIRES: the

@@ -30,14 +30,14 @@ class S3ClientTest : public ::testing::Test {
   void SetUp() override {
     Result<TestObjectStore> located = TestObjectStore::locate();
     ASSERT_TRUE(located) << located.error().message;
-    store = *located;
+    store_ = *located;
   }
   std::string test_name() const { return ::testing::UnitTest::GetInstance()->current_test_info()->name(); }
-  TestObjectStore store;
+  TestObjectStore store_;
 };
 
 TEST_F(S3ClientTest, PutGetHeadListAndRemove) {
-  Result<S3Client> client = store.fresh_bucket(test_name());
+  Result<S3Client> client = store_.fresh_bucket(test_name());
   ASSERT_TRUE(client) << client.error().message;
   ASSERT_TRUE(client->create_bucket()) << "creating a bucket one owns already is not an error";
   ASSERT_TRUE(client->put("objects/ab/one", bytes_of("first")));
@@ -71,7 +71,7 @@ TEST_F(S3ClientTest, MultipartUploadRoundTripsAndRangesReadAcrossParts) {
   S3Options options;
   options.part_size = 5ull << 20;
   options.multipart_threshold = 5ull << 20;
-  Result<S3Client> client = store.fresh_bucket(test_name(), options);
+  Result<S3Client> client = store_.fresh_bucket(test_name(), options);
   ASSERT_TRUE(client) << client.error().message;
   std::vector<uint8_t> bytes = random_bytes((12ull << 20) + 123, 7);
   uint64_t reported = 0;
@@ -94,7 +94,7 @@ TEST_F(S3ClientTest, MultipartUploadRoundTripsAndRangesReadAcrossParts) {
 }
 
 TEST_F(S3ClientTest, ObjectsLargerThanExpectedAreRefusedUnread) {
-  Result<S3Client> client = store.fresh_bucket(test_name());
+  Result<S3Client> client = store_.fresh_bucket(test_name());
   ASSERT_TRUE(client) << client.error().message;
   std::vector<uint8_t> bytes = random_bytes(1 << 20, 3);
   ASSERT_TRUE(client->put("large", bytes));
@@ -107,9 +107,9 @@ TEST_F(S3ClientTest, ObjectsLargerThanExpectedAreRefusedUnread) {
 }
 
 TEST_F(S3ClientTest, WrongSecretIsRefusedWithoutShowingIt) {
-  Result<S3Client> good = store.fresh_bucket(test_name());
+  Result<S3Client> good = store_.fresh_bucket(test_name());
   ASSERT_TRUE(good) << good.error().message;
-  S3Credentials wrong = store.credentials;
+  S3Credentials wrong = store_.credentials;
   wrong.secret_access_key = "not-the-secret-0123456789";
   Result<S3Client> client = S3Client::open(good->bucket(), wrong);
   ASSERT_TRUE(client);
@@ -118,7 +118,7 @@ TEST_F(S3ClientTest, WrongSecretIsRefusedWithoutShowingIt) {
   EXPECT_EQ(put.error().code, ErrorCode::kInvalidArgument);
   EXPECT_NE(put.error().message.find("SignatureDoesNotMatch"), std::string::npos) << put.error().message;
   EXPECT_EQ(put.error().message.find(wrong.secret_access_key), std::string::npos) << put.error().message;
-  EXPECT_EQ(put.error().message.find(store.credentials.secret_access_key), std::string::npos);
+  EXPECT_EQ(put.error().message.find(store_.credentials.secret_access_key), std::string::npos);
   EXPECT_EQ(client->counters().retries, 0u) << "a refusal is not retried";
 }
 
@@ -128,7 +128,7 @@ TEST_F(S3ClientTest, AnEndpointThatIsDownFailsAfterItsRetries) {
   options.first_backoff = std::chrono::milliseconds(10);
   // Port 1 on loopback: nothing listens, the connection is refused at once.
   Result<S3Client> client =
-      S3Client::open({.endpoint = "http://127.0.0.1:1", .name = "down"}, store.credentials, options);
+      S3Client::open({.endpoint = "http://127.0.0.1:1", .name = "down"}, store_.credentials, options);
   ASSERT_TRUE(client);
   Result<std::optional<uint64_t>> head = client->head("x");
   ASSERT_FALSE(head);
@@ -139,10 +139,10 @@ TEST_F(S3ClientTest, AnEndpointThatIsDownFailsAfterItsRetries) {
 }
 
 TEST_F(S3ClientTest, BadEndpointsAndBucketNamesAreRefusedByName) {
-  Result<S3Client> no_scheme = S3Client::open({.endpoint = "127.0.0.1:9000", .name = "fine"}, store.credentials);
+  Result<S3Client> no_scheme = S3Client::open({.endpoint = "127.0.0.1:9000", .name = "fine"}, store_.credentials);
   ASSERT_FALSE(no_scheme);
   EXPECT_NE(no_scheme.error().message.find("endpoint 127.0.0.1:9000"), std::string::npos);
-  Result<S3Client> bad_bucket = S3Client::open({.endpoint = store.endpoint, .name = "Bad_Name"}, store.credentials);
+  Result<S3Client> bad_bucket = S3Client::open({.endpoint = store_.endpoint, .name = "Bad_Name"}, store_.credentials);
   ASSERT_FALSE(bad_bucket);
   EXPECT_NE(bad_bucket.error().message.find("Bad_Name"), std::string::npos) << bad_bucket.error().message;
 }
