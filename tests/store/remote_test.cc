@@ -8,6 +8,7 @@
 #include <thread>
 
 #include "image/test_images.h"
+#include "support/fault_proxy.h"
 #include "support/object_store.h"
 
 namespace deltavm {
@@ -234,6 +235,69 @@ TEST_F(RemoteTest, TwoPullsAtOnceStoreEachObjectOnce) {
   EXPECT_EQ(object_files(*host_b_), 6u);
   EXPECT_EQ(results[0]->import.added.size() + results[1]->import.added.size(), 3u)
       << "each image is recorded by one of the two";
+}
+
+uint16_t port_of(const std::string& endpoint) {
+  return static_cast<uint16_t>(std::stoi(endpoint.substr(endpoint.rfind(':') + 1)));
+}
+
+TEST_F(RemoteTest, BurstsOf503AndConnectionsCutMidObjectAreRetried) {
+  Remote direct = remote_of(*host_a_);
+  ASSERT_TRUE(direct.push(*host_a_, "worker"));
+  Result<std::unique_ptr<testing::FaultProxy>> proxy = testing::FaultProxy::start(port_of(object_store_.endpoint));
+  ASSERT_TRUE(proxy) << proxy.error().message;
+  RemoteRecord record{"origin", fmt::format("s3://{}/hosts", bucket_name_), (*proxy)->endpoint(), "us-east-1"};
+
+  (*proxy)->fail_next_connections(3);
+  Result<Remote> remote = Remote::open(record, object_store_.credentials);
+  ASSERT_TRUE(remote);
+  Result<PullReport> pulled = remote->pull(*host_b_, "worker");
+  ASSERT_TRUE(pulled) << pulled.error().message;
+  EXPECT_EQ(remote->client().counters().retries, 3u);
+  EXPECT_EQ((*proxy)->faults_injected(), 3);
+
+  // The base's object dies 64 KiB into its answer: curl sees a short body, the client tries
+  // again on a new connection. Into a third store, which lacks everything.
+  Result<ImageRecord> base = host_a_->find("base");
+  ASSERT_TRUE(base);
+  ASSERT_GT(base->stored_size_bytes, 128u << 10) << "the cut must land inside an object";
+  Result<Store> host_c = Store::open_or_create(fresh_directory("cut-c"));
+  ASSERT_TRUE(host_c);
+  (*proxy)->cut_next_connection_after(64 << 10);
+  Result<Remote> fresh = Remote::open(record, object_store_.credentials);  // New connections.
+  ASSERT_TRUE(fresh);
+  Result<PullReport> again = fresh->pull(*host_c, "worker");
+  ASSERT_TRUE(again) << again.error().message;
+  EXPECT_GE(fresh->client().counters().retries, 1u);
+  EXPECT_EQ((*proxy)->faults_injected(), 4);
+  for (Store* store : {&*host_b_, &*host_c}) {
+    Result<Mapping> image = store->get_image("worker");
+    ASSERT_TRUE(image) << image.error().message;
+    EXPECT_TRUE(std::equal(images_[2].begin(), images_[2].end(), image->data()));
+  }
+}
+
+TEST_F(RemoteTest, AStoreThatKeepsFailingGetsAClearErrorAndNothingIsKept) {
+  Remote direct = remote_of(*host_a_);
+  ASSERT_TRUE(direct.push(*host_a_, "worker"));
+  Result<std::unique_ptr<testing::FaultProxy>> proxy = testing::FaultProxy::start(port_of(object_store_.endpoint));
+  ASSERT_TRUE(proxy) << proxy.error().message;
+  S3Options options;
+  options.attempts = 3;
+  options.first_backoff = std::chrono::milliseconds(10);
+  RemoteRecord record{"origin", fmt::format("s3://{}/hosts", bucket_name_), (*proxy)->endpoint(), "us-east-1"};
+  (*proxy)->fail_next_connections(1000);
+  Result<Remote> remote = Remote::open(record, object_store_.credentials, options);
+  ASSERT_TRUE(remote);
+  Result<PullReport> pulled = remote->pull(*host_b_, "worker");
+  ASSERT_FALSE(pulled);
+  EXPECT_EQ(pulled.error().code, ErrorCode::kIo);
+  EXPECT_NE(pulled.error().message.find("503"), std::string::npos) << pulled.error().message;
+  EXPECT_NE(pulled.error().message.find("after 3 tries"), std::string::npos) << pulled.error().message;
+  Result<std::vector<ImageRecord>> records = host_b_->list();
+  ASSERT_TRUE(records);
+  EXPECT_TRUE(records->empty());
+  EXPECT_EQ(object_files(*host_b_), 0u);
 }
 
 TEST_F(RemoteTest, PullOfAnImageTheRemoteLacksNamesIt) {
