@@ -6,11 +6,15 @@
 #     zstd-compressed full images;
 #  3. loads a new VM equivalent to the third template, runs commands in it, prints timings,
 #     then snapshots it while it runs into a fourth template and loads a VM from that;
+#  3c. starts a real object store (OpenStack Swift's S3 API, scripts/object-store.sh), pushes
+#     worker to it, and runs worker on a second host (an empty store) that fetches only
+#     what it lacks;
 #  4. starts the service (deltavm serve) with a warm pool of 'worker', creates a VM from the
 #     pool over the HTTP API, runs a command in it, shows an excerpt of the metrics, stops it;
 #  5. runs the benchmarks: bench-delta (deltavm vs xdelta3 vs zstd --patch-from),
 #     bench-restore (deltavm load vs QEMU flat-file restore vs QEMU stock restore) and
-#     bench-serve (concurrent clients on the service, cold and pooled).
+#     bench-serve (concurrent clients on the service, cold and pooled) and bench-remote
+#     (runs across hosts against warm runs, bytes fetched, throughput against curl).
 # DELTAVM_BENCH_RUNS (default 5), DELTAVM_BENCH_LOADS (default 10) and DELTAVM_BENCH_ROUNDS
 # (default 5) set the repetitions.
 set -euo pipefail
@@ -25,8 +29,12 @@ rm -rf "$store" "$runtime"
 deltavm=("$repo/build/deltavm" --store "$store" --runtime "$runtime")
 scratch=$(mktemp -d "${TMPDIR:-/tmp}/deltavm-demo.XXXXXX")
 serve_pid=
+object_store=$scratch/object-store
 trap '[[ -z $serve_pid ]] || kill "$serve_pid" 2>/dev/null; wait 2>/dev/null;
-      "${deltavm[@]}" stop --all >/dev/null 2>&1 || true; rm -rf "$scratch"' EXIT
+      "${deltavm[@]}" stop --all >/dev/null 2>&1 || true;
+      "${deltavm_b[@]}" stop --all >/dev/null 2>&1 || true;
+      "$repo/scripts/object-store.sh" stop "$object_store" >/dev/null 2>&1 || true; rm -rf "$scratch"' EXIT
+deltavm_b=("$repo/build/deltavm" --store "$scratch/host-b-store" --runtime "$scratch/host-b-runtime")
 
 echo "== 1. building templates (each boots Linux under QEMU, runs its setup, is captured and stored)"
 for name in base web worker; do
@@ -88,6 +96,24 @@ echo "\$ deltavm exec $clone -- sh -c 'cat /tmp/live; ps | grep -c \"[s]leep 100
 "${deltavm[@]}" stop "$clone" "$id"
 
 echo
+echo "== 3c. another host: worker through a real object store (Swift's S3 API on 127.0.0.1)"
+"$repo/scripts/object-store.sh" start "$object_store"
+# shellcheck disable=SC1090
+source <("$repo/scripts/object-store.sh" env "$object_store")
+bucket_url="s3://$DELTAVM_S3_BUCKET_HINT/demo"
+echo "\$ deltavm remote add origin $bucket_url --endpoint $DELTAVM_S3_ENDPOINT; deltavm push worker"
+"${deltavm[@]}" remote add origin "$bucket_url" --endpoint "$DELTAVM_S3_ENDPOINT"
+"${deltavm[@]}" push worker
+echo "\$ deltavm run worker    # on host B: an empty store with the same remote"
+"${deltavm_b[@]}" remote add origin "$bucket_url" --endpoint "$DELTAVM_S3_ENDPOINT" >/dev/null
+start=$(date +%s%N)
+remote_id=$("${deltavm_b[@]}" run worker)
+"${deltavm_b[@]}" exec "$remote_id" -- cat /run/worker.ticks >/dev/null
+echo "host B: request -> first answer, fetch included: $(( ($(date +%s%N) - start) / 1000000 )) ms"
+"${deltavm_b[@]}" exec "$remote_id" -- 'cat /etc/motd; wget -q -O - http://127.0.0.1:8080/'
+"${deltavm_b[@]}" stop "$remote_id"
+
+echo
 echo "== 4. the service: deltavm serve with a warm pool of 2 'worker' VMs"
 echo '{"pools": {"worker": 2}, "max_vms": 16}' > "$scratch/serve.json"
 # In a session of its own, as systemd would start it: its CPU priority is then its own to set.
@@ -129,3 +155,6 @@ echo
 echo
 "$repo/build/bench-serve" --store "$store" --template worker --rounds "${DELTAVM_BENCH_ROUNDS:-5}" \
   --runtime "$scratch/bench-serve"
+echo
+"$repo/build/bench-remote" --store "$store" --template worker --rounds "${DELTAVM_BENCH_ROUNDS:-5}" \
+  --runtime "$scratch/bench-remote"

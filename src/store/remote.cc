@@ -20,6 +20,11 @@ constexpr unsigned kParallelTransfers = 4;
 constexpr uint64_t kMaxPageSampleBytes = 1 << 20;
 constexpr uint64_t kMaxMetadataBytes = 1 << 20;
 constexpr size_t kMaxAttachments = 64;
+// What one object of a pull may hold: a pull keeps an object in memory while it checks it, so
+// a manifest may not claim more than an image's delta can take (the image itself and zstd's
+// worst case) or than any attachment needs (a kernel, an initramfs, a machine state).
+constexpr uint64_t kMaxDeltaOverheadBytes = 64ull << 20;
+constexpr uint64_t kMaxAttachmentBytes = 1ull << 30;
 
 std::string hex_of(std::span<const uint8_t> bytes) {
   std::string hex;
@@ -99,8 +104,9 @@ Result<ImageRecord> record_of_json(const nlohmann::json& value, const std::strin
   DELTAVM_TRY(fields.unsigned_integer("chain_depth", depth, true, UINT32_MAX));
   record.chain_depth = static_cast<uint32_t>(depth);
   DELTAVM_ASSIGN_OR_RETURN(record.object_id, object_id_field(fields, "object", where));
-  DELTAVM_TRY(fields.unsigned_integer("stored_size_bytes", record.stored_size_bytes, true));
-  DELTAVM_TRY(fields.unsigned_integer("image_size_bytes", record.image_size_bytes, true));
+  DELTAVM_TRY(fields.unsigned_integer("image_size_bytes", record.image_size_bytes, true, kMaxImageSizeBytes));
+  DELTAVM_TRY(fields.unsigned_integer("stored_size_bytes", record.stored_size_bytes, true,
+                                      record.image_size_bytes + kMaxDeltaOverheadBytes));
   std::string digest;
   DELTAVM_TRY(fields.text("digest", digest, true));
   std::optional<ImageDigest> parsed_digest = ImageDigest::from_hex(digest);
@@ -134,7 +140,7 @@ Result<ImageRecord> record_of_json(const nlohmann::json& value, const std::strin
     Attachment attachment;
     DELTAVM_TRY(attachment_fields.text("role", attachment.role, true));
     DELTAVM_ASSIGN_OR_RETURN(attachment.object_id, object_id_field(attachment_fields, "object", at));
-    DELTAVM_TRY(attachment_fields.unsigned_integer("size_bytes", attachment.size_bytes, true));
+    DELTAVM_TRY(attachment_fields.unsigned_integer("size_bytes", attachment.size_bytes, true, kMaxAttachmentBytes));
     DELTAVM_TRY(attachment_fields.no_other_fields());
     for (const Attachment& earlier : record.attachments) {
       if (earlier.role == attachment.role) {
@@ -353,13 +359,13 @@ Result<PullReport> Remote::pull(Store& store, const std::string& name, bool prog
   Progress shown(fmt::format("pull {}", name), total, progress);
   uint64_t done = 0;
   Result<ImportReport> imported =
-      store.import_chain(chain, [&](const ObjectId& id, uint64_t size) -> Result<std::vector<uint8_t>> {
-        Result<std::vector<uint8_t>> bytes = client_.get(object_key(id), size);
-        if (!bytes && bytes.error().code == ErrorCode::kNotFound) {
+      store.import_chain(chain, [&](const ObjectId& id, uint64_t size, const std::filesystem::path& into) -> Status {
+        Result<uint64_t> fetched = client_.get_to_file(object_key(id), into, size);
+        if (!fetched && fetched.error().code == ErrorCode::kNotFound) {
           return make_error(ErrorCode::kCorruption, "the manifest names object {}, which the remote lacks", id);
         }
-        if (bytes) shown.update(done += size);
-        return bytes;
+        if (fetched) shown.update(done += size);
+        return fetched.status();
       });
   if (!imported) return imported.error().with_context(fmt::format("pull {} from {}", name, record_.name));
   report.import = std::move(*imported);

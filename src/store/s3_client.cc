@@ -1,8 +1,11 @@
 #include "store/s3_client.h"
 
 #include <curl/curl.h>
+#include <fcntl.h>
 #include <openssl/evp.h>
+#include <sys/stat.h>
 #include <tinyxml2.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <atomic>
@@ -12,6 +15,8 @@
 #include <mutex>
 #include <random>
 #include <thread>
+
+#include "base/file.h"
 
 namespace deltavm {
 namespace {
@@ -57,6 +62,7 @@ struct Request {
   uint64_t max_reply_bytes = kMaxControlReplyBytes;
   std::optional<std::pair<uint64_t, uint64_t>> range;  // Offset and length.
   uint8_t* range_out = nullptr;                        // Where the range's bytes go.
+  int out_fd = -1;                                     // Where a 2xx answer's body goes, from offset 0 at every try.
 };
 
 struct Reply {
@@ -242,6 +248,13 @@ struct S3Client::State {
           }
           if (to->request->range_out != nullptr && to->reply->status == 206) {
             std::copy_n(data, count, to->request->range_out + to->received);
+          } else if (to->request->out_fd >= 0 && success) {
+            for (size_t written = 0; written < count;) {
+              ssize_t n = ::write(to->request->out_fd, data + written, count - written);
+              if (n < 0 && errno == EINTR) continue;
+              if (n <= 0) return 0;  // The transfer fails (CURLE_WRITE_ERROR), not retried.
+              written += static_cast<size_t>(n);
+            }
           } else {
             to->reply->body.append(data, count);
           }
@@ -330,6 +343,9 @@ struct S3Client::State {
     thread_local std::minstd_rand jitter{std::random_device{}()};
     for (int attempt = 1;; ++attempt) {
       CURLcode transport = CURLE_OK;
+      if (request.out_fd >= 0 && (::ftruncate(request.out_fd, 0) != 0 || ::lseek(request.out_fd, 0, SEEK_SET) != 0)) {
+        return errno_error("truncate the file a GET writes", errno);
+      }
       Result<Reply> reply = this->attempt(request, payload_hash, transport);
       bool again = reply ? retryable(reply->status) : retryable(transport);
       if (!again || attempt >= options.attempts) {
@@ -552,6 +568,21 @@ Result<std::vector<uint8_t>> S3Client::get(std::string_view key, uint64_t max_by
                       *reply->content_length);
   }
   return std::vector<uint8_t>(reply->body.begin(), reply->body.end());
+}
+
+Result<uint64_t> S3Client::get_to_file(std::string_view key, const std::filesystem::path& path, uint64_t max_bytes) {
+  Fd fd(::open(path.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_NOFOLLOW | O_CLOEXEC, 0600));
+  if (fd.get() < 0) return errno_error(fmt::format("create {}", path.string()), errno);
+  Request request{.key = std::string(key), .max_reply_bytes = max_bytes, .out_fd = fd.get()};
+  DELTAVM_ASSIGN_OR_RETURN(Reply reply, state_->perform(request));
+  if (reply.status != 200) return state_->reply_error(request, reply);
+  struct stat st {};
+  if (::fstat(fd.get(), &st) != 0) return errno_error(fmt::format("stat {}", path.string()), errno);
+  uint64_t size = static_cast<uint64_t>(st.st_size);
+  if (reply.content_length && *reply.content_length != size) {
+    return make_error(ErrorCode::kIo, "GET {}: {} bytes of the {} announced", key, size, *reply.content_length);
+  }
+  return size;
 }
 
 Status S3Client::get_range(std::string_view key, uint64_t offset, std::span<uint8_t> out) {

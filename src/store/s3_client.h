@@ -12,6 +12,7 @@
 
 #include <chrono>
 #include <cstdint>
+#include <filesystem>
 #include <functional>
 #include <memory>
 #include <optional>
@@ -80,6 +81,9 @@ class S3Client {
              const std::function<void(uint64_t sent)>& sent = nullptr);
   // The whole object; refused without reading it if it is larger than `max_bytes`.
   Result<std::vector<uint8_t>> get(std::string_view key, uint64_t max_bytes);
+  // The whole object into the file `path` (created 0600, or truncated and rewritten by every
+  // try); refused, with the file left short, if it is larger than `max_bytes`. Returns its size.
+  Result<uint64_t> get_to_file(std::string_view key, const std::filesystem::path& path, uint64_t max_bytes);
   // `length` bytes of the object from `offset` (a ranged GET), into `out`.
   Status get_range(std::string_view key, uint64_t offset, std::span<uint8_t> out);
   // Every key under `prefix` (ListObjectsV2, page by page), with its size.

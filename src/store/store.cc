@@ -12,6 +12,7 @@
 #include <cstring>
 #include <map>
 #include <mutex>
+#include <random>
 #include <set>
 
 #include "base/faults.h"
@@ -214,17 +215,22 @@ Result<ObjectId> Store::put_object(std::span<const uint8_t> bytes) {
     // replaced by the good bytes in hand.
     if (map_object(id, bytes.size())) return id;
   }
-  std::filesystem::path shard = path.parent_path();
-  if (!std::filesystem::exists(shard, error)) {
-    if (int fault = injected_fault(DurableCall::kCreate))
-      return errno_error(fmt::format("create {}", shard.string()), fault);
-    std::filesystem::create_directories(shard, error);
-    if (error) return make_error(ErrorCode::kIo, "create {}: {}", shard.string(), error.message());
-    DELTAVM_TRY(fsync_directory(shard.parent_path()));
-  }
+  DELTAVM_TRY(make_shard(path));
   // Read-only from birth: an object is never changed in place, by us or anyone without root.
   DELTAVM_TRY(write_file_atomic(path, bytes, kObjectMode));
   return id;
+}
+
+Status Store::make_shard(const std::filesystem::path& object_path) {
+  std::error_code error;
+  std::filesystem::path shard = object_path.parent_path();
+  if (std::filesystem::exists(shard, error)) return {};
+  if (int fault = injected_fault(DurableCall::kCreate)) {
+    return errno_error(fmt::format("create {}", shard.string()), fault);
+  }
+  std::filesystem::create_directories(shard, error);
+  if (error) return make_error(ErrorCode::kIo, "create {}: {}", shard.string(), error.message());
+  return fsync_directory(shard.parent_path());
 }
 
 Result<Mapping> Store::map_object(const ObjectId& object_id, uint64_t expected_size) {
@@ -271,6 +277,43 @@ Result<FileDigest> digest_file(const std::filesystem::path& path) {
 }
 
 }  // namespace
+
+Status Store::fetch_object(const ObjectId& id, uint64_t size_bytes, const FetchObject& fetch) {
+  std::filesystem::path path = object_path(id);
+  DELTAVM_TRY(make_shard(path));
+  static thread_local std::mt19937_64 random{std::random_device{}()};
+  std::filesystem::path temporary = path;
+  temporary += fmt::format("{}{}-{:016x}", kTemporaryMarker, ::getpid(), random());
+  struct Cleanup {
+    const std::filesystem::path& file;
+    bool keep = false;
+    ~Cleanup() {
+      if (!keep) ::unlink(file.c_str());
+    }
+  } cleanup{temporary};
+  DELTAVM_TRY(fetch(id, size_bytes, temporary));
+  DELTAVM_ASSIGN_OR_RETURN(FileDigest file, digest_file(temporary));
+  if (file.size_bytes != size_bytes || ObjectId{file.digest} != id) {
+    return make_error(ErrorCode::kCorruption, "object {}: the {} bytes fetched hash to {}, expected {} bytes: refused",
+                      id, file.size_bytes, file.digest, size_bytes);
+  }
+  {
+    DELTAVM_ASSIGN_OR_RETURN(Fd fd, open_file(temporary, O_RDONLY | O_NOFOLLOW));
+    if (::fchmod(fd.get(), kObjectMode) != 0) return errno_error(fmt::format("chmod {}", temporary.string()), errno);
+    if (int fault = injected_fault(DurableCall::kFsync)) {
+      return errno_error(fmt::format("fsync {}", temporary.string()), fault);
+    }
+    if (::fsync(fd.get()) != 0) return errno_error(fmt::format("fsync {}", temporary.string()), errno);
+  }
+  if (int fault = injected_fault(DurableCall::kRename)) {
+    return errno_error(fmt::format("rename {} to {}", temporary.string(), path.string()), fault);
+  }
+  if (::rename(temporary.c_str(), path.c_str()) != 0) {
+    return errno_error(fmt::format("rename {} to {}", temporary.string(), path.string()), errno);
+  }
+  cleanup.keep = true;
+  return fsync_directory(path.parent_path());
+}
 
 Status Store::verify_object(const ObjectId& object_id, uint64_t expected_size) {
   DELTAVM_ASSIGN_OR_RETURN(FileDigest file, digest_file(object_path(object_id)));
@@ -581,14 +624,9 @@ Result<ImportReport> Store::import_chain(const std::vector<ImageRecord>& records
       objects.emplace_back(attachment.object_id, attachment.size_bytes);
     }
     for (const auto& [id, size] : objects) {
-      if (map_object(id, size)) continue;
-      DELTAVM_ASSIGN_OR_RETURN(std::vector<uint8_t> bytes, fetch(id, size));
-      if (bytes.size() != size || ObjectId::of(bytes) != id) {
-        return make_error(ErrorCode::kCorruption,
-                          "object {} of image {}: the {} bytes fetched hash to {}, expected {} bytes: refused", id,
-                          records[i].name, bytes.size(), ObjectId::of(bytes), size);
-      }
-      DELTAVM_TRY(put_object(bytes).status());
+      if (verify_object(id, size)) continue;
+      Status fetched = fetch_object(id, size, fetch);
+      if (!fetched) return fetched.error().with_context(fmt::format("image {}", records[i].name));
       ++report.objects_fetched;
       report.bytes_fetched += size;
     }

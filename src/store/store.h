@@ -101,8 +101,9 @@ struct ImportReport {
   uint64_t bytes_fetched = 0;
 };
 
-// The bytes of an object another store holds, by id and size; import_chain verifies them.
-using FetchObject = std::function<Result<std::vector<uint8_t>>(const ObjectId& id, uint64_t size_bytes)>;
+// Writes the bytes of an object another store holds, by id and size, into the new file `into`
+// (it may be written again from the start); import_chain verifies them.
+using FetchObject = std::function<Status(const ObjectId& id, uint64_t size_bytes, const std::filesystem::path& into)>;
 
 // How alike two images are: the fraction of sampled pages equal at the same address.
 struct Similarity {
@@ -199,6 +200,11 @@ class Store {
 
   // Writes `bytes` as an object (if no object with that hash exists yet); returns its id.
   Result<ObjectId> put_object(std::span<const uint8_t> bytes);
+  // Fetches object `id` through `fetch` into a temporary file beside its final name, checks its
+  // bytes against the id and size, and makes it the object, durably.
+  Status fetch_object(const ObjectId& id, uint64_t size_bytes, const FetchObject& fetch);
+  // Creates the directory of `object_path`'s shard if needed, durably.
+  Status make_shard(const std::filesystem::path& object_path);
   // The object mapped read-only, after checking its bytes against its id and expected size.
   Result<Mapping> map_object(const ObjectId& object_id, uint64_t expected_size);
   Status verify_object(const ObjectId& object_id, uint64_t expected_size);
