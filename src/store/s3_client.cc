@@ -25,6 +25,8 @@ namespace {
 // multipart replies.
 constexpr uint64_t kMaxControlReplyBytes = 16ull << 20;
 constexpr size_t kMaxCredentialsFileBytes = 1 << 20;
+// How often a GET into a file starts the kernel writing back what it received.
+constexpr uint64_t kWritebackStride = 4ull << 20;
 // Concurrent part uploads of one multipart upload.
 constexpr unsigned kPartUploads = 4;
 
@@ -254,6 +256,14 @@ struct S3Client::State {
               if (n < 0 && errno == EINTR) continue;
               if (n <= 0) return 0;  // The transfer fails (CURLE_WRITE_ERROR), not retried.
               written += static_cast<size_t>(n);
+            }
+            // Start writing back every few MiB while the transfer goes on, so that the fsync
+            // that makes the file durable has little left to wait for.
+            uint64_t total = to->received + count;
+            if (total / kWritebackStride != to->received / kWritebackStride) {
+              uint64_t from = (to->received / kWritebackStride) * kWritebackStride;
+              (void)::sync_file_range(to->request->out_fd, static_cast<off_t>(from), static_cast<off_t>(total - from),
+                                      SYNC_FILE_RANGE_WRITE);
             }
           } else {
             to->reply->body.append(data, count);

@@ -2,11 +2,13 @@
 
 #include <fcntl.h>
 #include <sys/file.h>
+#include <sys/mman.h>
 #include <sys/stat.h>
 #include <unistd.h>
 #include <xxhash.h>
 
 #include <algorithm>
+#include <atomic>
 #include <chrono>
 #include <cstdlib>
 #include <cstring>
@@ -14,6 +16,7 @@
 #include <mutex>
 #include <random>
 #include <set>
+#include <thread>
 
 #include "base/faults.h"
 #include "image/delta_file.h"
@@ -23,6 +26,9 @@ namespace {
 
 // Objects and flat files: read-only for everyone once written.
 constexpr mode_t kObjectMode = 0444;
+
+// Objects an import fetches at once.
+constexpr size_t kParallelFetches = 4;
 
 // A chain longer than this is taken as a corrupt catalog (a parent cycle).
 constexpr uint32_t kMaxChainDepth = 1000;
@@ -534,9 +540,26 @@ Result<Mapping> Store::rebuild_image(const std::string& name) {
 }
 
 Result<Mapping> Store::rebuild_chain(const std::vector<ImageRecord>& records, size_t check_from) {
-  DELTAVM_ASSIGN_OR_RETURN(Mapping memory, Mapping::map_anonymous(records.back().image_size_bytes));
+  // The images before check_from are held here: the deepest of them with a sealed flat file
+  // (verified against its digest since it last changed) is the start, mapped privately, so
+  // only the pages the later deltas write are copied. Else the chain from zeros.
+  size_t start = 0;
+  Mapping memory;
+  for (size_t i = check_from; i-- > 0;) {
+    DELTAVM_ASSIGN_OR_RETURN(bool sealed, flat_file_is_sealed(records[i].digest, records[i].image_size_bytes));
+    if (!sealed) continue;
+    DELTAVM_ASSIGN_OR_RETURN(Fd fd, open_file(flat_file_path(records[i].digest), O_RDONLY | O_NOFOLLOW));
+    DELTAVM_ASSIGN_OR_RETURN(memory, Mapping::map(fd.get(), records[i].image_size_bytes, PROT_READ | PROT_WRITE,
+                                                  MAP_PRIVATE, 0, flat_file_path(records[i].digest).string()));
+    start = i + 1;
+    break;
+  }
+  if (start == 0) {
+    DELTAVM_ASSIGN_OR_RETURN(memory, Mapping::map_anonymous(records.back().image_size_bytes));
+  }
   std::optional<ImageDigest> previous_target;
-  for (size_t i = 0; i < records.size(); ++i) {
+  if (start > 0) previous_target = records[start - 1].digest;
+  for (size_t i = start; i < records.size(); ++i) {
     const ImageRecord& record = records[i];
     DELTAVM_ASSIGN_OR_RETURN(Delta delta, read_delta(record));
     if (previous_target && delta.base_digest && *delta.base_digest != *previous_target) {
@@ -618,24 +641,51 @@ Result<ImportReport> Store::import_chain(const std::vector<ImageRecord>& records
 
   // The objects the new images lack, fetched outside the lock (a transfer can be long); each
   // is checked against its id before it is written, and written whole or not at all.
+  // Several at a time: each transfer waits on the network and on its fsync.
+  auto fetch_start = std::chrono::steady_clock::now();
+  struct Missing {
+    ObjectId id;
+    uint64_t size;
+    std::string image;
+  };
+  std::vector<Missing> missing;
   for (size_t i = first_new; i < records.size(); ++i) {
     std::vector<std::pair<ObjectId, uint64_t>> objects = {{records[i].object_id, records[i].stored_size_bytes}};
     for (const Attachment& attachment : records[i].attachments) {
       objects.emplace_back(attachment.object_id, attachment.size_bytes);
     }
     for (const auto& [id, size] : objects) {
-      if (verify_object(id, size)) continue;
-      Status fetched = fetch_object(id, size, fetch);
-      if (!fetched) return fetched.error().with_context(fmt::format("image {}", records[i].name));
-      ++report.objects_fetched;
-      report.bytes_fetched += size;
+      bool listed = std::any_of(missing.begin(), missing.end(), [&](const Missing& m) { return m.id == id; });
+      if (!listed && !verify_object(id, size)) missing.push_back({id, size, records[i].name});
     }
   }
+  std::atomic<size_t> next{0};
+  std::mutex failure_mutex;
+  std::optional<Error> failure;
+  auto fetch_some = [&] {
+    for (size_t k; (k = next.fetch_add(1)) < missing.size();) {
+      Status fetched = fetch_object(missing[k].id, missing[k].size, fetch);
+      std::lock_guard guard(failure_mutex);
+      if (!fetched && !failure) failure = fetched.error().with_context(fmt::format("image {}", missing[k].image));
+      if (failure) return;
+    }
+  };
+  std::vector<std::thread> fetchers;
+  for (size_t t = 0; t < std::min<size_t>(kParallelFetches, missing.size()); ++t) fetchers.emplace_back(fetch_some);
+  for (std::thread& fetcher : fetchers) fetcher.join();
+  if (failure) return *failure;
+  for (const Missing& m : missing) {
+    ++report.objects_fetched;
+    report.bytes_fetched += m.size;
+  }
+  report.fetch_ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - fetch_start).count();
 
   // Under the exclusive lock (no gc can take the fetched objects meanwhile): every new image
   // rebuilt and checked against its digest, then all recorded.
   DELTAVM_ASSIGN_OR_RETURN(StoreLock lock, StoreLock::acquire(directory_, StoreLock::Mode::kExclusive));
+  auto verify_start = std::chrono::steady_clock::now();
   DELTAVM_TRY(rebuild_chain(rebuilt, first_new).status());
+  report.verify_ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - verify_start).count();
   for (size_t i = first_new; i < records.size(); ++i) {
     // Another process may have imported it meanwhile: the same image is fine.
     DELTAVM_ASSIGN_OR_RETURN(bool here, held(i));

@@ -99,6 +99,8 @@ struct ImportReport {
   std::vector<std::string> present;  // Images that were here already.
   uint64_t objects_fetched = 0;
   uint64_t bytes_fetched = 0;
+  double fetch_ms = 0;   // Fetching the objects (the transfers, their checks and fsyncs).
+  double verify_ms = 0;  // Rebuilding the chain and checking the new images' digests.
 };
 
 // Writes the bytes of an object another store holds, by id and size, into the new file `into`
