@@ -654,9 +654,11 @@ Result<ImportReport> Store::import_chain(const std::vector<ImageRecord>& records
     for (const Attachment& attachment : records[i].attachments) {
       objects.emplace_back(attachment.object_id, attachment.size_bytes);
     }
-    for (const auto& [id, size] : objects) {
-      bool listed = std::any_of(missing.begin(), missing.end(), [&](const Missing& m) { return m.id == id; });
-      if (!listed && !verify_object(id, size)) missing.push_back({id, size, records[i].name});
+    for (const auto& object : objects) {
+      bool listed = std::any_of(missing.begin(), missing.end(), [&](const Missing& m) { return m.id == object.first; });
+      if (!listed && !verify_object(object.first, object.second)) {
+        missing.push_back({object.first, object.second, records[i].name});
+      }
     }
   }
   std::atomic<size_t> next{0};

@@ -256,14 +256,15 @@ TEST_F(RemoteTest, BurstsOf503AndConnectionsCutMidObjectAreRetried) {
   EXPECT_EQ(remote->client().counters().retries, 3u);
   EXPECT_EQ((*proxy)->faults_injected(), 3);
 
-  // The base's object dies 64 KiB into its answer: curl sees a short body, the client tries
-  // again on a new connection. Into a third store, which lacks everything.
+  // A connection dies 64 KiB into an answer (the base's object is the one that large): curl
+  // sees a short body, the client tries again on a new connection. Into a third store, which
+  // lacks everything.
   Result<ImageRecord> base = host_a_->find("base");
   ASSERT_TRUE(base);
   ASSERT_GT(base->stored_size_bytes, 128u << 10) << "the cut must land inside an object";
   Result<Store> host_c = Store::open_or_create(fresh_directory("cut-c"));
   ASSERT_TRUE(host_c);
-  (*proxy)->cut_next_connection_after(64 << 10);
+  (*proxy)->cut_a_connection_after(64 << 10);
   Result<Remote> fresh = Remote::open(record, object_store_.credentials);  // New connections.
   ASSERT_TRUE(fresh);
   Result<PullReport> again = fresh->pull(*host_c, "worker");

@@ -69,9 +69,9 @@ void FaultProxy::fail_next_connections(int count) {
   fail_count_ = count;
 }
 
-void FaultProxy::cut_next_connection_after(uint64_t bytes) {
-  std::lock_guard lock(mutex_);
+void FaultProxy::cut_a_connection_after(uint64_t bytes) {
   cut_after_ = bytes;
+  cut_pending_ = true;
 }
 
 void FaultProxy::accept_loop() {
@@ -82,22 +82,18 @@ void FaultProxy::accept_loop() {
     if (client < 0) continue;
     ++accepted_;
     bool fail = false;
-    uint64_t cut = 0;
     {
       std::lock_guard lock(mutex_);
       if (fail_count_ > 0) {
         --fail_count_;
         fail = true;
-      } else if (cut_after_ > 0) {
-        cut = cut_after_;
-        cut_after_ = 0;
       }
     }
-    workers_.emplace_back([this, client, fail, cut] { serve(client, fail, cut); });
+    workers_.emplace_back([this, client, fail] { serve(client, fail); });
   }
 }
 
-void FaultProxy::serve(int client_fd, bool fail, uint64_t cut_after) {
+void FaultProxy::serve(int client_fd, bool fail) {
   Fd client(client_fd);
   if (fail) {
     // Read the request's head, then answer as a store shedding load does.
@@ -132,9 +128,12 @@ void FaultProxy::serve(int client_fd, bool fail, uint64_t cut_after) {
       ssize_t n = ::recv(from, buffer, sizeof buffer, 0);
       if (n <= 0) return;
       size_t count = static_cast<size_t>(n);
-      if (side == 1 && cut_after > 0 && answered + count >= cut_after) {
-        // Half of the answer that crosses the limit, then the connection dies.
-        send_everything(to, buffer, cut_after - answered);
+      uint64_t cut_after = cut_after_.load();
+      bool expected = true;
+      if (side == 1 && cut_pending_ && answered + count >= cut_after &&
+          cut_pending_.compare_exchange_strong(expected, false)) {
+        // The part of the answer before the limit, then the connection dies.
+        send_everything(to, buffer, answered < cut_after ? cut_after - answered : 0);
         ++injected_;
         ::shutdown(client.get(), SHUT_RDWR);
         return;

@@ -26,15 +26,15 @@ class FaultProxy {
   std::string endpoint() const { return "http://127.0.0.1:" + std::to_string(port_); }
   // The next `count` connections are answered "503 Slow Down" and closed.
   void fail_next_connections(int count);
-  // The next connection is cut after `bytes` bytes of the store's answers.
-  void cut_next_connection_after(uint64_t bytes);
+  // The first connection whose answers pass `bytes` bytes from now on is cut there, once.
+  void cut_a_connection_after(uint64_t bytes);
   int connections_accepted() const { return accepted_.load(); }
   int faults_injected() const { return injected_.load(); }
 
  private:
   FaultProxy() = default;
   void accept_loop();
-  void serve(int client, bool fail, uint64_t cut_after);
+  void serve(int client, bool fail);
 
   Fd listener_;
   uint16_t port_ = 0;
@@ -43,7 +43,8 @@ class FaultProxy {
   std::atomic<int> accepted_{0}, injected_{0};
   std::mutex mutex_;
   int fail_count_ = 0;
-  uint64_t cut_after_ = 0;  // 0: no cut pending.
+  std::atomic<bool> cut_pending_{false};
+  std::atomic<uint64_t> cut_after_{0};
   std::thread acceptor_;
   std::vector<std::thread> workers_;
 };
