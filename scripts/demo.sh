@@ -29,7 +29,9 @@ rm -rf "$store" "$runtime"
 deltavm=("$repo/build/deltavm" --store "$store" --runtime "$runtime")
 scratch=$(mktemp -d "${TMPDIR:-/tmp}/deltavm-demo.XXXXXX")
 serve_pid=
-object_store=$scratch/object-store
+# Beside the scratch directory, not in it: the store's servers run as user swift, and the
+# scratch directory is private to us.
+object_store=$scratch-object-store
 trap '[[ -z $serve_pid ]] || kill "$serve_pid" 2>/dev/null; wait 2>/dev/null;
       "${deltavm[@]}" stop --all >/dev/null 2>&1 || true;
       "${deltavm_b[@]}" stop --all >/dev/null 2>&1 || true;

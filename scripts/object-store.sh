@@ -6,6 +6,7 @@
 #   scripts/object-store.sh start [DIR]   start it (data, configuration, logs and pids in DIR)
 #   scripts/object-store.sh env [DIR]     print its settings as shell exports
 #   scripts/object-store.sh stop [DIR]    stop every process start began, and remove DIR
+#   scripts/object-store.sh restart [DIR] stop whatever an earlier start left in DIR, then start
 #
 # DIR defaults to $DELTAVM_OBJECT_STORE_DIR, else /tmp/deltavm-object-store. The proxy listens
 # on $DELTAVM_OBJECT_STORE_PORT if set, else a free port; the other servers on free ports. The
@@ -19,7 +20,7 @@ command=${1:-}
 dir=${2:-${DELTAVM_OBJECT_STORE_DIR:-/tmp/deltavm-object-store}}
 
 usage() {
-  echo "usage: $0 start|env|stop [DIR]" >&2
+  echo "usage: $0 start|restart|env|stop [DIR]" >&2
   exit 2
 }
 
@@ -85,6 +86,13 @@ start() {
   mkdir -p "$dir/etc" "$dir/devices/d1" "$dir/logs"
   chmod 755 "$dir"
   chown -R swift:swift "$dir/devices"
+  # The servers run as user swift: every directory above DIR must let it through.
+  if ! setpriv --reuid swift --regid swift --clear-groups test -w "$dir/devices/d1"; then
+    echo "object-store: user swift cannot reach $dir/devices (a directory above $dir is not searchable by others);" \
+      "choose a DIR under a directory such as /tmp" >&2
+    rm -rf "$dir"
+    exit 1
+  fi
 
   local proxy_port=${DELTAVM_OBJECT_STORE_PORT:-$(free_port)}
   local object_port container_port account_port memcached_port
@@ -191,7 +199,8 @@ EOF
     while read -r pid name; do
       kill -0 "$pid" 2>/dev/null || {
         echo "object-store: $name exited at start; its log:" >&2
-        tail -20 "$dir/logs/${name#swift-}.log" "$dir/logs/${name%-server}.log" 2>/dev/null >&2 || true
+        server=${name#swift-}
+        tail -20 "$dir/logs/${server%-server}.log" >&2 || true
         stop
         exit 1
       }
@@ -208,6 +217,10 @@ EOF
 
 case $command in
   start) start ;;
+  restart)
+    stop
+    start
+    ;;
   stop) stop ;;
   env)
     [[ -f $dir/env ]] || {
