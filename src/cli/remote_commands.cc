@@ -1,8 +1,10 @@
 // deltavm remote add | ls | rm, push, pull
+#include <fmt/ranges.h>
 #include <unistd.h>
 
 #include "cli/commands.h"
 #include "store/remote.h"
+#include "templates/templates.h"
 
 namespace deltavm::cli {
 namespace {
@@ -80,8 +82,12 @@ Status run_pull(const GlobalOptions& options, const std::string& name, const std
   auto start = std::chrono::steady_clock::now();
   DELTAVM_ASSIGN_OR_RETURN(PullReport report, remote.pull(store, name, ::isatty(STDERR_FILENO) != 0));
   double ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - start).count();
+  // Within the cache's bound, the template just pulled pinned with the VMs' templates.
+  DELTAVM_ASSIGN_OR_RETURN(EvictReport evicted, evict_unused_cache(store, runtime_directory(options), {name}));
+  if (!evicted.evicted.empty()) fmt::print(stderr, "cache: evicted {}\n", fmt::join(evicted.evicted, ", "));
   if (options.json) {
     print_json({{"template", name},
+                {"evicted", evicted.evicted},
                 {"remote", remote.record().name},
                 {"added", report.import.added},
                 {"present", report.import.present},

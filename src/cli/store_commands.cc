@@ -1,10 +1,13 @@
 // deltavm store ls | put | get | rm | verify | gc | fsck
+#include <fmt/ranges.h>
+
 #include <ctime>
 
 #include "base/progress.h"
 #include "cli/commands.h"
 #include "store/store.h"
 #include "templates/kernel_image.h"
+#include "templates/templates.h"
 
 namespace deltavm::cli {
 namespace {
@@ -115,11 +118,26 @@ Status run_verify(const GlobalOptions& options, const std::string& name) {
   return {};
 }
 
+// Enforces the cache's bound, with the templates of this runtime's VMs pinned; says what went.
+Result<EvictReport> evict(const GlobalOptions& options, Store& store) {
+  DELTAVM_ASSIGN_OR_RETURN(EvictReport report, evict_unused_cache(store, runtime_directory(options)));
+  if (!report.evicted.empty() && !options.json) {
+    fmt::print(stderr, "cache: evicted {} (least recently used, {} -> {} of a {} limit)\n",
+               fmt::join(report.evicted, ", "), human_bytes(report.cached_bytes_before),
+               human_bytes(report.cached_bytes_after), human_bytes(report.limit_bytes.value_or(0)));
+  }
+  return report;
+}
+
 Status run_gc(const GlobalOptions& options) {
   DELTAVM_ASSIGN_OR_RETURN(Store store, open_store(options));
+  DELTAVM_ASSIGN_OR_RETURN(EvictReport evicted, evict(options, store));
   DELTAVM_ASSIGN_OR_RETURN(GcReport report, store.gc());
+  report.objects_removed += evicted.collected.objects_removed;
+  report.bytes_freed += evicted.collected.bytes_freed;
   if (options.json) {
-    print_json({{"objects_removed", report.objects_removed},
+    print_json({{"evicted", evicted.evicted},
+                {"objects_removed", report.objects_removed},
                 {"temporaries_removed", report.temporaries_removed},
                 {"bytes_freed", report.bytes_freed}});
   } else {
@@ -148,7 +166,41 @@ Result<int> run_fsck(const GlobalOptions& options) {
     for (const auto& problem : report.problems) fmt::print(stderr, "problem: {}\n", problem);
     fmt::print("{}\n", report.clean() ? "clean" : fmt::format("NOT CLEAN: {} problem(s)", report.problems.size()));
   }
+  if (!options.json) {
+    DELTAVM_ASSIGN_OR_RETURN(std::vector<CachedImage> cached, store.cached_images());
+    DELTAVM_ASSIGN_OR_RETURN(uint64_t cached_bytes, store.cached_bytes());
+    DELTAVM_ASSIGN_OR_RETURN(std::optional<uint64_t> limit, store.cache_limit());
+    fmt::print("cache: {} fetched image(s) using {}, limit {}{}\n", cached.size(), human_bytes(cached_bytes),
+               limit ? human_bytes(*limit) : "none",
+               limit && cached_bytes > *limit ? " (over: gc evicts what nothing needs)" : "");
+  }
   return report.clean() ? 0 : 1;
+}
+
+Status run_cache(const GlobalOptions& options, const std::optional<uint64_t>& limit, bool no_limit) {
+  DELTAVM_ASSIGN_OR_RETURN(Store store, open_store(options));
+  if (limit || no_limit) DELTAVM_TRY(store.set_cache_limit(no_limit ? std::nullopt : limit));
+  DELTAVM_ASSIGN_OR_RETURN(EvictReport evicted, evict(options, store));
+  DELTAVM_ASSIGN_OR_RETURN(std::vector<CachedImage> cached, store.cached_images());
+  DELTAVM_ASSIGN_OR_RETURN(uint64_t cached_bytes, store.cached_bytes());
+  DELTAVM_ASSIGN_OR_RETURN(std::optional<uint64_t> current, store.cache_limit());
+  if (options.json) {
+    nlohmann::json images = nlohmann::json::array();
+    for (const CachedImage& image : cached) {
+      images.push_back({{"name", image.name}, {"remote", image.remote}, {"last_used_unix", image.last_used_unix}});
+    }
+    print_json({{"limit_bytes", current ? nlohmann::json(*current) : nlohmann::json()},
+                {"cached_bytes", cached_bytes},
+                {"images", images},
+                {"evicted", evicted.evicted}});
+    return {};
+  }
+  fmt::print("fetched images use {} of {}\n", human_bytes(cached_bytes),
+             current ? "a " + human_bytes(*current) + " limit" : "no limit");
+  Table table({"image", "remote", "last used (UTC)"});
+  for (const CachedImage& image : cached) table.add_row({image.name, image.remote, format_time(image.last_used_unix)});
+  table.print();
+  return {};
 }
 
 }  // namespace
@@ -199,9 +251,20 @@ void add_store_commands(CLI::App& app, const GlobalOptions& options, int& exit_s
   verify_command->add_option("NAME", *verify_name)->required();
   verify_command->callback([&options, verify_name, finish] { finish(run_verify(options, *verify_name)); });
 
-  store->add_subcommand("gc", "Remove unreferenced objects and leftover temporaries")->callback([&options, finish] {
-    finish(run_gc(options));
-  });
+  struct CacheArguments {
+    std::optional<uint64_t> limit;
+    bool no_limit = false;
+  };
+  auto cache = std::make_shared<CacheArguments>();
+  CLI::App* cache_command = store->add_subcommand(
+      "cache", "Images fetched from remotes: their size, and the limit past which what nothing needs is evicted");
+  cache_command->add_option("--limit", cache->limit, "Bytes fetched images may use (2GiB, 500MB, ...)")
+      ->transform(CLI::AsSizeValue(false));
+  cache_command->add_flag("--no-limit", cache->no_limit, "Remove the limit");
+  cache_command->callback([&options, cache, finish] { finish(run_cache(options, cache->limit, cache->no_limit)); });
+
+  store->add_subcommand("gc", "Evict past the cache limit, remove unreferenced objects and leftover temporaries")
+      ->callback([&options, finish] { finish(run_gc(options)); });
 
   store->add_subcommand("fsck", "Check the catalog and every object; exit 1 on corruption")
       ->callback([&options, &exit_status] {

@@ -162,6 +162,8 @@ Status run_run(const GlobalOptions& options, const std::string& name, const std:
   if (pulled) {
     fmt::print(stderr, "pulled {}: {} image(s), {} objects ({})\n", name, pulled->import.added.size(),
                pulled->import.objects_fetched, human_bytes(pulled->import.bytes_fetched));
+    DELTAVM_ASSIGN_OR_RETURN(EvictReport evicted, evict_unused_cache(store, runtime_directory(options), {name}));
+    if (!evicted.evicted.empty()) fmt::print(stderr, "cache: evicted {}\n", fmt::join(evicted.evicted, ", "));
   }
   DELTAVM_ASSIGN_OR_RETURN(Template loaded, load_template(store, name));
   // By default, the backend that captured the template.

@@ -357,7 +357,21 @@ std::optional<VmView> VmService::take_from_pool(const CreateVmRequest& request, 
 Result<VmView> VmService::start_cold(const CreateVmRequest& request, int64_t expires_at_unix, Clock::time_point start,
                                      const std::string& id) {
   // A template known only on one of the store's remotes is fetched (verified) first.
-  DELTAVM_TRY(pull_if_missing(store_, request.template_name).status());
+  DELTAVM_ASSIGN_OR_RETURN(std::optional<PullReport> pulled, pull_if_missing(store_, request.template_name));
+  if (pulled) {
+    // Within the cache's bound: pools' templates, every VM's and this one are pinned.
+    std::set<std::string> pinned = {request.template_name};
+    {
+      std::lock_guard lock(mutex_);
+      for (const auto& [name, pool] : pools_) pinned.insert(name);
+    }
+    Result<EvictReport> evicted = evict_unused_cache(store_, runtime_, pinned);
+    if (!evicted) {
+      log_event("cache eviction after pulling {}: {}", request.template_name, evicted.error().message);
+    } else if (!evicted->evicted.empty()) {
+      log_event("cache: evicted {}", fmt::join(evicted->evicted, ", "));
+    }
+  }
   Result<Template> found = load_template(store_, request.template_name);
   if (!found) {
     if (found.error().code == ErrorCode::kNotFound) {

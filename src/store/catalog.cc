@@ -12,7 +12,8 @@ namespace deltavm {
 namespace {
 
 // 1: images, attachments. 2: flat_files (seals of the flat-file cache). 3: remotes.
-constexpr int kSchemaVersion = 3;
+// 4: cached_images (images fetched from a remote), settings.
+constexpr int kSchemaVersion = 4;
 
 constexpr const char* kSchema = R"sql(
 CREATE TABLE IF NOT EXISTS images (
@@ -46,6 +47,19 @@ CREATE TABLE IF NOT EXISTS flat_files (
   inode      INTEGER NOT NULL,
   mtime_ns   INTEGER NOT NULL,
   ctime_ns   INTEGER NOT NULL
+);
+)sql";
+
+// Images fetched from a remote, which the store may evict, and the store's settings.
+constexpr const char* kCacheSchema = R"sql(
+CREATE TABLE IF NOT EXISTS cached_images (
+  name           TEXT PRIMARY KEY REFERENCES images(name) ON DELETE CASCADE,
+  remote         TEXT NOT NULL,
+  last_used_unix INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS settings (
+  key   TEXT PRIMARY KEY,
+  value TEXT NOT NULL
 );
 )sql";
 
@@ -181,6 +195,7 @@ Result<Catalog> Catalog::open(const std::filesystem::path& path) {
     DELTAVM_TRY(execute(db, "BEGIN IMMEDIATE"));
     Status migrated = execute(db, kFlatFilesSchema);
     if (migrated) migrated = execute(db, kRemotesSchema);
+    if (migrated) migrated = execute(db, kCacheSchema);
     if (migrated) migrated = execute(db, fmt::format("PRAGMA user_version = {}", kSchemaVersion).c_str());
     if (!migrated) {
       (void)execute(db, "ROLLBACK");
@@ -206,6 +221,7 @@ Status Catalog::create(const std::filesystem::path& path) {
     DELTAVM_TRY(execute(db, kSchema));
     DELTAVM_TRY(execute(db, kFlatFilesSchema));
     DELTAVM_TRY(execute(db, kRemotesSchema));
+    DELTAVM_TRY(execute(db, kCacheSchema));
     DELTAVM_TRY(execute(db, fmt::format("PRAGMA user_version = {}", kSchemaVersion).c_str()));
     DELTAVM_TRY(execute(db, "COMMIT"));
   }
@@ -283,9 +299,20 @@ Result<std::vector<ImageRecord>> Catalog::list() {
   return records;
 }
 
-Status Catalog::insert(const ImageRecord& record) {
+Status Catalog::insert(const ImageRecord& record, const std::optional<CachedImage>& cached) {
   DELTAVM_TRY(execute(db_, "BEGIN IMMEDIATE"));
   Status status = insert_rows(record);
+  if (status && cached) {
+    Statement statement(db_, "INSERT INTO cached_images (name, remote, last_used_unix) VALUES (?1, ?2, ?3)");
+    if (!statement.ok()) {
+      status = sqlite_error(db_, "prepare insert cached image");
+    } else {
+      statement.bind(1, cached->name);
+      statement.bind(2, cached->remote);
+      statement.bind(3, cached->last_used_unix);
+      if (statement.step() != SQLITE_DONE) status = sqlite_error(db_, fmt::format("record {} as cached", cached->name));
+    }
+  }
   if (!status) {
     (void)execute(db_, "ROLLBACK");
     return status;
@@ -425,6 +452,48 @@ Status Catalog::remove_flat_file(const ImageDigest& digest) {
   if (!statement.ok()) return sqlite_error(db_, "prepare remove flat file");
   statement.bind(1, digest.hex());
   if (statement.step() != SQLITE_DONE) return sqlite_error(db_, fmt::format("remove flat file {}", digest));
+  return {};
+}
+
+Result<std::vector<CachedImage>> Catalog::list_cached() {
+  Statement statement(db_, "SELECT name, remote, last_used_unix FROM cached_images ORDER BY last_used_unix, name");
+  if (!statement.ok()) return sqlite_error(db_, "prepare list cached images");
+  std::vector<CachedImage> cached;
+  int rc;
+  while ((rc = statement.step()) == SQLITE_ROW) {
+    cached.push_back({statement.text(0), statement.text(1), statement.integer(2)});
+  }
+  if (rc != SQLITE_DONE) return sqlite_error(db_, "list cached images");
+  return cached;
+}
+
+Status Catalog::touch_cached(const std::string& name, int64_t now_unix, int64_t granularity_s) {
+  Statement statement(db_, "UPDATE cached_images SET last_used_unix = ?2 WHERE name = ?1 AND last_used_unix < ?3");
+  if (!statement.ok()) return sqlite_error(db_, "prepare touch cached image");
+  statement.bind(1, name);
+  statement.bind(2, now_unix);
+  statement.bind(3, now_unix - granularity_s);
+  if (statement.step() != SQLITE_DONE) return sqlite_error(db_, fmt::format("touch cached image {}", name));
+  return {};
+}
+
+Result<std::optional<std::string>> Catalog::setting(const std::string& key) {
+  Statement statement(db_, "SELECT value FROM settings WHERE key = ?1");
+  if (!statement.ok()) return sqlite_error(db_, "prepare setting");
+  statement.bind(1, key);
+  int rc = statement.step();
+  if (rc == SQLITE_DONE) return std::optional<std::string>();
+  if (rc != SQLITE_ROW) return sqlite_error(db_, fmt::format("setting {}", key));
+  return std::optional<std::string>(statement.text(0));
+}
+
+Status Catalog::put_setting(const std::string& key, const std::optional<std::string>& value) {
+  Statement statement(db_, value ? "INSERT OR REPLACE INTO settings (key, value) VALUES (?1, ?2)"
+                                 : "DELETE FROM settings WHERE key = ?1");
+  if (!statement.ok()) return sqlite_error(db_, "prepare put setting");
+  statement.bind(1, key);
+  if (value) statement.bind(2, *value);
+  if (statement.step() != SQLITE_DONE) return sqlite_error(db_, fmt::format("put setting {}", key));
   return {};
 }
 

@@ -65,6 +65,14 @@ struct FlatFileSeal {
   int64_t ctime_ns = 0;
 };
 
+// An image fetched from a remote: the store may evict it when nothing here needs it
+// (Store::evict_cached).
+struct CachedImage {
+  std::string name;
+  std::string remote;
+  int64_t last_used_unix = 0;
+};
+
 // A remote the store pushes to and pulls from (store/remote.h): where, never credentials.
 struct RemoteRecord {
   std::string name;
@@ -87,8 +95,8 @@ class Catalog {
 
   Result<std::optional<ImageRecord>> find(const std::string& name);
   Result<std::vector<ImageRecord>> list();
-  // Inserts the record and its attachments in one transaction.
-  Status insert(const ImageRecord& record);
+  // Inserts the record and its attachments, and `cached` if given, in one transaction.
+  Status insert(const ImageRecord& record, const std::optional<CachedImage>& cached = std::nullopt);
   Status remove(const std::string& name);
   Result<std::vector<std::string>> children(const std::string& name);
   // SQLite's own consistency check: an empty list means the database is sound. `quick` skips
@@ -99,6 +107,13 @@ class Catalog {
   Result<std::vector<FlatFileSeal>> list_flat_files();
   Status put_flat_file(const FlatFileSeal& seal);
   Status remove_flat_file(const ImageDigest& digest);
+
+  // Least recently used first.
+  Result<std::vector<CachedImage>> list_cached();
+  // Sets the image's last use to `now_unix` unless it was set within `granularity_s`.
+  Status touch_cached(const std::string& name, int64_t now_unix, int64_t granularity_s);
+  Result<std::optional<std::string>> setting(const std::string& key);
+  Status put_setting(const std::string& key, const std::optional<std::string>& value);  // None: remove.
 
   Result<std::vector<RemoteRecord>> list_remotes();
   Status insert_remote(const RemoteRecord& remote);  // kAlreadyExists for a name in use.

@@ -359,8 +359,9 @@ Result<PullReport> Remote::pull(Store& store, const std::string& name, bool prog
   Progress shown(fmt::format("pull {}", name), total, progress);
   uint64_t done = 0;
   std::mutex progress_mutex;  // The store fetches several objects at once.
-  Result<ImportReport> imported =
-      store.import_chain(chain, [&](const ObjectId& id, uint64_t size, const std::filesystem::path& into) -> Status {
+  Result<ImportReport> imported = store.import_chain(
+      chain,
+      [&](const ObjectId& id, uint64_t size, const std::filesystem::path& into) -> Status {
         Result<uint64_t> fetched = client_.get_to_file(object_key(id), into, size);
         if (!fetched && fetched.error().code == ErrorCode::kNotFound) {
           return make_error(ErrorCode::kCorruption, "the manifest names object {}, which the remote lacks", id);
@@ -370,7 +371,8 @@ Result<PullReport> Remote::pull(Store& store, const std::string& name, bool prog
           shown.update(done += size);
         }
         return fetched.status();
-      });
+      },
+      record_.name);
   if (!imported) return imported.error().with_context(fmt::format("pull {} from {}", name, record_.name));
   report.import = std::move(*imported);
   return report;

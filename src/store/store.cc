@@ -607,7 +607,8 @@ Status check_chain_shape(const std::vector<ImageRecord>& records) {
 
 }  // namespace
 
-Result<ImportReport> Store::import_chain(const std::vector<ImageRecord>& records, const FetchObject& fetch) {
+Result<ImportReport> Store::import_chain(const std::vector<ImageRecord>& records, const FetchObject& fetch,
+                                         const std::string& origin) {
   DELTAVM_TRY(check_chain_shape(records));
   ImportReport report;
   // The images held here already: the chain's first ones, and the very images of the chain.
@@ -695,8 +696,131 @@ Result<ImportReport> Store::import_chain(const std::vector<ImageRecord>& records
       report.present.push_back(records[i].name);
       continue;
     }
-    DELTAVM_TRY(catalog_.insert(records[i]));
+    std::optional<CachedImage> cached;
+    if (!origin.empty()) cached = CachedImage{records[i].name, origin, now_unix()};
+    DELTAVM_TRY(catalog_.insert(records[i], cached));
     report.added.push_back(records[i].name);
+  }
+  return report;
+}
+
+namespace {
+
+constexpr std::string_view kCacheLimitSetting = "cache_limit_bytes";
+constexpr int64_t kTouchGranularitySeconds = 60;
+
+// The bytes of the objects that images in `cached` use and no other image does.
+uint64_t bytes_only_cached_use(const std::vector<ImageRecord>& images, const std::set<std::string>& cached) {
+  std::map<ObjectId, uint64_t> theirs;
+  std::set<ObjectId> others;
+  for (const ImageRecord& image : images) {
+    bool is_cached = cached.contains(image.name);
+    auto note = [&](const ObjectId& id, uint64_t size) {
+      if (is_cached) {
+        theirs[id] = size;
+      } else {
+        others.insert(id);
+      }
+    };
+    note(image.object_id, image.stored_size_bytes);
+    for (const Attachment& attachment : image.attachments) note(attachment.object_id, attachment.size_bytes);
+  }
+  uint64_t bytes = 0;
+  for (const auto& [id, size] : theirs) {
+    if (!others.contains(id)) bytes += size;
+  }
+  return bytes;
+}
+
+}  // namespace
+
+Result<std::optional<uint64_t>> Store::cache_limit() {
+  DELTAVM_ASSIGN_OR_RETURN(std::optional<std::string> value, catalog_.setting(std::string(kCacheLimitSetting)));
+  if (!value) return std::optional<uint64_t>();
+  char* end = nullptr;
+  uint64_t limit = std::strtoull(value->c_str(), &end, 10);
+  if (value->empty() || end == nullptr || *end != '\0') {
+    return make_error(ErrorCode::kCorruption, "catalog setting {}: {:?} is not a number of bytes", kCacheLimitSetting,
+                      *value);
+  }
+  return std::optional<uint64_t>(limit);
+}
+
+Status Store::set_cache_limit(std::optional<uint64_t> limit_bytes) {
+  DELTAVM_ASSIGN_OR_RETURN(StoreLock lock, StoreLock::acquire(directory_, StoreLock::Mode::kExclusive));
+  return catalog_.put_setting(std::string(kCacheLimitSetting),
+                              limit_bytes ? std::optional<std::string>(std::to_string(*limit_bytes)) : std::nullopt);
+}
+
+Result<uint64_t> Store::cached_bytes() {
+  DELTAVM_ASSIGN_OR_RETURN(std::vector<ImageRecord> images, catalog_.list());
+  DELTAVM_ASSIGN_OR_RETURN(std::vector<CachedImage> cached, catalog_.list_cached());
+  std::set<std::string> names;
+  for (const CachedImage& image : cached) names.insert(image.name);
+  return bytes_only_cached_use(images, names);
+}
+
+Status Store::touch(const std::string& name) {
+  DELTAVM_ASSIGN_OR_RETURN(std::vector<ImageRecord> records, chain(name));
+  int64_t now = now_unix();
+  for (const ImageRecord& record : records) {
+    DELTAVM_TRY(catalog_.touch_cached(record.name, now, kTouchGranularitySeconds));
+  }
+  return {};
+}
+
+Result<EvictReport> Store::evict_cached(const std::set<std::string>& pinned) {
+  EvictReport report;
+  {
+    DELTAVM_ASSIGN_OR_RETURN(StoreLock lock, StoreLock::acquire(directory_, StoreLock::Mode::kExclusive));
+    DELTAVM_ASSIGN_OR_RETURN(report.limit_bytes, cache_limit());
+    DELTAVM_ASSIGN_OR_RETURN(std::vector<ImageRecord> images, catalog_.list());
+    DELTAVM_ASSIGN_OR_RETURN(std::vector<CachedImage> cached, catalog_.list_cached());
+    std::set<std::string> cached_names;
+    for (const CachedImage& image : cached) cached_names.insert(image.name);
+    report.cached_bytes_before = bytes_only_cached_use(images, cached_names);
+    report.cached_bytes_after = report.cached_bytes_before;
+    if (!report.limit_bytes || report.cached_bytes_before <= *report.limit_bytes) return report;
+
+    // What is needed: every image made here, every pinned one, and all their ancestors.
+    std::map<std::string, std::optional<std::string>> parent_of;
+    for (const ImageRecord& image : images) parent_of[image.name] = image.parent;
+    std::set<std::string> needed;
+    auto need = [&](std::string name) {
+      for (size_t steps = 0; needed.insert(name).second && steps <= kMaxChainDepth; ++steps) {
+        auto found = parent_of.find(name);
+        if (found == parent_of.end() || !found->second) break;
+        name = *found->second;
+      }
+    };
+    for (const ImageRecord& image : images) {
+      if (!cached_names.contains(image.name) || pinned.contains(image.name)) need(image.name);
+    }
+    for (const std::string& name : pinned) {
+      if (parent_of.contains(name)) need(name);
+    }
+    // Least recently used first; an image goes only once nothing stands on it.
+    for (bool progress = true; progress && report.cached_bytes_after > *report.limit_bytes;) {
+      progress = false;
+      for (const CachedImage& candidate : cached) {
+        if (!cached_names.contains(candidate.name) || needed.contains(candidate.name)) continue;
+        bool has_children = std::any_of(parent_of.begin(), parent_of.end(), [&](const auto& entry) {
+          return entry.second && *entry.second == candidate.name;
+        });
+        if (has_children) continue;
+        DELTAVM_TRY(catalog_.remove(candidate.name));
+        parent_of.erase(candidate.name);
+        cached_names.erase(candidate.name);
+        std::erase_if(images, [&](const ImageRecord& image) { return image.name == candidate.name; });
+        report.evicted.push_back(candidate.name);
+        report.cached_bytes_after = bytes_only_cached_use(images, cached_names);
+        progress = true;
+        break;
+      }
+    }
+  }
+  if (!report.evicted.empty()) {
+    DELTAVM_ASSIGN_OR_RETURN(report.collected, gc());
   }
   return report;
 }

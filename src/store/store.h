@@ -30,6 +30,7 @@
 #include <memory>
 #include <mutex>
 #include <optional>
+#include <set>
 #include <span>
 #include <string>
 #include <vector>
@@ -107,6 +108,15 @@ struct ImportReport {
 // (it may be written again from the start); import_chain verifies them.
 using FetchObject = std::function<Status(const ObjectId& id, uint64_t size_bytes, const std::filesystem::path& into)>;
 
+// What evict_cached did.
+struct EvictReport {
+  std::optional<uint64_t> limit_bytes;
+  uint64_t cached_bytes_before = 0;  // Objects only fetched images use.
+  uint64_t cached_bytes_after = 0;
+  std::vector<std::string> evicted;  // Least recently used first.
+  GcReport collected;
+};
+
 // How alike two images are: the fraction of sampled pages equal at the same address.
 struct Similarity {
   std::string name;
@@ -171,7 +181,22 @@ class Store {
   // against their ids; then, under the exclusive lock, the chain is rebuilt and every new
   // image's digest checked before any is recorded. So an image is recorded only whole and
   // verified, and nothing that failed a check is ever referenced.
-  Result<ImportReport> import_chain(const std::vector<ImageRecord>& records, const FetchObject& fetch);
+  // `origin` names the remote: the images added are recorded as cached (evict_cached).
+  Result<ImportReport> import_chain(const std::vector<ImageRecord>& records, const FetchObject& fetch,
+                                    const std::string& origin = "");
+
+  // The local cache: images fetched from a remote may be evicted, least recently used first,
+  // when the bytes only they use pass the limit and nothing here needs them: no image made here
+  // stands on them, and none of `pinned` (the images running VMs and pools were loaded from,
+  // which only the caller knows) is or stands on them. Their objects go at the gc that follows.
+  Result<std::optional<uint64_t>> cache_limit();
+  Status set_cache_limit(std::optional<uint64_t> limit_bytes);  // None: no limit.
+  Result<EvictReport> evict_cached(const std::set<std::string>& pinned);
+  Result<std::vector<CachedImage>> cached_images() { return catalog_.list_cached(); }
+  // The bytes of the objects only cached images use.
+  Result<uint64_t> cached_bytes();
+  // Records a use of `name` and its chain (at most once a minute an image), for eviction order.
+  Status touch(const std::string& name);
   // An object's bytes, mapped, after checking them against its id and size.
   Result<Mapping> read_object(const ObjectId& object_id, uint64_t size_bytes) {
     return map_object(object_id, size_bytes);

@@ -252,10 +252,33 @@ Status add_boot_files(Store& store, const Template& loaded, MachineSpec& machine
   return {};
 }
 
+Result<std::set<std::string>> templates_in_use(const std::filesystem::path& runtime) {
+  std::set<std::string> names;
+  std::error_code error;
+  if (!std::filesystem::exists(runtime, error)) return names;
+  DELTAVM_ASSIGN_OR_RETURN(std::vector<VmDirectory> vms, VmDirectory::list(runtime));
+  for (const VmDirectory& vm : vms) {
+    Result<VmRecord> record = vm.read_record();
+    // A VM whose record cannot be read pins nothing; one being created has none yet, and the
+    // start that makes it holds the template's images until the VM runs.
+    if (record && !record->template_name.empty()) names.insert(record->template_name);
+  }
+  return names;
+}
+
+Result<EvictReport> evict_unused_cache(Store& store, const std::filesystem::path& runtime,
+                                       const std::set<std::string>& also) {
+  DELTAVM_ASSIGN_OR_RETURN(std::set<std::string> pinned, templates_in_use(runtime));
+  pinned.insert(also.begin(), also.end());
+  return store.evict_cached(pinned);
+}
+
 Result<StartedVm> start_vm(const Template& loaded, Store& store, Backend& backend, const std::filesystem::path& runtime,
                            const StartOptions& options) {
   auto start = Clock::now();
   const std::string& name = loaded.name();
+  // For the cache's eviction order. A failed note costs only that order, never the load.
+  (void)store.touch(name);
   if (loaded.backend != backend.name()) {
     return make_error(ErrorCode::kInvalidArgument,
                       "template {} was captured by the {} backend; the {} backend cannot load its machine state", name,

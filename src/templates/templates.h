@@ -3,6 +3,7 @@
 #pragma once
 
 #include <functional>
+#include <set>
 #include <string>
 
 #include "backends/backend.h"
@@ -84,6 +85,13 @@ Result<StartedVm> start_vm(const Template& loaded, Store& store, Backend& backen
 // load_template, then start_vm.
 Result<StartedVm> start_vm(const std::string& name, Store& store, Backend& backend,
                            const std::filesystem::path& runtime, const StartOptions& options = {});
+
+// The templates the VMs of `runtime` were loaded from (running, starting, paused or pooled).
+Result<std::set<std::string>> templates_in_use(const std::filesystem::path& runtime);
+// The store's cache bound enforced (Store::evict_cached), with the templates the VMs of
+// `runtime` use and `also` (a service's pool templates) pinned.
+Result<EvictReport> evict_unused_cache(Store& store, const std::filesystem::path& runtime,
+                                       const std::set<std::string>& also = {});
 
 // Template `name` and, with `cascade`, every template stored against it, parents first.
 // Without `cascade`, kConflict if others are stored against it.

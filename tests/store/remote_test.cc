@@ -301,6 +301,64 @@ TEST_F(RemoteTest, AStoreThatKeepsFailingGetsAClearErrorAndNothingIsKept) {
   EXPECT_EQ(object_files(*host_b_), 0u);
 }
 
+TEST_F(RemoteTest, TheCacheEvictsOnlyWhatNothingNeedsLeastRecentlyUsedFirst) {
+  Remote remote = remote_of(*host_a_);
+  std::mt19937_64 random(9);
+  ASSERT_TRUE(host_a_->put_image("other", testing::mutate_image(images_[0], 0.05, random), "base"));
+  ASSERT_TRUE(remote.push(*host_a_, "worker"));
+  ASSERT_TRUE(remote.push(*host_a_, "other"));
+  ASSERT_TRUE(remote.pull(*host_b_, "worker"));
+  ASSERT_TRUE(remote.pull(*host_b_, "other"));
+  Result<std::vector<CachedImage>> cached = host_b_->cached_images();
+  ASSERT_TRUE(cached);
+  ASSERT_EQ(cached->size(), 4u);
+  for (const CachedImage& image : *cached) EXPECT_EQ(image.remote, "origin");
+  Result<uint64_t> bytes = host_b_->cached_bytes();
+  ASSERT_TRUE(bytes);
+
+  // No limit, or one above what is cached: nothing goes.
+  Result<EvictReport> none = host_b_->evict_cached({});
+  ASSERT_TRUE(none);
+  EXPECT_TRUE(none->evicted.empty());
+  ASSERT_TRUE(host_b_->set_cache_limit(*bytes));
+  none = host_b_->evict_cached({});
+  ASSERT_TRUE(none);
+  EXPECT_TRUE(none->evicted.empty());
+
+  // One byte less: one leaf goes, the least recently used (a tie: by name), and only its
+  // objects with it.
+  ASSERT_TRUE(host_b_->set_cache_limit(*bytes - 1));
+  Result<EvictReport> one = host_b_->evict_cached({});
+  ASSERT_TRUE(one) << one.error().message;
+  EXPECT_EQ(one->evicted, (std::vector<std::string>{"other"}));
+  EXPECT_GT(one->collected.objects_removed, 0u);
+  EXPECT_TRUE(host_b_->get_image("worker")) << "what stays is whole";
+
+  // A limit of zero: a pinned image (a running VM's) and its chain stay; an image made here
+  // keeps its chain too.
+  ASSERT_TRUE(host_b_->set_cache_limit(0));
+  Result<EvictReport> pinned = host_b_->evict_cached({"web"});
+  ASSERT_TRUE(pinned) << pinned.error().message;
+  EXPECT_EQ(pinned->evicted, (std::vector<std::string>{"worker"}));
+  ASSERT_TRUE(host_b_->put_image("mine", testing::mutate_image(images_[1], 0.01, random), "web"));
+  Result<EvictReport> kept = host_b_->evict_cached({});
+  ASSERT_TRUE(kept) << kept.error().message;
+  EXPECT_TRUE(kept->evicted.empty()) << "base and web carry an image made here";
+  Result<FsckReport> fsck = host_b_->fsck();
+  ASSERT_TRUE(fsck);
+  EXPECT_TRUE(fsck->clean());
+  EXPECT_TRUE(fsck->unreferenced.empty()) << "eviction collects what it frees";
+
+  // What was evicted comes back with a pull.
+  ASSERT_TRUE(host_b_->set_cache_limit(std::nullopt));
+  Result<PullReport> again = remote.pull(*host_b_, "worker");
+  ASSERT_TRUE(again) << again.error().message;
+  EXPECT_EQ(again->import.added, (std::vector<std::string>{"worker"}));
+  Result<Mapping> worker = host_b_->get_image("worker");
+  ASSERT_TRUE(worker);
+  EXPECT_TRUE(std::equal(images_[2].begin(), images_[2].end(), worker->data()));
+}
+
 TEST_F(RemoteTest, PullOfAnImageTheRemoteLacksNamesIt) {
   Remote remote = remote_of(*host_a_);
   Result<PullReport> pulled = remote.pull(*host_b_, "nosuch");
