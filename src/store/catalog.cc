@@ -4,6 +4,9 @@
 #include <sqlite3.h>
 #include <unistd.h>
 
+#include <cerrno>
+#include <cstring>
+
 #include "base/faults.h"
 #include "base/file.h"
 #include "store/sqlite_vfs.h"
@@ -73,10 +76,6 @@ CREATE TABLE IF NOT EXISTS remotes (
 );
 )sql";
 
-Error sqlite_error(sqlite3* db, std::string_view what) {
-  return make_error(ErrorCode::kIo, "catalog: {}: {}", what, sqlite3_errmsg(db));
-}
-
 // Owns one prepared statement.
 class Statement {
  public:
@@ -116,10 +115,29 @@ class Statement {
   sqlite3_stmt* statement_ = nullptr;
 };
 
+// SQLite's message for the last failure on `db`, with the system's reason when a system call
+// failed (a full disk says "No space left on device").
+std::string sqlite_reason(sqlite3* db, const char* message) {
+  int code = sqlite3_errcode(db);
+  int system = sqlite3_system_errno(db);
+  // The unix VFS turns ENOSPC into SQLITE_FULL without always leaving it behind (and the
+  // catalog sets no page limit, the other cause of SQLITE_FULL).
+  if (code == SQLITE_FULL && system == 0) system = ENOSPC;
+  std::string text = message != nullptr ? message : sqlite3_errmsg(db);
+  if ((code == SQLITE_FULL || code == SQLITE_IOERR || code == SQLITE_CANTOPEN) && system != 0) {
+    text += fmt::format(" ({})", std::strerror(system));
+  }
+  return text;
+}
+
+Error sqlite_error(sqlite3* db, std::string_view what) {
+  return make_error(ErrorCode::kIo, "catalog: {}: {}", what, sqlite_reason(db, nullptr));
+}
+
 Status execute(sqlite3* db, const char* sql) {
   char* message = nullptr;
   if (sqlite3_exec(db, sql, nullptr, nullptr, &message) != SQLITE_OK) {
-    Error error = make_error(ErrorCode::kIo, "catalog: {}", message ? message : "unknown error");
+    Error error = make_error(ErrorCode::kIo, "catalog: {}", sqlite_reason(db, message));
     sqlite3_free(message);
     return error;
   }
