@@ -22,6 +22,9 @@
 namespace deltavm {
 namespace {
 
+// How long a request that may evict pool VMs waits for one still loading to be ready.
+constexpr std::chrono::seconds kPoolLoadWait{30};
+
 using Clock = std::chrono::steady_clock;
 
 double elapsed_ms(Clock::time_point start) {
@@ -165,8 +168,12 @@ Result<VmService::Reservation> VmService::reserve(uint64_t memory_bytes, bool ma
   // the victim is chosen, so a pool refill cannot take it before this call does.
   uint64_t credit_vms = 0;
   uint64_t credit_bytes = 0;
+  // A pool VM still loading holds room it gives way with once it is ready: a request that may
+  // evict waits for it that long, not for ever.
+  const Clock::time_point wait_until = Clock::now() + kPoolLoadWait;
   for (;;) {
     std::shared_ptr<Vm> victim;
+    bool wait_for_pool = false;
     {
       std::lock_guard lock(mutex_);
       uint64_t used_bytes = reserved_bytes_ - credit_bytes;
@@ -191,20 +198,29 @@ Result<VmService::Reservation> VmService::reserve(uint64_t memory_bytes, bool ma
       for (auto& [name, pool] : pools_) {
         if (!pool.ready.empty() && (fullest == nullptr || pool.ready.size() > fullest->ready.size())) fullest = &pool;
       }
-      if (!may_evict || fullest == nullptr) {
+      bool pool_loading =
+          std::any_of(pools_.begin(), pools_.end(), [](const auto& entry) { return entry.second.loading > 0; });
+      if (may_evict && fullest == nullptr && pool_loading && Clock::now() < wait_until) {
+        wait_for_pool = true;
+      } else if (!may_evict || fullest == nullptr) {
         give_back();
         return make_error(ErrorCode::kLimit,
                           "the service's limits are reached: {} of at most {} VMs, {} of at most {} of guest RAM in "
                           "use, and {} more asked",
                           used_vms, config_.max_vms, mib(used_bytes), mib(config_.max_memory_bytes), mib(memory_bytes));
+      } else {
+        victim = vms_.at(fullest->ready.front());
+        fullest->ready.pop_front();
+        victim->state = VmState::kStopping;
+        ++credit_vms;
+        credit_bytes += victim->memory_bytes;
+        ++reserved_vms_;
+        reserved_bytes_ += victim->memory_bytes;
       }
-      victim = vms_.at(fullest->ready.front());
-      fullest->ready.pop_front();
-      victim->state = VmState::kStopping;
-      ++credit_vms;
-      credit_bytes += victim->memory_bytes;
-      ++reserved_vms_;
-      reserved_bytes_ += victim->memory_bytes;
+    }
+    if (wait_for_pool) {
+      std::this_thread::sleep_for(std::chrono::milliseconds(20));
+      continue;
     }
     stop_and_forget(victim, "evicted");
   }
