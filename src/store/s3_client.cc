@@ -121,6 +121,12 @@ Result<S3Credentials> S3Credentials::from_environment() {
   if (path.empty() && !env_or_empty("HOME").empty()) path = env_or_empty("HOME") + "/.aws/credentials";
   std::string profile = env_or_empty("AWS_PROFILE");
   if (profile.empty()) profile = "default";
+  std::error_code size_error;
+  uint64_t file_size = path.empty() ? 0 : std::filesystem::file_size(path, size_error);
+  if (!size_error && file_size > kMaxCredentialsFileBytes) {
+    return make_error(ErrorCode::kInvalidArgument, "{}: {} bytes, at most {}", path, file_size,
+                      kMaxCredentialsFileBytes);
+  }
   std::ifstream file(path);
   if (path.empty() || !file) {
     return make_error(ErrorCode::kInvalidArgument,

@@ -169,6 +169,11 @@ TEST(S3Credentials, FromTheEnvironmentElseTheCredentialsFile) {
   ASSERT_FALSE(incomplete);
   EXPECT_NE(incomplete.error().message.find("[default]"), std::string::npos) << incomplete.error().message;
   EXPECT_NE(incomplete.error().message.find(file.string()), std::string::npos);
+  // A credentials file larger than any real one is refused before it is read.
+  std::ofstream(file) << std::string(2 << 20, '#');
+  Result<S3Credentials> huge = S3Credentials::from_environment();
+  ASSERT_FALSE(huge);
+  EXPECT_NE(huge.error().message.find("at most"), std::string::npos) << huge.error().message;
   ::unsetenv("AWS_SHARED_CREDENTIALS_FILE");
   std::filesystem::remove(file);
 }
